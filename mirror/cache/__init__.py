@@ -1,0 +1,1 @@
+"""The cache: content-addressed blob storage, metadata, and single-flight fills."""

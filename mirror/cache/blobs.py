@@ -1,0 +1,241 @@
+"""Content-addressed blob storage: the `BlobStore` seam and its filesystem implementation.
+
+Layout: `<root>/blobs/sha256/<first two hex>/<hex>`. A blob appears at its final path only by
+an atomic rename after its bytes hashed to its digest and were fsynced, so whatever a crash
+leaves behind is either complete and verified or a temp file under `<root>/tmp/` that is never
+served. Temp files carry an exclusive `flock` while their writer lives; one whose lock can be
+taken belongs to a dead process and is swept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import os
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+import structlog
+
+from mirror.errors import DigestMismatch, UpstreamError
+from mirror.reference import SHA256_RE, Digest
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class OpenBlob:
+    """A committed blob opened for serving; the open file keeps it readable even if evicted."""
+
+    file: BinaryIO
+    size: int
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class BlobWriter(Protocol):
+    """Receives one blob's bytes; nothing is visible to readers of the store until `commit`."""
+
+    digest: Digest
+    written: int
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def commit(self) -> None:
+        """Verify size and digest, make durable, make visible. Raises `DigestMismatch`."""
+
+    async def abort(self) -> None: ...
+
+    def open_tail(self) -> int:
+        """A new read-only file descriptor onto the bytes written so far (for tail readers)."""
+        ...
+
+
+class BlobStore(Protocol):
+    async def stat(self, digest: Digest) -> int | None: ...
+
+    async def open_for_serving(self, digest: Digest) -> OpenBlob | None: ...
+
+    async def read_bytes(self, digest: Digest, max_size: int) -> bytes | None: ...
+
+    async def put_bytes(self, digest: Digest, data: bytes) -> None: ...
+
+    async def begin_write(self, digest: Digest, size: int | None) -> BlobWriter: ...
+
+    async def delete(self, digest: Digest) -> bool: ...
+
+    def iter_all(self) -> Iterator[Digest]: ...
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FilesystemBlobStore:
+    """Blobs as files on a local file system (see the module docstring for the guarantees)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blob_dir = root / "blobs" / "sha256"
+        self.tmp_dir = root / "tmp"
+
+    def setup(self) -> None:
+        """Create the layout and sweep temp files of writers that died (blocking; at start)."""
+        self.blob_dir.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        for entry in self.tmp_dir.iterdir():
+            try:
+                fd = os.open(entry, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a live writer holds it
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
+                log.info("stale_temp_removed", file=entry.name)
+            finally:
+                os.close(fd)
+
+    def path_for(self, digest: Digest) -> Path:
+        hexpart = digest.split(":", 1)[1]
+        return self.blob_dir / hexpart[:2] / hexpart
+
+    async def stat(self, digest: Digest) -> int | None:
+        try:
+            st = await asyncio.to_thread(os.stat, self.path_for(digest))
+        except FileNotFoundError:
+            return None
+        return st.st_size
+
+    async def open_for_serving(self, digest: Digest) -> OpenBlob | None:
+        return await asyncio.to_thread(self._open, digest)
+
+    def _open(self, digest: Digest) -> OpenBlob | None:
+        try:
+            f = open(self.path_for(digest), "rb")  # noqa: SIM115 - handed to the response
+        except FileNotFoundError:
+            return None
+        return OpenBlob(f, os.fstat(f.fileno()).st_size)
+
+    async def read_bytes(self, digest: Digest, max_size: int) -> bytes | None:
+        """A small blob (a manifest) whole, re-verified, or None if absent or too large."""
+        return await asyncio.to_thread(self._read_bytes, digest, max_size)
+
+    def _read_bytes(self, digest: Digest, max_size: int) -> bytes | None:
+        try:
+            with open(self.path_for(digest), "rb") as f:
+                data = f.read(max_size + 1)
+        except FileNotFoundError:
+            return None
+        if len(data) > max_size or "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+            return None
+        return data
+
+    async def put_bytes(self, digest: Digest, data: bytes) -> None:
+        writer = await self.begin_write(digest, len(data))
+        try:
+            await writer.write(data)
+            await writer.commit()
+        except BaseException:
+            await writer.abort()
+            raise
+
+    async def begin_write(self, digest: Digest, size: int | None) -> FileBlobWriter:
+        return await asyncio.to_thread(FileBlobWriter, self, digest, size)
+
+    async def delete(self, digest: Digest) -> bool:
+        try:
+            await asyncio.to_thread(os.unlink, self.path_for(digest))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def iter_all(self) -> Iterator[Digest]:
+        for sub in sorted(self.blob_dir.iterdir()):
+            for entry in sorted(sub.iterdir()):
+                digest = f"sha256:{entry.name}"
+                if SHA256_RE.fullmatch(digest) and entry.name.startswith(sub.name):
+                    yield Digest(digest)
+
+
+class FileBlobWriter:
+    """Hashes and writes into a locked temp file; `commit` renames it into place if it verifies."""
+
+    def __init__(self, store: FilesystemBlobStore, digest: Digest, size: int | None) -> None:
+        self.store = store
+        self.digest = digest
+        self.expected_size = size
+        self.written = 0
+        self._hash = hashlib.sha256()
+        name = f"{digest.split(':', 1)[1]}.{secrets.token_hex(6)}.part"
+        self.tmp_path = store.tmp_dir / name
+        self._fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        self._done = False
+
+    async def write(self, data: bytes) -> None:
+        await asyncio.to_thread(self._write, data)
+
+    def _write(self, data: bytes) -> None:
+        # hashlib and os.write both release the GIL on large buffers, so this overlaps the
+        # event loop's network reads.
+        self._hash.update(data)
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+        self.written += len(data)
+
+    def open_tail(self) -> int:
+        return os.open(self.tmp_path, os.O_RDONLY)
+
+    async def commit(self) -> None:
+        try:
+            await asyncio.to_thread(self._commit)
+        except BaseException:
+            await self.abort()
+            raise
+
+    def _commit(self) -> None:
+        actual = "sha256:" + self._hash.hexdigest()
+        if self.expected_size is not None and self.written != self.expected_size:
+            raise UpstreamError(
+                "upstream sent a body of the wrong length",
+                {"digest": self.digest, "expected": self.expected_size, "got": self.written},
+            )
+        if actual != self.digest:
+            raise DigestMismatch(self.digest, actual)
+        os.fsync(self._fd)
+        final = self.store.path_for(self.digest)
+        final.parent.mkdir(exist_ok=True)
+        os.replace(self.tmp_path, final)
+        _fsync_dir(final.parent)
+        self._close()
+
+    async def abort(self) -> None:
+        await asyncio.to_thread(self._abort)
+
+    def _abort(self) -> None:
+        if self._done:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp_path)
+        self._close()
+
+    def _close(self) -> None:
+        if not self._done:
+            self._done = True
+            os.close(self._fd)

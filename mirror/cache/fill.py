@@ -1,0 +1,229 @@
+"""Single-flight blob fills with tail readers.
+
+One `Fill` per missing digest pulls the upstream body (an async byte iterator, so this module
+never imports `upstream/`), writes it through a `BlobWriter` that hashes it, and lets any number
+of readers stream the bytes as they land in the temp file. A reader never receives the last byte
+before the digest verified: until commit it stays at least one byte behind the writer, and if
+the fill fails it raises, so the web layer aborts the client's connection short of a
+complete-looking body. The fill runs in its own task: a reader that goes away cancels nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import structlog
+
+from mirror.cache.blobs import BlobStore, BlobWriter
+from mirror.reference import Digest
+
+log = structlog.get_logger(__name__)
+
+BATCH_SIZE = 1024 * 1024  # bytes gathered for the hashing/writing thread while it is busy
+READ_SIZE = 1024 * 1024  # bytes a tail reader reads at a time
+
+
+@dataclass
+class UpstreamBody:
+    """What a fill consumes: the upstream's declared size (if any) and its byte stream."""
+
+    size: int | None
+    chunks: AsyncIterator[bytes]
+    close: Callable[[], Awaitable[None]]
+
+
+class FillState(enum.Enum):
+    STARTING = "starting"
+    STREAMING = "streaming"
+    COMMITTED = "committed"
+    FAILED = "failed"
+
+
+class Fill:
+    """One upstream fetch of one blob into the store, readable while it streams."""
+
+    def __init__(self, digest: Digest, store: BlobStore) -> None:
+        self.digest = digest
+        self.store = store
+        self.state = FillState.STARTING
+        self.size: int | None = None
+        self.written = 0
+        self.error: BaseException | None = None
+        self._writer: BlobWriter | None = None
+        self._tail_fd: int | None = None
+        self._changed = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def run(self, open_body: Callable[[], Awaitable[UpstreamBody]]) -> None:
+        body: UpstreamBody | None = None
+        try:
+            if await self.store.stat(self.digest) is not None:
+                # Committed by a fill that ended between our caller's miss and its join.
+                self.state = FillState.COMMITTED
+                return
+            body = await open_body()
+            self.size = body.size
+            self._writer = await self.store.begin_write(self.digest, body.size)
+            self._tail_fd = self._writer.open_tail()
+            self.state = FillState.STREAMING
+            self._notify()
+            await self._pump(body.chunks, self._writer)
+            await self._writer.commit()
+            self.size = self.written
+            self.state = FillState.COMMITTED
+            log.info("blob_fill_committed", digest=self.digest, size=self.written)
+        except BaseException as exc:
+            self.error = exc
+            self.state = FillState.FAILED
+            if self._writer is not None:
+                await self._writer.abort()
+            if not isinstance(exc, asyncio.CancelledError):
+                log.warning("blob_fill_failed", digest=self.digest, error=str(exc))
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            if self._tail_fd is not None:
+                os.close(self._tail_fd)
+                self._tail_fd = None
+            self._notify()
+            if body is not None:
+                await body.close()
+
+    async def _pump(self, chunks: AsyncIterator[bytes], writer: BlobWriter) -> None:
+        """Overlap network reads with hashing+writing in a worker thread.
+
+        A drain task hands the thread whatever has arrived whenever it is free, so slow bodies
+        reach tail readers at once and fast ones go in large batches; past 2 x BATCH_SIZE
+        buffered, reading waits for the drain (memory stays flat).
+        """
+        buf = bytearray()
+
+        async def drain() -> None:
+            while buf:
+                data = bytes(buf)
+                buf.clear()
+                await writer.write(data)
+                self.written = writer.written
+                self._notify()
+
+        worker: asyncio.Task[None] | None = None
+        try:
+            async for chunk in chunks:
+                buf += chunk
+                if worker is None or worker.done():
+                    if worker is not None:
+                        worker.result()
+                    worker = asyncio.ensure_future(drain())
+                elif len(buf) >= 2 * BATCH_SIZE:
+                    await worker
+            if worker is not None:
+                await worker
+            await drain()
+        finally:
+            if worker is not None and not worker.done():
+                with contextlib.suppress(BaseException):
+                    await worker
+
+    async def wait_started(self) -> None:
+        """Wait until the upstream answered (raising its error) or the fill ended."""
+        while self.state is FillState.STARTING:
+            await self._changed.wait()
+        if self.state is FillState.FAILED:
+            assert self.error is not None
+            raise self.error
+
+    async def wait_done(self) -> None:
+        """Wait until the blob is committed (raising the fill's error if it was not)."""
+        while self.state in (FillState.STARTING, FillState.STREAMING):
+            await self._changed.wait()
+        if self.state is FillState.FAILED:
+            assert self.error is not None
+            raise self.error
+
+    def open_reader(self) -> TailReader | None:
+        """A reader over the bytes so far, or None if the fill already ended (then read the store).
+
+        Call after `wait_started`; it takes its own descriptor, so the fill may finish freely.
+        """
+        if self._tail_fd is None:
+            if self.state is FillState.FAILED:
+                assert self.error is not None
+                raise self.error
+            return None
+        return TailReader(self, os.dup(self._tail_fd))
+
+
+class TailReader:
+    """Streams a fill's bytes as they are written, holding the last byte back until commit."""
+
+    def __init__(self, fill: Fill, fd: int) -> None:
+        self.fill = fill
+        self._fd = fd
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        fill = self.fill
+        pos = 0
+        try:
+            while True:
+                changed = fill._changed
+                committed = fill.state is FillState.COMMITTED
+                limit = fill.written if committed else fill.written - 1
+                if pos < limit:
+                    n = min(READ_SIZE, limit - pos)
+                    data = await asyncio.to_thread(os.pread, self._fd, n, pos)
+                    if not data:
+                        raise OSError(f"fill temp file of {fill.digest} ended early")
+                    pos += len(data)
+                    yield data
+                elif committed:
+                    return
+                elif fill.state is FillState.FAILED:
+                    assert fill.error is not None
+                    raise fill.error
+                else:
+                    await changed.wait()
+        finally:
+            os.close(self._fd)
+
+
+class FillManager:
+    """At most one fill per digest in this process; later callers join the running one."""
+
+    def __init__(self, store: BlobStore) -> None:
+        self.store = store
+        self._fills: dict[Digest, Fill] = {}
+
+    def __len__(self) -> int:
+        return len(self._fills)
+
+    def in_flight(self) -> list[Fill]:
+        return list(self._fills.values())
+
+    def join(
+        self, digest: Digest, open_body: Callable[[], Awaitable[UpstreamBody]]
+    ) -> tuple[Fill, bool]:
+        """The running fill for `digest`, or a new one started with `open_body`; and if new."""
+        fill = self._fills.get(digest)
+        if fill is not None:
+            return fill, False
+        fill = Fill(digest, self.store)
+        self._fills[digest] = fill
+        fill.task = asyncio.ensure_future(fill.run(open_body))
+        fill.task.add_done_callback(lambda _t: self._fills.pop(digest, None))
+        return fill, True
+
+    async def close(self) -> None:
+        """Cancel fills still running (shutdown); their temp files are discarded."""
+        tasks = [f.task for f in self._fills.values() if f.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,84 @@
+"""What the cache knows about manifests: tag -> digest records and each manifest's media type.
+
+Durable in a diskcache (SQLite) store under `<cache>/meta`, so tags survive restarts (an offline
+mirror answers from them); a bounded in-memory LRU in front keeps hits off SQLite. SQLite calls
+run in a worker thread so the event loop never waits on the disk. Later: a Redis implementation
+of the same methods for a cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import diskcache
+from cachetools import LRUCache
+
+from mirror.reference import Digest
+
+
+@dataclass(frozen=True)
+class TagRecord:
+    """Where a tag pointed when it was last fetched or revalidated."""
+
+    digest: Digest
+    media_type: str
+    fetched_at: float
+
+
+TagKey = tuple[str, str, str]  # (upstream name, repository, tag)
+
+
+class MetadataStore(Protocol):
+    async def get_tag(self, key: TagKey) -> TagRecord | None: ...
+
+    async def put_tag(self, key: TagKey, record: TagRecord) -> None: ...
+
+    async def get_media_type(self, digest: Digest) -> str | None: ...
+
+    async def put_media_type(self, digest: Digest, media_type: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class LocalMetadataStore:
+    """diskcache-backed metadata with an in-memory front (one node)."""
+
+    def __init__(self, directory: Path, memory_entries: int = 100_000) -> None:
+        self._db = diskcache.Cache(str(directory), eviction_policy="none", size_limit=2**40)
+        self._tags: LRUCache[TagKey, TagRecord] = LRUCache(memory_entries)
+        self._types: LRUCache[Digest, str] = LRUCache(memory_entries)
+
+    async def get_tag(self, key: TagKey) -> TagRecord | None:
+        record = self._tags.get(key)
+        if record is None:
+            raw = await asyncio.to_thread(self._db.get, ("tag", *key))
+            if raw is None:
+                return None
+            record = TagRecord(*raw)
+            self._tags[key] = record
+        return record
+
+    async def put_tag(self, key: TagKey, record: TagRecord) -> None:
+        self._tags[key] = record
+        value = (record.digest, record.media_type, record.fetched_at)
+        await asyncio.to_thread(self._db.set, ("tag", *key), value)
+
+    async def get_media_type(self, digest: Digest) -> str | None:
+        media_type = self._types.get(digest)
+        if media_type is None:
+            media_type = await asyncio.to_thread(self._db.get, ("type", digest))
+            if media_type is not None:
+                self._types[digest] = media_type
+        return media_type
+
+    async def put_media_type(self, digest: Digest, media_type: str) -> None:
+        if self._types.get(digest) == media_type:
+            return
+        self._types[digest] = media_type
+        await asyncio.to_thread(self._db.set, ("type", digest), media_type)
+
+    def close(self) -> None:
+        self._db.close()

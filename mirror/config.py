@@ -1,0 +1,268 @@
+"""Configuration: dataclasses filled from YAML, then environment, then command-line flags.
+
+Every option has a default here and a line in `conf/mirror.yaml`. A bad value stops start-up with
+one line naming the key and what it expects (`ConfigError`), never a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+ENV_PREFIX = "REGISTRY_MIRROR_"
+DOCKER_HUB_URL = "https://registry-1.docker.io"
+DOCKER_HUB_HOSTS = frozenset({"registry-1.docker.io", "docker.io", "index.docker.io"})
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
+_IUNITS = {"ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*", re.IGNORECASE)
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class ConfigError(ValueError):
+    """An invalid option: `str()` is the one line an operator sees."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"config error: {key}: {message}")
+        self.key = key
+
+
+def parse_size(value: object) -> int:
+    """`4MiB`, `50GiB`, `10G`, `1024` (bytes) -> bytes."""
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, int):
+        return value
+    match = _SIZE_RE.fullmatch(str(value))
+    if not match:
+        raise ValueError
+    unit = (match.group(2) or "").lower()
+    return int(float(match.group(1)) * (_IUNITS.get(unit) or _UNITS[unit]))
+
+
+def parse_duration(value: object) -> float:
+    """`10m`, `30d`, `1h30m`, `500ms`, or a number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, int | float):
+        return float(value)
+    text = str(value).strip().lower()
+    if re.fullmatch(r"\d+(?:\.\d+)?", text):
+        return float(text)
+    if not text or _DURATION_RE.sub("", text):
+        raise ValueError
+    return sum(float(n) * _SECONDS[u] for n, u in _DURATION_RE.findall(text))
+
+
+def _parse_bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError
+
+
+def _parse_int(value: object) -> int:
+    if isinstance(value, bool):
+        raise ValueError
+    return int(str(value))
+
+
+def _parse_str(value: object) -> str:
+    if isinstance(value, dict | list):
+        raise ValueError
+    return str(value)
+
+
+# kind -> (parser, what the operator is told is expected)
+_KINDS: dict[str, tuple[Any, str]] = {
+    "str": (_parse_str, "a string"),
+    "int": (_parse_int, "a whole number"),
+    "bool": (_parse_bool, "true or false"),
+    "size": (parse_size, "a size such as 512MiB, 50GiB or a number of bytes"),
+    "duration": (parse_duration, "a duration such as 30s, 10m, 12h or 30d"),
+    "path": (lambda v: Path(_parse_str(v)).expanduser(), "a file system path"),
+}
+
+
+def opt(default: Any, kind: str, *, optional: bool = False, secret: bool = False) -> Any:
+    """A config field with its parser kind; `secret` ones are never printed."""
+    return field(
+        default=default,
+        repr=not secret,
+        metadata={"kind": kind, "optional": optional, "secret": secret},
+    )
+
+
+@dataclass
+class CacheConfig:
+    dir: Path = opt(Path("/var/cache/registry-mirror"), "path")
+
+
+@dataclass
+class UpstreamConfig:
+    url: str = opt(DOCKER_HUB_URL, "str")
+    username: str | None = opt(None, "str", optional=True)
+    password: str | None = opt(None, "str", optional=True, secret=True)
+    password_file: Path | None = opt(None, "path", optional=True)
+    # auto: one-segment names mean library/<name> when the upstream is Docker Hub.
+    library_prefix: str = opt("auto", "str")
+    tag_ttl: float = opt(600.0, "duration")
+    connect_timeout: float = opt(10.0, "duration")
+    read_timeout: float = opt(60.0, "duration")
+    retries: int = opt(3, "int")
+    manifest_max_size: int = opt(4 * 1024 * 1024, "size")
+
+    def uses_library_prefix(self) -> bool:
+        if self.library_prefix == "auto":
+            return (urlsplit(self.url).hostname or "") in DOCKER_HUB_HOSTS
+        return self.library_prefix == "true"
+
+
+@dataclass
+class LogConfig:
+    level: str = opt("info", "str")
+    # auto: JSON lines when stderr is not a terminal, readable lines when it is.
+    format: str = opt("auto", "str")
+
+
+@dataclass
+class Config:
+    listen: str = opt("0.0.0.0:5000", "str")
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def listen_address(self) -> tuple[str, int]:
+        return split_host_port(self.listen, "listen")
+
+
+def split_host_port(value: str, key: str) -> tuple[str, int]:
+    """`HOST:PORT`, `[::1]:PORT` or `:PORT` -> (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(key, f"expected HOST:PORT such as 0.0.0.0:5000, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _sections(obj: Any) -> dict[str, dataclasses.Field[Any]]:
+    return {f.name: f for f in dataclasses.fields(obj)}
+
+
+def _set(obj: Any, key: str, f: dataclasses.Field[Any], raw: object) -> None:
+    kind = f.metadata["kind"]
+    if raw is None:
+        if not f.metadata["optional"]:
+            raise ConfigError(key, f"expected {_KINDS[kind][1]}, got nothing")
+        setattr(obj, f.name, None)
+        return
+    parser, expected = _KINDS[kind]
+    try:
+        setattr(obj, f.name, parser(raw))
+    except (ValueError, TypeError):
+        shown = "***" if f.metadata["secret"] else repr(raw)
+        raise ConfigError(key, f"expected {expected}, got {shown}") from None
+
+
+def _apply_mapping(obj: Any, data: Mapping[str, Any], prefix: str = "") -> None:
+    fields = _sections(obj)
+    for name, raw in data.items():
+        key = f"{prefix}{name}"
+        f = fields.get(str(name))
+        if f is None:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(key, f"unknown option (known here: {known})")
+        if "kind" in f.metadata:
+            _set(obj, key, f, raw)
+        elif raw is None:
+            continue
+        elif isinstance(raw, Mapping):
+            _apply_mapping(getattr(obj, f.name), raw, f"{key}.")
+        else:
+            raise ConfigError(key, "expected a section (a mapping of options)")
+
+
+def _apply_env(obj: Any, env: Mapping[str, str], prefix: str = "") -> None:
+    for name, f in _sections(obj).items():
+        key = f"{prefix}{name}"
+        if "kind" not in f.metadata:
+            _apply_env(getattr(obj, name), env, f"{key}.")
+            continue
+        var = ENV_PREFIX + key.replace(".", "_").upper()
+        if var in env:
+            _set(obj, f"{key} (from {var})", f, env[var])
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> Config:
+    """Defaults, then the YAML file, then `REGISTRY_MIRROR_*` variables, then dotted overrides."""
+    config = Config()
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError("--config", f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(data, Mapping):
+            raise ConfigError("--config", f"{path} must hold a mapping of sections")
+        _apply_mapping(config, data)
+    _apply_env(config, os.environ if env is None else env)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            *sections, name = key.split(".")
+            _apply_mapping(config, _nest(sections, {name: value}))
+    validate(config)
+    return config
+
+
+def _nest(sections: list[str], leaf: dict[str, object]) -> dict[str, Any]:
+    data: dict[str, Any] = leaf
+    for section in reversed(sections):
+        data = {section: data}
+    return data
+
+
+def validate(config: Config) -> None:
+    """Cross-field and semantic checks that a type alone cannot express."""
+    config.listen_address()
+    up = config.upstream
+    parts = urlsplit(up.url)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ConfigError("upstream.url", f"expected an http(s) URL, got {up.url!r}")
+    if up.library_prefix not in {"auto", "true", "false"}:
+        raise ConfigError("upstream.library_prefix", "expected auto, true or false")
+    if up.password_file is not None:
+        try:
+            up.password = up.password_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                "upstream.password_file", f"cannot read {up.password_file}: {exc.strerror}"
+            ) from None
+    if (up.username is None) != (up.password is None):
+        raise ConfigError("upstream.username", "username and password go together")
+    for key in ("tag_ttl", "connect_timeout", "read_timeout"):
+        if getattr(up, key) < 0:
+            raise ConfigError(f"upstream.{key}", "expected a duration of zero or more")
+    if up.retries < 0:
+        raise ConfigError("upstream.retries", "expected zero or more")
+    if config.log.level.lower() not in {"debug", "info", "warning", "error"}:
+        raise ConfigError("log.level", "expected debug, info, warning or error")
+    if config.log.format not in {"auto", "json", "console"}:
+        raise ConfigError("log.format", "expected auto, json or console")

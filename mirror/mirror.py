@@ -1,0 +1,219 @@
+"""`Mirror`: the caching policy between the web layer and the cache/upstream mechanisms.
+
+Manifests by digest and blobs are immutable: once verified and stored they are answered from the
+cache forever (until evicted). A tag is answered from its record while younger than `tag_ttl`,
+then revalidated with a HEAD (free on Docker Hub's pull limit) and refetched only if the digest
+moved. Misses are single-flight: one upstream fetch per manifest or blob however many ask.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import structlog
+from cachetools import LRUCache
+
+from mirror.cache.blobs import BlobStore, OpenBlob
+from mirror.cache.fill import FillManager, TailReader, UpstreamBody
+from mirror.cache.metadata import MetadataStore, TagKey, TagRecord
+from mirror.errors import RegistryError
+from mirror.mediatypes import ALL_MANIFESTS, accepts, sniff_media_type
+from mirror.reference import Digest, Name, Tag, is_digest
+from mirror.singleflight import SingleFlight
+from mirror.upstream.client import FetchedManifest, TagList, UpstreamClient
+from mirror.upstream.routing import Router
+
+log = structlog.get_logger(__name__)
+
+CacheResult = Literal["hit", "miss", "revalidated", "joined", "bypass"]
+MANIFEST_MEMORY_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Manifest:
+    data: bytes
+    media_type: str
+    digest: Digest
+
+
+@dataclass(frozen=True)
+class ManifestAnswer:
+    manifest: Manifest
+    cache: CacheResult
+
+
+@dataclass(frozen=True)
+class BlobAnswer:
+    """A cached file to send (`file`), or a fill to tail (`reader`); `size` may be unknown."""
+
+    size: int | None
+    cache: CacheResult
+    file: OpenBlob | None = None
+    reader: TailReader | None = None
+
+
+def _takes_everything(accept: list[str]) -> bool:
+    """A client that accepts every manifest type sees what the tag record describes."""
+    return all(accepts(accept, media_type) for media_type in ALL_MANIFESTS)
+
+
+class Mirror:
+    def __init__(
+        self,
+        store: BlobStore,
+        metadata: MetadataStore,
+        fills: FillManager,
+        router: Router,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.metadata = metadata
+        self.fills = fills
+        self.router = router
+        self.clock = clock
+        self._manifests: LRUCache[Digest, Manifest] = LRUCache(
+            MANIFEST_MEMORY_BYTES, getsizeof=lambda m: len(m.data) + 256
+        )
+        self._manifest_flight: SingleFlight[tuple[str, ...], FetchedManifest] = SingleFlight()
+        self._revalidate_flight: SingleFlight[TagKey, bool] = SingleFlight()
+
+    # -- manifests --------------------------------------------------------------------------
+
+    async def manifest(
+        self, name: Name, reference: Tag | Digest, accept: list[str], namespace: str | None = None
+    ) -> ManifestAnswer:
+        upstream = self.router.route(name, namespace)
+        if is_digest(reference):
+            digest = Digest(reference)
+            cached = await self._cached_manifest(digest)
+            if cached is not None:
+                return ManifestAnswer(cached, "hit")
+            fetched = await self._fetch_manifest(upstream, name, digest, accept)
+            return ManifestAnswer(fetched, "miss")
+        return await self._manifest_by_tag(upstream, name, Tag(reference), accept)
+
+    async def _manifest_by_tag(
+        self, upstream: UpstreamClient, name: Name, tag: Tag, accept: list[str]
+    ) -> ManifestAnswer:
+        key: TagKey = (upstream.name, upstream.repository(name), tag)
+        broad = _takes_everything(accept)
+        record = await self.metadata.get_tag(key)
+        if record is not None and accepts(accept, record.media_type):
+            cached = await self._cached_manifest(record.digest)
+            if cached is not None:
+                if self.clock() - record.fetched_at < upstream.config.tag_ttl:
+                    return ManifestAnswer(cached, "hit")
+                if await self._revalidate_flight.do(
+                    key, lambda: self._revalidate(upstream, name, key, record)
+                ):
+                    return ManifestAnswer(cached, "revalidated")
+        if not broad:
+            # A narrow client may get another manifest (e.g. one platform): don't record it.
+            fetched = await self._fetch_manifest(upstream, name, tag, accept)
+            return ManifestAnswer(fetched, "bypass")
+        fetched = await self._fetch_manifest(upstream, name, tag, accept)
+        await self.metadata.put_tag(
+            key, TagRecord(fetched.digest, fetched.media_type, self.clock())
+        )
+        return ManifestAnswer(fetched, "miss")
+
+    async def _revalidate(
+        self, upstream: UpstreamClient, name: Name, key: TagKey, record: TagRecord
+    ) -> bool:
+        """HEAD the tag upstream; if it still names our digest, restart its TTL."""
+        head = await upstream.head_manifest(name, key[2], list(ALL_MANIFESTS))
+        if head.digest != record.digest:
+            log.info("tag_moved", upstream=key[0], repository=key[1], tag=key[2])
+            return False
+        await self.metadata.put_tag(key, TagRecord(record.digest, record.media_type, self.clock()))
+        return True
+
+    async def _cached_manifest(self, digest: Digest) -> Manifest | None:
+        manifest = self._manifests.get(digest)
+        if manifest is not None:
+            return manifest
+        data = await self.store.read_bytes(digest, MANIFEST_MEMORY_BYTES)
+        if data is None:
+            return None
+        media_type = await self.metadata.get_media_type(digest) or sniff_media_type(data)
+        if media_type is None:
+            return None
+        manifest = Manifest(data, media_type, digest)
+        self._manifests[digest] = manifest
+        return manifest
+
+    async def _fetch_manifest(
+        self, upstream: UpstreamClient, name: Name, reference: str, accept: list[str]
+    ) -> Manifest:
+        """One upstream GET however many ask at once; stored by digest before it is answered."""
+        key = (upstream.name, upstream.repository(name), reference, *sorted(accept))
+
+        async def fetch() -> FetchedManifest:
+            fetched = await upstream.get_manifest(name, reference, accept)
+            if await self.store.stat(fetched.digest) is None:
+                await self.store.put_bytes(fetched.digest, fetched.data)
+            await self.metadata.put_media_type(fetched.digest, fetched.media_type)
+            return fetched
+
+        fetched = await self._manifest_flight.do(key, fetch)
+        manifest = Manifest(fetched.data, fetched.media_type, fetched.digest)
+        self._manifests[manifest.digest] = manifest
+        return manifest
+
+    # -- blobs ------------------------------------------------------------------------------
+
+    async def blob(
+        self, name: Name, digest: Digest, *, whole: bool = False, namespace: str | None = None
+    ) -> BlobAnswer:
+        """A blob to serve. On a miss, join or start its fill; `whole` waits for the commit
+        (for range requests, which must not be answered from unverified bytes)."""
+        cached = await self.store.open_for_serving(digest)
+        if cached is not None:
+            return BlobAnswer(cached.size, "hit", file=cached)
+        upstream = self.router.route(name, namespace)
+
+        async def open_body() -> UpstreamBody:
+            stream = await upstream.open_blob(name, digest)
+            return UpstreamBody(stream.size, stream.chunks(), stream.close)
+
+        fill, started = self.fills.join(digest, open_body)
+        result: CacheResult = "miss" if started else "joined"
+        if whole:
+            await fill.wait_done()
+        else:
+            await fill.wait_started()
+            reader = fill.open_reader()
+            if reader is not None:
+                return BlobAnswer(fill.size, result, reader=reader)
+        cached = await self.store.open_for_serving(digest)
+        if cached is None:
+            raise RegistryError("BLOB_UNKNOWN", "blob vanished from the cache", {"digest": digest})
+        return BlobAnswer(cached.size, result, file=cached)
+
+    async def blob_size(
+        self, name: Name, digest: Digest, namespace: str | None = None
+    ) -> tuple[int | None, CacheResult]:
+        """For HEAD: the cached size, or the upstream's answer (nothing is fetched)."""
+        size = await self.store.stat(digest)
+        if size is not None:
+            return size, "hit"
+        upstream = self.router.route(name, namespace)
+        return await upstream.head_blob(name, digest), "bypass"
+
+    # -- tags list --------------------------------------------------------------------------
+
+    async def tags(
+        self, name: Name, params: dict[str, str], namespace: str | None = None
+    ) -> TagList:
+        """The upstream's tag list, passed through, with its `Link` pointing back at us."""
+        upstream = self.router.route(name, namespace)
+        listing = await upstream.list_tags(name, params)
+        upstream_path = f"/v2/{upstream.repository(name)}/tags/list"
+        link = listing.link
+        if link and upstream_path != f"/v2/{name}/tags/list":
+            link = link.replace(upstream_path, f"/v2/{name}/tags/list")
+        return TagList(listing.body, listing.content_type, link)

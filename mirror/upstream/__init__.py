@@ -1,0 +1,1 @@
+"""Talking to upstream registries: auth challenges and tokens, requests, routing."""

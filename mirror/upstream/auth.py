@@ -1,0 +1,159 @@
+"""Upstream authentication: `WWW-Authenticate` challenges, Bearer tokens, Basic credentials.
+
+Tokens are cached per (realm, service, scope) until shortly before they expire; the cache
+belongs to one upstream and one set of credentials, so tokens never leak between them. One
+token fetch serves every concurrent request that needs it. Tokens and passwords are never
+logged.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+import structlog
+from cachetools import TLRUCache
+
+from mirror.errors import UpstreamError
+from mirror.singleflight import SingleFlight
+
+log = structlog.get_logger(__name__)
+
+_PARAM_RE = re.compile(r'([a-zA-Z_][a-zA-Z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))')
+EXPIRY_MARGIN = 30.0  # stop using a token this long before it ends (or a tenth of its life)
+DEFAULT_TOKEN_LIFETIME = 60.0  # the distribution spec's default when `expires_in` is missing
+
+
+@dataclass(frozen=True)
+class Challenge:
+    scheme: str  # "bearer" or "basic", lower case
+    params: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def realm(self) -> str:
+        return self.params.get("realm", "")
+
+    @property
+    def service(self) -> str | None:
+        return self.params.get("service")
+
+
+def parse_www_authenticate(header: str | None) -> Challenge | None:
+    """`Bearer realm="...",service="...",scope="..."` or `Basic realm="..."` -> Challenge."""
+    if not header:
+        return None
+    scheme, _, rest = header.strip().partition(" ")
+    params = {
+        m.group(1).lower(): (m.group(2) if m.group(2) is not None else m.group(3)).replace(
+            '\\"', '"'
+        )
+        for m in _PARAM_RE.finditer(rest)
+    }
+    scheme = scheme.lower()
+    if scheme not in {"bearer", "basic"}:
+        return None
+    if scheme == "bearer" and not params.get("realm", "").startswith(("http://", "https://")):
+        return None
+    return Challenge(scheme, params)
+
+
+@dataclass(frozen=True)
+class Token:
+    value: str
+    use_until: float
+
+
+class Authenticator:
+    """Produces the `Authorization` header for a scope on one upstream."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        username: str | None,
+        password: str | None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        maxsize: int = 4096,
+    ) -> None:
+        self._session = session
+        self._basic = (
+            aiohttp.BasicAuth(username, password)
+            if username is not None and password is not None
+            else None
+        )
+        self._clock = clock
+        self.challenge: Challenge | None = None
+        self._tokens: TLRUCache[tuple[str, str | None, str], Token] = TLRUCache(
+            maxsize, ttu=lambda _k, tok, _now: tok.use_until, timer=clock
+        )
+        self._flight: SingleFlight[tuple[str, str | None, str], Token] = SingleFlight()
+        self.token_fetches = 0
+
+    def learn(self, challenge: Challenge) -> None:
+        """Remember how this upstream wants to be authenticated (from a 401)."""
+        self.challenge = challenge
+
+    def forget(self, scope: str) -> None:
+        """Drop a token the upstream refused (expired or revoked mid-pull)."""
+        if self.challenge is not None:
+            self._tokens.pop(self._key(self.challenge, scope), None)
+
+    @staticmethod
+    def _key(challenge: Challenge, scope: str) -> tuple[str, str | None, str]:
+        return (challenge.realm, challenge.service, scope)
+
+    def cached(self, scope: str) -> bool:
+        return self.challenge is not None and self._key(self.challenge, scope) in self._tokens
+
+    async def header(self, scope: str) -> str | None:
+        """The Authorization value for `scope`, fetching a token if needed; None if anonymous."""
+        challenge = self.challenge
+        if challenge is None:
+            return None
+        if challenge.scheme == "basic":
+            return self._basic.encode() if self._basic else None
+        key = self._key(challenge, scope)
+        token = self._tokens.get(key)
+        if token is None:
+            token = await self._flight.do(key, lambda: self._fetch(challenge, scope))
+            self._tokens[key] = token
+        return f"Bearer {token.value}"
+
+    async def _fetch(self, challenge: Challenge, scope: str) -> Token:
+        params = {"scope": scope}
+        if challenge.service:
+            params["service"] = challenge.service
+        self.token_fetches += 1
+        try:
+            async with self._session.get(
+                challenge.realm, params=params, auth=self._basic, allow_redirects=True
+            ) as resp:
+                if resp.status in (401, 403):
+                    raise UpstreamError(
+                        "upstream token service refused the configured credentials",
+                        {"realm": challenge.realm, "status": resp.status},
+                        status=502,
+                    )
+                if resp.status != 200:
+                    raise UpstreamError(
+                        "upstream token service failed",
+                        {"realm": challenge.realm, "status": resp.status},
+                    )
+                body = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise UpstreamError(
+                "upstream token service unreachable or answered nonsense",
+                {"realm": challenge.realm, "error": type(exc).__name__},
+            ) from exc
+        value = body.get("token") or body.get("access_token") if isinstance(body, dict) else None
+        if not isinstance(value, str) or not value:
+            raise UpstreamError("upstream token service sent no token", {"realm": challenge.realm})
+        try:
+            lifetime = float(body.get("expires_in") or DEFAULT_TOKEN_LIFETIME)
+        except (TypeError, ValueError):
+            lifetime = DEFAULT_TOKEN_LIFETIME
+        log.debug("upstream_token_fetched", realm=challenge.realm, scope=scope, ttl=lifetime)
+        return Token(value, self._clock() + lifetime - min(EXPIRY_MARGIN, lifetime / 10))

@@ -1,0 +1,343 @@
+"""`UpstreamClient`: manifests, blobs (streamed) and tag lists from one upstream registry.
+
+One pooled aiohttp session per upstream. Requests authenticate by challenge (see `auth`), retry
+idempotent calls on connection errors and 502/503/504 with bounded exponential backoff, and
+follow blob redirects by hand so the upstream's `Authorization` header never reaches another
+host (Docker Hub's CDN, or object storage that refuses signed URLs carrying it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+import structlog
+from multidict import CIMultiDict
+
+from mirror.config import UpstreamConfig
+from mirror.errors import DigestMismatch, RegistryError, UpstreamError
+from mirror.mediatypes import ALL_MANIFESTS, sniff_media_type
+from mirror.reference import SHA256_RE, Digest, Name, docker_hub_name
+from mirror.upstream.auth import Authenticator, parse_www_authenticate
+
+log = structlog.get_logger(__name__)
+
+RETRY_STATUSES = frozenset({502, 503, 504})
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 5
+BACKOFF_BASE = 0.2  # seconds; doubled each attempt, with jitter
+BACKOFF_MAX = 5.0
+
+
+@dataclass(frozen=True)
+class FetchedManifest:
+    data: bytes
+    media_type: str
+    digest: Digest
+
+
+@dataclass(frozen=True)
+class ManifestHead:
+    digest: Digest | None
+    media_type: str | None
+    size: int | None
+
+
+@dataclass(frozen=True)
+class TagList:
+    body: bytes
+    content_type: str
+    link: str | None
+
+
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.hostname, parts.port
+
+
+class UpstreamClient:
+    """Reads from one upstream registry on behalf of the mirror."""
+
+    def __init__(
+        self,
+        name: str,
+        config: UpstreamConfig,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.base_url = config.url.rstrip("/")
+        self._library = config.uses_library_prefix()
+        self._sleep = sleep
+        self._session: aiohttp.ClientSession | None = None
+        self.auth: Authenticator | None = None
+
+    async def start(self) -> None:
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=self.config.connect_timeout,
+            sock_connect=self.config.connect_timeout,
+            sock_read=self.config.read_timeout,
+        )
+        self._session = aiohttp.ClientSession(
+            timeout=timeout,
+            auto_decompress=False,
+            connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=300),
+            headers={"User-Agent": "registry-mirror", "Accept-Encoding": "identity"},
+        )
+        self.auth = Authenticator(self._session, self.config.username, self.config.password)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def repository(self, name: Name) -> Name:
+        """The name the upstream knows: Docker Hub puts one-segment names under `library/`."""
+        return docker_hub_name(name) if self._library else name
+
+    # -- requests -------------------------------------------------------------------------
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        repo: Name,
+        *,
+        headers: Mapping[str, str] | CIMultiDict[str] | None = None,
+        params: Mapping[str, str] | None = None,
+        follow_redirects: bool = False,
+    ) -> aiohttp.ClientResponse:
+        """Send with auth, retries and (optionally) safe redirects; the caller releases it."""
+        assert self._session is not None and self.auth is not None
+        scope = f"repository:{repo}:pull"
+        url = self.base_url + path
+        attempt = 0
+        reauthed = False
+        while True:
+            auth = await self.auth.header(scope)
+            hdrs = CIMultiDict(headers or {})
+            if auth:
+                hdrs["Authorization"] = auth
+            try:
+                resp = await self._session.request(
+                    method, url, headers=hdrs, params=params, allow_redirects=False
+                )
+                if follow_redirects and resp.status in REDIRECT_STATUSES:
+                    resp = await self._follow(method, url, resp, hdrs)
+            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+                if attempt < self.config.retries:
+                    attempt += 1
+                    await self._backoff(attempt, method, url, type(exc).__name__)
+                    continue
+                raise UpstreamError(
+                    "upstream registry unreachable",
+                    {"upstream": self.name, "error": type(exc).__name__},
+                ) from exc
+            if resp.status == 401 and not reauthed:
+                challenge = parse_www_authenticate(resp.headers.get("WWW-Authenticate"))
+                resp.release()
+                if challenge is None:
+                    raise RegistryError(
+                        "DENIED", "upstream registry refused access", {"upstream": self.name}
+                    )
+                reauthed = True
+                self.auth.learn(challenge)
+                self.auth.forget(scope)
+                continue
+            if resp.status in RETRY_STATUSES and attempt < self.config.retries:
+                resp.release()
+                attempt += 1
+                await self._backoff(attempt, method, url, str(resp.status))
+                continue
+            return resp
+
+    async def _follow(
+        self,
+        method: str,
+        url: str,
+        resp: aiohttp.ClientResponse,
+        hdrs: CIMultiDict[str],
+    ) -> aiohttp.ClientResponse:
+        assert self._session is not None
+        origin = _origin(url)
+        for _ in range(MAX_REDIRECTS):
+            location = resp.headers.get("Location")
+            resp.release()
+            if not location:
+                raise UpstreamError("upstream redirect without a Location", {"url": url})
+            url = urljoin(url, location)
+            if urlsplit(url).scheme not in ("http", "https"):
+                raise UpstreamError("upstream redirected off HTTP", {"upstream": self.name})
+            hdrs = CIMultiDict(hdrs)
+            if _origin(url) != origin:
+                hdrs.pop("Authorization", None)  # a signed URL carries its own authority
+            resp = await self._session.request(method, url, headers=hdrs, allow_redirects=False)
+            if resp.status not in REDIRECT_STATUSES:
+                return resp
+        resp.release()
+        raise UpstreamError("upstream redirected too many times", {"upstream": self.name})
+
+    async def _backoff(self, attempt: int, method: str, url: str, why: str) -> None:
+        delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (attempt - 1)) * (0.5 + random.random())
+        log.warning(
+            "upstream_retry", upstream=self.name, method=method, url=url, why=why, delay=delay
+        )
+        await self._sleep(delay)
+
+    def _raise_for(self, resp: aiohttp.ClientResponse, unknown: str, repo: Name) -> None:
+        """Turn a non-2xx upstream answer into the error the client should see."""
+        status = resp.status
+        detail = {"upstream": self.name, "repository": repo, "status": status}
+        if status == 404:
+            raise RegistryError(unknown, "not found upstream", detail)
+        if status in (401, 403):
+            raise RegistryError("DENIED", "upstream registry denied access", detail)
+        if status == 429:
+            headers = {}
+            if retry_after := resp.headers.get("Retry-After"):
+                headers["Retry-After"] = retry_after
+            raise RegistryError(
+                "TOOMANYREQUESTS", "upstream registry rate limit", detail, headers=headers
+            )
+        raise UpstreamError("upstream registry failed", detail)
+
+    # -- manifests ------------------------------------------------------------------------
+
+    async def get_manifest(self, repo: Name, reference: str, accept: list[str]) -> FetchedManifest:
+        """GET a manifest whole (bounded by `manifest_max_size`), checked against its digest."""
+        upstream_repo = self.repository(repo)
+        resp = await self._request(
+            "GET",
+            f"/v2/{upstream_repo}/manifests/{reference}",
+            upstream_repo,
+            headers=_accept_headers(accept),
+        )
+        async with resp:
+            if resp.status != 200:
+                self._raise_for(resp, "MANIFEST_UNKNOWN", repo)
+            limit = self.config.manifest_max_size
+            if (resp.content_length or 0) > limit:
+                raise UpstreamError("upstream manifest too large", {"limit": limit})
+            data = bytearray()
+            async for chunk in resp.content.iter_any():
+                data += chunk
+                if len(data) > limit:
+                    raise UpstreamError("upstream manifest too large", {"limit": limit})
+            if resp.content_length is not None and len(data) != resp.content_length:
+                raise UpstreamError("upstream manifest truncated", {"repository": repo})
+            content_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
+            header_digest = resp.headers.get("Docker-Content-Digest")
+        data = bytes(data)
+        digest = Digest("sha256:" + hashlib.sha256(data).hexdigest())
+        expected = reference if ":" in reference else header_digest
+        if expected and SHA256_RE.fullmatch(expected) and expected != digest:
+            raise DigestMismatch(expected, digest)
+        media_type = content_type if content_type in ALL_MANIFESTS else None
+        media_type = media_type or sniff_media_type(data) or content_type
+        if not media_type:
+            raise UpstreamError("upstream manifest has no media type", {"repository": repo})
+        return FetchedManifest(data, media_type, digest)
+
+    async def head_manifest(self, repo: Name, reference: str, accept: list[str]) -> ManifestHead:
+        """HEAD a manifest (Docker Hub does not count HEADs against its pull limit)."""
+        upstream_repo = self.repository(repo)
+        resp = await self._request(
+            "HEAD",
+            f"/v2/{upstream_repo}/manifests/{reference}",
+            upstream_repo,
+            headers=_accept_headers(accept),
+        )
+        async with resp:
+            if resp.status != 200:
+                self._raise_for(resp, "MANIFEST_UNKNOWN", repo)
+            digest = resp.headers.get("Docker-Content-Digest")
+            content_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
+            return ManifestHead(
+                Digest(digest) if digest and SHA256_RE.fullmatch(digest) else None,
+                content_type or None,
+                resp.content_length,
+            )
+
+    # -- blobs ----------------------------------------------------------------------------
+
+    async def open_blob(self, repo: Name, digest: Digest) -> BlobStream:
+        """Start a blob GET (following redirects); the body is streamed by the caller."""
+        upstream_repo = self.repository(repo)
+        resp = await self._request(
+            "GET", f"/v2/{upstream_repo}/blobs/{digest}", upstream_repo, follow_redirects=True
+        )
+        if resp.status != 200:
+            async with resp:
+                self._raise_for(resp, "BLOB_UNKNOWN", repo)
+        return BlobStream(resp)
+
+    async def head_blob(self, repo: Name, digest: Digest) -> int | None:
+        """The blob's size if the upstream has it (None if it does not say)."""
+        upstream_repo = self.repository(repo)
+        resp = await self._request(
+            "HEAD", f"/v2/{upstream_repo}/blobs/{digest}", upstream_repo, follow_redirects=True
+        )
+        async with resp:
+            if resp.status != 200:
+                self._raise_for(resp, "BLOB_UNKNOWN", repo)
+            return resp.content_length
+
+    # -- tags -----------------------------------------------------------------------------
+
+    async def list_tags(self, repo: Name, params: Mapping[str, str]) -> TagList:
+        upstream_repo = self.repository(repo)
+        resp = await self._request(
+            "GET", f"/v2/{upstream_repo}/tags/list", upstream_repo, params=params
+        )
+        async with resp:
+            if resp.status != 200:
+                self._raise_for(resp, "NAME_UNKNOWN", repo)
+            body = await resp.content.read(self.config.manifest_max_size + 1)
+            if len(body) > self.config.manifest_max_size:
+                raise UpstreamError("upstream tag list too large", {"repository": repo})
+            return TagList(
+                body,
+                resp.headers.get("Content-Type", "application/json"),
+                resp.headers.get("Link"),
+            )
+
+
+class BlobStream:
+    """An upstream blob body: its declared size and its bytes as they arrive."""
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self._resp = resp
+        self.size = resp.content_length
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        received = 0
+        try:
+            async for chunk in self._resp.content.iter_any():
+                received += len(chunk)
+                yield chunk
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamError(
+                "upstream blob transfer broke off",
+                {"received": received, "error": type(exc).__name__},
+            ) from exc
+        if self.size is not None and received != self.size:
+            raise UpstreamError(
+                "upstream blob body truncated", {"expected": self.size, "received": received}
+            )
+
+    async def close(self) -> None:
+        self._resp.release()
+
+
+def _accept_headers(accept: list[str]) -> CIMultiDict[str]:
+    """Forward every media type the client accepts (one header each, as clients send them)."""
+    headers: CIMultiDict[str] = CIMultiDict()
+    for media_type in accept or ALL_MANIFESTS:
+        headers.add("Accept", media_type)
+    return headers

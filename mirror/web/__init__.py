@@ -1,0 +1,1 @@
+"""The HTTP layer: parses and validates requests, renders OCI errors, streams responses."""

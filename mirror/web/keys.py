@@ -1,0 +1,12 @@
+"""Typed keys for state shared through the aiohttp application and request."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from mirror.config import Config
+from mirror.mirror import Mirror
+
+CONFIG = web.AppKey("config", Config)
+MIRROR = web.AppKey("mirror", Mirror)
+CACHE_RESULT = web.RequestKey("cache_result", str)  # hit / miss / revalidated / ...

@@ -1,0 +1,90 @@
+"""Responses that send bytes: cached files by sendfile (with Range), fills as they stream."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from aiohttp import web
+
+from mirror.cache.blobs import OpenBlob
+from mirror.cache.fill import TailReader
+
+FALLBACK_CHUNK = 1024 * 1024
+
+
+class StreamAborted(ConnectionResetError):
+    """A streamed body was cut off on purpose: its bytes failed verification or never came."""
+
+
+class SendfileResponse(web.StreamResponse):
+    """Sends `count` bytes of an open file from `offset` with zero-copy sendfile.
+
+    aiohttp's FileResponse would reopen the file by path and set its own mtime-based ETag; we
+    already hold the file open (so eviction cannot pull it away) and our ETag is the digest.
+    """
+
+    def __init__(
+        self, blob: OpenBlob, offset: int, count: int, *, status: int, headers: dict[str, str]
+    ) -> None:
+        super().__init__(status=status, headers=headers)
+        self._blob = blob
+        self._offset = offset
+        self._count = count
+        self.content_length = count
+
+    async def prepare(self, request: web.BaseRequest):  # type: ignore[override]
+        try:
+            writer = await super().prepare(request)
+            if request.method == "HEAD" or self._count == 0 or writer is None:
+                return writer
+            transport = request.transport
+            if transport is None:
+                raise ConnectionResetError("client went away")
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.sendfile(transport, self._blob.file, self._offset, self._count)
+            except NotImplementedError:
+                await self._send_by_copy(writer)
+            await super().write_eof()
+            return writer
+        finally:
+            self._blob.close()
+
+    async def _send_by_copy(self, writer: web.StreamResponse | object) -> None:
+        fd = self._blob.file.fileno()
+        pos, end = self._offset, self._offset + self._count
+        while pos < end:
+            data = await asyncio.to_thread(os.pread, fd, min(FALLBACK_CHUNK, end - pos), pos)
+            if not data:
+                raise OSError("cached blob shorter than its size")
+            await super().write(data)
+            pos += len(data)
+
+
+async def stream_fill(
+    request: web.Request, reader: TailReader, size: int | None, headers: dict[str, str]
+) -> web.StreamResponse:
+    """Stream a fill to the client as it arrives.
+
+    If the fill fails (wrong digest, truncation) the connection is aborted, so the client sees
+    a broken transfer, never a complete-looking body.
+    """
+    response = web.StreamResponse(status=200, headers=headers)
+    if size is not None:
+        response.content_length = size
+    else:
+        response.enable_chunked_encoding()
+    iterator = reader.__aiter__()
+    try:
+        await response.prepare(request)
+        async for chunk in iterator:
+            await response.write(chunk)
+    except Exception as exc:
+        if request.transport is not None:
+            request.transport.abort()
+        raise StreamAborted(str(exc)) from exc
+    finally:
+        await iterator.aclose()
+    await response.write_eof()
+    return response

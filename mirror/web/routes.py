@@ -1,0 +1,179 @@
+"""`/v2/` handlers: parse and validate, call `Mirror`, translate the answer to HTTP.
+
+Paths are parsed from the raw request target, before any decoding, so a percent-encoded dot or
+slash can never reach the grammar as a path separator: anything that is not the plain OCI
+grammar is refused. Only GET and HEAD exist; the mirror is read-only.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from mirror.errors import RegistryError
+from mirror.mediatypes import split_accept
+from mirror.mirror import BlobAnswer
+from mirror.reference import Name, parse_digest, parse_name, parse_reference, parse_tag
+from mirror.web.keys import CACHE_RESULT, MIRROR
+from mirror.web.responses import SendfileResponse, stream_fill
+
+API_VERSION_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
+_ROUTE_RE = re.compile(r"/v2/(?P<name>.+)/(?:(?P<kind>manifests|blobs)/(?P<ref>[^/]+)|tags/list)")
+READ_METHODS = frozenset({"GET", "HEAD"})
+MAX_PAGE = 10_000
+
+
+@dataclass(frozen=True)
+class Route:
+    kind: str  # "base", "manifests", "blobs" or "tags"
+    name: Name | None = None
+    reference: str | None = None
+
+
+def unsupported(request: web.BaseRequest) -> RegistryError:
+    return RegistryError(
+        "UNSUPPORTED",
+        "this registry mirror is read-only: only GET and HEAD of manifests, blobs and tags",
+        {"method": request.method, "path": request.raw_path.split("?", 1)[0][:512]},
+    )
+
+
+def parse_route(request: web.BaseRequest) -> Route:
+    """Which read endpoint a request names; raises the OCI error a client should see."""
+    path = request.raw_path.split("?", 1)[0]
+    if request.method not in READ_METHODS:
+        raise unsupported(request)
+    if path in ("/v2", "/v2/"):
+        return Route("base")
+    match = _ROUTE_RE.fullmatch(path)
+    if match is None:
+        if path.startswith("/v2/") and ("%" in path or "/../" in path or "/./" in path):
+            raise RegistryError("NAME_INVALID", "invalid repository name", {"path": path[:512]})
+        raise unsupported(request)
+    name = parse_name(match["name"])
+    kind = match["kind"] or "tags"
+    return Route(kind, name, match["ref"])
+
+
+def _namespace(request: web.Request) -> str | None:
+    return request.query.get("ns")
+
+
+def _digest_headers(digest: str) -> dict[str, str]:
+    return {"Docker-Content-Digest": digest, "ETag": f'"{digest}"'}
+
+
+def _not_modified(request: web.Request, digest: str) -> bool:
+    inm = request.headers.get("If-None-Match")
+    return inm is not None and any(
+        tag.strip() in (f'"{digest}"', digest, "*") for tag in inm.split(",")
+    )
+
+
+async def base(request: web.Request) -> web.Response:
+    return web.json_response({})
+
+
+async def manifest(request: web.Request, route: Route) -> web.StreamResponse:
+    assert route.name is not None and route.reference is not None
+    reference = parse_reference(route.reference)
+    accept = split_accept(request.headers.getall("Accept", []))
+    answer = await request.app[MIRROR].manifest(route.name, reference, accept, _namespace(request))
+    request[CACHE_RESULT] = answer.cache
+    m = answer.manifest
+    headers = {"Content-Type": m.media_type, **_digest_headers(m.digest)}
+    if _not_modified(request, m.digest):
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=m.data, headers=headers)
+
+
+async def blob(request: web.Request, route: Route) -> web.StreamResponse:
+    assert route.name is not None and route.reference is not None
+    digest = parse_digest(route.reference)
+    mirror = request.app[MIRROR]
+    headers = {
+        "Content-Type": "application/octet-stream",
+        "Accept-Ranges": "bytes",
+        "Cache-Control": "max-age=31536000, immutable",
+        **_digest_headers(digest),
+    }
+    if request.method == "HEAD":
+        size, result = await mirror.blob_size(route.name, digest, _namespace(request))
+        request[CACHE_RESULT] = result
+        response = web.Response(headers=headers)
+        if size is not None:
+            response.content_length = size
+        return response
+    if _not_modified(request, digest) and await mirror.store.stat(digest) is not None:
+        request[CACHE_RESULT] = "hit"
+        return web.Response(status=304, headers=headers)
+    wants_range = "Range" in request.headers
+    answer = await mirror.blob(route.name, digest, whole=wants_range, namespace=_namespace(request))
+    request[CACHE_RESULT] = answer.cache
+    if answer.reader is not None:
+        return await stream_fill(request, answer.reader, answer.size, headers)
+    return _send_file(request, answer, headers)
+
+
+def _send_file(
+    request: web.Request, answer: BlobAnswer, headers: dict[str, str]
+) -> SendfileResponse:
+    assert answer.file is not None and answer.size is not None
+    size = answer.size
+    if "Range" not in request.headers:
+        return SendfileResponse(answer.file, 0, size, status=200, headers=headers)
+    try:
+        rng = request.http_range  # ValueError if malformed
+        start, stop = rng.start, rng.stop
+        if start is None:
+            raise ValueError
+        if start < 0:  # suffix range: the last N bytes
+            start, stop = max(0, size + start), size
+        stop = size if stop is None else min(stop, size)
+        if start >= size or stop <= start:
+            raise ValueError
+    except ValueError:
+        answer.file.close()
+        raise RegistryError(
+            "RANGE_INVALID",
+            "requested range not satisfiable",
+            {"range": request.headers["Range"][:128], "size": size},
+            headers={"Content-Range": f"bytes */{size}"},
+        ) from None
+    headers = {**headers, "Content-Range": f"bytes {start}-{stop - 1}/{size}"}
+    return SendfileResponse(answer.file, start, stop - start, status=206, headers=headers)
+
+
+async def tags(request: web.Request, route: Route) -> web.Response:
+    assert route.name is not None
+    params: dict[str, str] = {}
+    if "n" in request.query:
+        n = request.query["n"]
+        if not n.isdigit() or int(n) > MAX_PAGE:
+            raise RegistryError(
+                "PAGINATION_NUMBER_INVALID",
+                f"n must be a whole number from 0 to {MAX_PAGE}",
+                {"n": n[:32]},
+            )
+        params["n"] = n
+    if "last" in request.query:
+        params["last"] = parse_tag(request.query["last"])
+    listing = await request.app[MIRROR].tags(route.name, params, _namespace(request))
+    request[CACHE_RESULT] = "bypass"
+    headers = {"Content-Type": listing.content_type}
+    if listing.link:
+        headers["Link"] = listing.link
+    return web.Response(body=listing.body, headers=headers)
+
+
+async def dispatch(request: web.Request) -> web.StreamResponse:
+    route = parse_route(request)
+    if route.kind == "base":
+        return await base(request)
+    if route.kind == "manifests":
+        return await manifest(request, route)
+    if route.kind == "blobs":
+        return await blob(request, route)
+    return await tags(request, route)

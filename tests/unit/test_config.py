@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mirror.config import ConfigError, load_config, parse_duration, parse_size
+
+
+def test_units() -> None:
+    assert parse_size("4MiB") == 4 * 1024**2
+    assert parse_size("50GiB") == 50 * 1024**3
+    assert parse_size("10G") == 10 * 1000**3
+    assert parse_size(123) == 123
+    assert parse_duration("10m") == 600
+    assert parse_duration("30d") == 30 * 86400
+    assert parse_duration("1h30m") == 5400
+    assert parse_duration("500ms") == 0.5
+    assert parse_duration(45) == 45
+    for bad in ["", "10x", "m10", "ten"]:
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+
+
+def test_defaults_point_at_docker_hub() -> None:
+    config = load_config(None, env={})
+    assert config.upstream.url == "https://registry-1.docker.io"
+    assert config.upstream.uses_library_prefix()
+    assert config.upstream.tag_ttl == 600
+    assert config.listen_address() == ("0.0.0.0", 5000)
+
+
+def test_file_then_env_then_flags(tmp_path: Path) -> None:
+    conf = tmp_path / "mirror.yaml"
+    conf.write_text("upstream:\n  url: http://127.0.0.1:1\n  tag_ttl: 1m\nlisten: 127.0.0.1:7000\n")
+    config = load_config(
+        conf,
+        env={"REGISTRY_MIRROR_UPSTREAM_TAG_TTL": "2m", "REGISTRY_MIRROR_LISTEN": "[::1]:7001"},
+        overrides={"upstream.tag_ttl": "3m", "cache.dir": str(tmp_path)},
+    )
+    assert config.upstream.url == "http://127.0.0.1:1"
+    assert config.upstream.tag_ttl == 180
+    assert config.listen_address() == ("::1", 7001)
+    assert not config.upstream.uses_library_prefix()
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "key"),
+    [
+        ("upstream:\n  tag_tll: 1m\n", "upstream.tag_tll"),
+        ("upstream:\n  tag_ttl: soon\n", "upstream.tag_ttl"),
+        ("upstream:\n  retries: many\n", "upstream.retries"),
+        ("upstream:\n  url: ftp://x\n", "upstream.url"),
+        ("upstream: 5\n", "upstream"),
+        ("listen: nowhere\n", "listen"),
+        ("log:\n  level: loud\n", "log.level"),
+        ("upstream:\n  username: bob\n", "upstream.username"),
+        ("upstream:\n  password_file: /nonexistent/pw\n", "upstream.password_file"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path: Path, yaml_text: str, key: str) -> None:
+    conf = tmp_path / "mirror.yaml"
+    conf.write_text(yaml_text)
+    with pytest.raises(ConfigError) as err:
+        load_config(conf, env={})
+    assert err.value.key == key
+    assert "\n" not in str(err.value)
+
+
+def test_secrets_never_show(tmp_path: Path) -> None:
+    pw = tmp_path / "pw"
+    pw.write_text("s3cret-value\n")
+    config = load_config(
+        None,
+        env={"REGISTRY_MIRROR_UPSTREAM_USERNAME": "bob"},
+        overrides={"upstream.password_file": str(pw)},
+    )
+    assert config.upstream.password == "s3cret-value"
+    assert "s3cret" not in repr(config)
