@@ -183,8 +183,16 @@ class FileBlobWriter:
         name = f"{digest.split(':', 1)[1]}.{secrets.token_hex(6)}.part"
         self.tmp_path = store.tmp_dir / name
         self._fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
         self._done = False
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            if size:
+                # Reserving the space up front makes ext4 writes several times faster here
+                # and turns a full disk into an error before any byte is streamed.
+                os.posix_fallocate(self._fd, 0, size)
+        except BaseException:
+            self._abort()
+            raise
 
     async def write(self, data: bytes) -> None:
         await asyncio.to_thread(self._write, data)

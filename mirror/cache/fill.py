@@ -2,7 +2,7 @@
 
 One `Fill` per missing digest pulls the upstream body (an async byte iterator, so this module
 never imports `upstream/`), writes it through a `BlobWriter` that hashes it, and lets any number
-of readers stream the bytes as they land in the temp file. A reader never receives the last byte
+of readers follow the temp file as the bytes land in it. A reader never receives the last byte
 before the digest verified: until commit it stays at least one byte behind the writer, and if
 the fill fails it raises, so the web layer aborts the client's connection short of a
 complete-looking body. The fill runs in its own task: a reader that goes away cancels nothing.
@@ -16,6 +16,7 @@ import enum
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import structlog
 
@@ -25,7 +26,6 @@ from mirror.reference import Digest
 log = structlog.get_logger(__name__)
 
 BATCH_SIZE = 1024 * 1024  # bytes gathered for the hashing/writing thread while it is busy
-READ_SIZE = 1024 * 1024  # bytes a tail reader reads at a time
 
 
 @dataclass
@@ -163,36 +163,43 @@ class Fill:
 
 
 class TailReader:
-    """Streams a fill's bytes as they are written, holding the last byte back until commit."""
+    """Follows a fill's temp file, yielding byte ranges as they become safe to send.
+
+    Ranges (not bytes) so the web layer can sendfile them: tailing clients cost no copies in
+    Python. The last byte is held back until the digest verified; a failed fill raises.
+    """
 
     def __init__(self, fill: Fill, fd: int) -> None:
         self.fill = fill
-        self._fd = fd
+        self.file: BinaryIO = open(fd, "rb", buffering=0, closefd=True)  # noqa: SIM115
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    async def ranges(self) -> AsyncIterator[tuple[int, int]]:
         fill = self.fill
         pos = 0
-        try:
-            while True:
-                changed = fill._changed
-                committed = fill.state is FillState.COMMITTED
-                limit = fill.written if committed else fill.written - 1
-                if pos < limit:
-                    n = min(READ_SIZE, limit - pos)
-                    data = await asyncio.to_thread(os.pread, self._fd, n, pos)
-                    if not data:
-                        raise OSError(f"fill temp file of {fill.digest} ended early")
-                    pos += len(data)
-                    yield data
-                elif committed:
-                    return
-                elif fill.state is FillState.FAILED:
-                    assert fill.error is not None
-                    raise fill.error
-                else:
-                    await changed.wait()
-        finally:
-            os.close(self._fd)
+        while True:
+            changed = fill._changed
+            committed = fill.state is FillState.COMMITTED
+            limit = fill.written if committed else fill.written - 1
+            if pos < limit:
+                yield pos, limit - pos
+                pos = limit
+            elif committed:
+                return
+            elif fill.state is FillState.FAILED:
+                assert fill.error is not None
+                raise fill.error
+            else:
+                await changed.wait()
+
+    async def read(self, offset: int, count: int) -> bytes:
+        """Copying fallback where sendfile is not available (callers bound `count`)."""
+        data = await asyncio.to_thread(os.pread, self.file.fileno(), count, offset)
+        if len(data) != count:
+            raise OSError(f"temp file of {self.fill.digest} shorter than written")
+        return data
+
+    def close(self) -> None:
+        self.file.close()
 
 
 class FillManager:

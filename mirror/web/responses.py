@@ -65,7 +65,7 @@ class SendfileResponse(web.StreamResponse):
 async def stream_fill(
     request: web.Request, reader: TailReader, size: int | None, headers: dict[str, str]
 ) -> web.StreamResponse:
-    """Stream a fill to the client as it arrives.
+    """Send a fill to the client as it arrives, each new range by sendfile.
 
     If the fill fails (wrong digest, truncation) the connection is aborted, so the client sees
     a broken transfer, never a complete-looking body.
@@ -75,16 +75,29 @@ async def stream_fill(
         response.content_length = size
     else:
         response.enable_chunked_encoding()
-    iterator = reader.__aiter__()
+    ranges = reader.ranges()
     try:
         await response.prepare(request)
-        async for chunk in iterator:
-            await response.write(chunk)
+        loop = asyncio.get_running_loop()
+        sendfile = size is not None  # chunked framing needs the writer to see every byte
+        async for offset, count in ranges:
+            if sendfile and request.transport is not None:
+                try:
+                    await loop.sendfile(request.transport, reader.file, offset, count)
+                    continue
+                except NotImplementedError:
+                    sendfile = False
+            end = offset + count
+            while offset < end:
+                data = await reader.read(offset, min(FALLBACK_CHUNK, end - offset))
+                await response.write(data)
+                offset += len(data)
     except Exception as exc:
         if request.transport is not None:
             request.transport.abort()
         raise StreamAborted(str(exc)) from exc
     finally:
-        await iterator.aclose()
+        await ranges.aclose()
+        reader.close()
     await response.write_eof()
     return response

@@ -114,10 +114,12 @@ async def blob(request: web.Request, route: Route) -> web.StreamResponse:
     request[CACHE_RESULT] = answer.cache
     if answer.reader is not None:
         return await stream_fill(request, answer.reader, answer.size, headers)
-    return _send_file(request, answer, headers)
+    response = _file_response(request, answer, headers)
+    await response.prepare(request)  # sends it here, so the access line times the transfer
+    return response
 
 
-def _send_file(
+def _file_response(
     request: web.Request, answer: BlobAnswer, headers: dict[str, str]
 ) -> SendfileResponse:
     assert answer.file is not None and answer.size is not None

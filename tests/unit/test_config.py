@@ -77,3 +77,8 @@ def test_secrets_never_show(tmp_path: Path) -> None:
     )
     assert config.upstream.password == "s3cret-value"
     assert "s3cret" not in repr(config)
+
+
+def test_shipped_config_documents_the_defaults() -> None:
+    shipped = load_config(Path(__file__).parents[2] / "conf" / "mirror.yaml", env={})
+    assert shipped == load_config(None, env={})

@@ -44,8 +44,11 @@ class ControlledBody:
 
 
 async def collect(reader: TailReader, into: bytearray) -> bytes:
-    async for chunk in reader:
-        into += chunk
+    try:
+        async for offset, count in reader.ranges():
+            into += await reader.read(offset, count)
+    finally:
+        reader.close()
     return bytes(into)
 
 
