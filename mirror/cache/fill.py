@@ -21,6 +21,7 @@ from typing import BinaryIO
 import structlog
 
 from mirror.cache.blobs import BlobStore, BlobWriter
+from mirror.errors import DigestMismatch
 from mirror.reference import Digest
 
 log = structlog.get_logger(__name__)
@@ -86,7 +87,9 @@ class Fill:
             self.state = FillState.FAILED
             if self._writer is not None:
                 await self._writer.abort()
-            if not isinstance(exc, asyncio.CancelledError):
+            if isinstance(exc, DigestMismatch):
+                log.warning("digest_mismatch", digest=self.digest, actual=exc.actual)
+            elif not isinstance(exc, asyncio.CancelledError):
                 log.warning("blob_fill_failed", digest=self.digest, error=str(exc))
             if not isinstance(exc, Exception):
                 raise

@@ -15,11 +15,11 @@ from mirror.cache.blobs import FilesystemBlobStore
 from mirror.cache.fill import FillManager
 from mirror.cache.metadata import LocalMetadataStore
 from mirror.config import Config
-from mirror.errors import RegistryError
+from mirror.errors import RegistryError, UpstreamError
 from mirror.mirror import Mirror
 from mirror.upstream.client import UpstreamClient
 from mirror.upstream.routing import Router
-from mirror.web.keys import CACHE_RESULT, CONFIG, MIRROR
+from mirror.web.keys import CACHE_RESULT, CONFIG, MIRROR, REQUEST_ID
 from mirror.web.responses import StreamAborted
 from mirror.web.routes import API_VERSION_HEADERS, dispatch
 
@@ -34,6 +34,7 @@ def _error_response(error: RegistryError) -> web.Response:
 async def access_and_errors(request: web.Request, handler) -> web.StreamResponse:  # type: ignore[no-untyped-def]
     """Render `RegistryError` as OCI JSON, and write one access line per request."""
     request_id = request.headers.get("X-Request-ID", "")[:128] or uuid.uuid4().hex
+    request[REQUEST_ID] = request_id
     started = time.perf_counter()
     status = 500
     response: web.StreamResponse | None = None
@@ -41,6 +42,10 @@ async def access_and_errors(request: web.Request, handler) -> web.StreamResponse
         try:
             response = await handler(request)
         except RegistryError as exc:
+            if isinstance(exc, UpstreamError):
+                log.warning(
+                    "upstream_fetch_failed", path=request.path, error=exc.message, detail=exc.detail
+                )
             response = _error_response(exc)
         except StreamAborted as exc:
             status = 502
@@ -53,7 +58,6 @@ async def access_and_errors(request: web.Request, handler) -> web.StreamResponse
             log.exception("request_failed", method=request.method, path=request.path)
             response = _error_response(RegistryError("UNKNOWN", "internal error", status=500))
         status = response.status
-        response.headers["X-Request-ID"] = request_id
         return response
     finally:
         log.info(
@@ -68,8 +72,10 @@ async def access_and_errors(request: web.Request, handler) -> web.StreamResponse
         )
 
 
-async def _add_api_version(request: web.Request, response: web.StreamResponse) -> None:
+async def _add_common_headers(request: web.Request, response: web.StreamResponse) -> None:
     response.headers.update(API_VERSION_HEADERS)
+    if REQUEST_ID in request:
+        response.headers["X-Request-ID"] = request[REQUEST_ID]
 
 
 def make_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.Application:
@@ -80,7 +86,7 @@ def make_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.A
     app = web.Application(middlewares=[access_and_errors], client_max_size=1024)
     app[CONFIG] = config
     app.cleanup_ctx.append(functools.partial(_lifecycle, clock=clock))
-    app.on_response_prepare.append(_add_api_version)
+    app.on_response_prepare.append(_add_common_headers)
     app.router.add_route("*", "/{tail:.*}", dispatch)
     return app
 

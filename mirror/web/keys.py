@@ -10,3 +10,4 @@ from mirror.mirror import Mirror
 CONFIG = web.AppKey("config", Config)
 MIRROR = web.AppKey("mirror", Mirror)
 CACHE_RESULT = web.RequestKey("cache_result", str)  # hit / miss / revalidated / ...
+REQUEST_ID = web.RequestKey("request_id", str)  # X-Request-ID, echoed and logged

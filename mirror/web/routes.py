@@ -102,10 +102,11 @@ async def blob(request: web.Request, route: Route) -> web.StreamResponse:
     if request.method == "HEAD":
         size, result = await mirror.blob_size(route.name, digest, _namespace(request))
         request[CACHE_RESULT] = result
-        response = web.Response(headers=headers)
+        head = web.StreamResponse(headers=headers)
         if size is not None:
-            response.content_length = size
-        return response
+            head.content_length = size
+        await head.prepare(request)
+        return head
     if _not_modified(request, digest) and await mirror.store.stat(digest) is not None:
         request[CACHE_RESULT] = "hit"
         return web.Response(status=304, headers=headers)
