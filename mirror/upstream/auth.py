@@ -8,6 +8,7 @@ logged.
 
 from __future__ import annotations
 
+import base64
 import re
 import time
 from collections.abc import Callable
@@ -60,6 +61,10 @@ def parse_www_authenticate(header: str | None) -> Challenge | None:
     return Challenge(scheme, params)
 
 
+def basic_authorization(username: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+
+
 @dataclass(frozen=True)
 class Token:
     value: str
@@ -80,7 +85,7 @@ class Authenticator:
     ) -> None:
         self._session = session
         self._basic = (
-            aiohttp.BasicAuth(username, password)
+            basic_authorization(username, password)
             if username is not None and password is not None
             else None
         )
@@ -114,7 +119,7 @@ class Authenticator:
         if challenge is None:
             return None
         if challenge.scheme == "basic":
-            return self._basic.encode() if self._basic else None
+            return self._basic
         key = self._key(challenge, scope)
         token = self._tokens.get(key)
         if token is None:
@@ -128,8 +133,9 @@ class Authenticator:
             params["service"] = challenge.service
         self.token_fetches += 1
         try:
+            headers = {"Authorization": self._basic} if self._basic else {}
             async with self._session.get(
-                challenge.realm, params=params, auth=self._basic, allow_redirects=True
+                challenge.realm, params=params, headers=headers, allow_redirects=True
             ) as resp:
                 if resp.status in (401, 403):
                     raise UpstreamError(
