@@ -7,6 +7,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from structlog.testing import capture_logs
 
 from tests.fixtures.fake_upstream import FakeUpstream, Fault
 from tests.fixtures.mirror_server import cached_files, mirror_config, running_mirror, sha256_digest
@@ -34,9 +35,12 @@ async def test_bad_body_is_never_served_complete_nor_kept(
     digest = fake.add_blob(BLOB)
     fake.faults[digest] = fault
     async with running_mirror(mirror_config(tmp_path, fake.url, retries=0)) as base:
-        with pytest.raises(aiohttp.ClientPayloadError):
+        with capture_logs() as logs, pytest.raises(aiohttp.ClientPayloadError):
             await get_blob(base, "lib/app", digest)
         assert cached_files(tmp_path) == {"blobs": [], "tmp": []}
+        warnings = [e for e in logs if e["log_level"] == "warning"]
+        expected = "digest_mismatch" if fault.wrong_bytes else "blob_fill_failed"
+        assert any(e["event"] == expected and e["digest"] == digest for e in warnings)
 
         del fake.faults[digest]
         data = await get_blob(base, "lib/app", digest)
@@ -102,3 +106,35 @@ async def test_unknown_blob_is_blob_unknown(fake: FakeUpstream, tmp_path: Path) 
     ):
         assert resp.status == 404
         assert (await resp.json())["errors"][0]["code"] == "BLOB_UNKNOWN"
+
+
+async def test_stalled_body_times_out_and_is_discarded(fake: FakeUpstream, tmp_path: Path) -> None:
+    digest = fake.add_blob(BLOB)
+    fake.faults[digest] = Fault(delay_per_chunk=2.0)
+    config = mirror_config(tmp_path, fake.url, retries=0, read_timeout="300ms")
+    async with running_mirror(config) as base:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await get_blob(base, "lib/app", digest)
+        assert cached_files(tmp_path) == {"blobs": [], "tmp": []}
+        del fake.faults[digest]
+        assert sha256_digest(await get_blob(base, "lib/app", digest)) == digest
+
+
+async def test_manifest_with_wrong_bytes_is_refused_and_not_kept(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    mdigest, _, _ = fake.add_image("lib/app", "v1", [b"layer"])
+    good, media_type = fake.manifests[("lib/app", mdigest)]
+    fake.manifests[("lib/app", mdigest)] = (good + b"\n", media_type)
+    async with (
+        running_mirror(mirror_config(tmp_path, fake.url)) as base,
+        aiohttp.ClientSession() as s,
+    ):
+        async with s.get(f"{base}/v2/lib/app/manifests/{mdigest}") as resp:
+            assert resp.status == 502
+            assert (await resp.json())["errors"][0]["code"] == "UNAVAILABLE"
+        assert cached_files(tmp_path)["blobs"] == []
+        fake.manifests[("lib/app", mdigest)] = (good, media_type)
+        async with s.get(f"{base}/v2/lib/app/manifests/{mdigest}") as resp:
+            assert resp.status == 200
+            assert sha256_digest(await resp.read()) == mdigest
