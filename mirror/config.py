@@ -17,6 +17,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from mirror.errors import RegistryError
+from mirror.reference import parse_image
+
 ENV_PREFIX = "REGISTRY_MIRROR_"
 DOCKER_HUB_URL = "https://registry-1.docker.io"
 DOCKER_HUB_HOSTS = frozenset({"registry-1.docker.io", "docker.io", "index.docker.io"})
@@ -94,7 +97,39 @@ _KINDS: dict[str, tuple[Any, str]] = {
     "size": (parse_size, "a size such as 512MiB, 50GiB or a number of bytes"),
     "duration": (parse_duration, "a duration such as 30s, 10m, 12h or 30d"),
     "path": (lambda v: Path(_parse_str(v)).expanduser(), "a file system path"),
+    "fraction": (lambda v: _parse_fraction(v), "a fraction between 0 and 1 such as 0.9"),
+    "budget": (
+        lambda v: _parse_budget(v),
+        "a size such as 50GiB, or a share of the disk such as 80%",
+    ),
+    "list": (lambda v: _parse_list(v), "a list of strings (comma-separated in the environment)"),
 }
+
+
+def _parse_fraction(value: object) -> float:
+    number = float(str(value))
+    if not 0 < number <= 1:
+        raise ValueError
+    return number
+
+
+def _parse_budget(value: object) -> str:
+    """`50GiB`, `0` (no limit) or `80%` (of the cache's file system), kept as written."""
+    text = str(value).strip()
+    if text.endswith("%"):
+        if not 0 < float(text[:-1]) <= 100:
+            raise ValueError
+    else:
+        parse_size(text)
+    return text
+
+
+def _parse_list(value: object) -> list[str]:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ValueError
 
 
 def opt(default: Any, kind: str, *, optional: bool = False, secret: bool = False) -> Any:
@@ -109,6 +144,21 @@ def opt(default: Any, kind: str, *, optional: bool = False, secret: bool = False
 @dataclass
 class CacheConfig:
     dir: Path = opt(Path("/var/cache/registry-mirror"), "path")
+    max_size: str = opt("0", "budget")
+    high_watermark: float = opt(0.95, "fraction")
+    low_watermark: float = opt(0.85, "fraction")
+    blob_ttl: float = opt(0.0, "duration")
+    manifest_ttl: float = opt(0.0, "duration")
+    gc_interval: float = opt(60.0, "duration")
+    pins: list[str] = field(
+        default_factory=list, metadata={"kind": "list", "optional": False, "secret": False}
+    )
+
+    def budget_bytes(self, filesystem_size: int) -> int:
+        """The size limit in bytes (0: none); a percentage is of the cache's file system."""
+        if self.max_size.endswith("%"):
+            return int(filesystem_size * float(self.max_size[:-1]) / 100)
+        return parse_size(self.max_size)
 
 
 @dataclass
@@ -242,6 +292,21 @@ def _nest(sections: list[str], leaf: dict[str, object]) -> dict[str, Any]:
 def validate(config: Config) -> None:
     """Cross-field and semantic checks that a type alone cannot express."""
     config.listen_address()
+    cache = config.cache
+    if cache.low_watermark >= cache.high_watermark:
+        raise ConfigError("cache.low_watermark", "expected less than cache.high_watermark")
+    for key in ("blob_ttl", "manifest_ttl"):
+        if getattr(cache, key) < 0:
+            raise ConfigError(f"cache.{key}", "expected a duration of zero (never) or more")
+    if cache.gc_interval <= 0:
+        raise ConfigError("cache.gc_interval", "expected a duration above zero")
+    for pin in cache.pins:
+        try:
+            parse_image(pin)
+        except RegistryError as exc:
+            raise ConfigError(
+                "cache.pins", f"{pin!r} is not an image reference: {exc.message}"
+            ) from None
     up = config.upstream
     parts = urlsplit(up.url)
     if parts.scheme not in {"http", "https"} or not parts.hostname:

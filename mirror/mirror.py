@@ -8,20 +8,23 @@ moved. Misses are single-flight: one upstream fetch per manifest or blob however
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 import structlog
 from cachetools import LRUCache
 
-from mirror.cache.blobs import BlobStore, OpenBlob
-from mirror.cache.fill import FillManager, TailReader, UpstreamBody
+from mirror.cache.blobs import BlobStore, OpenBlob, is_disk_full
+from mirror.cache.fill import Fill, FillManager, TailReader, UpstreamBody
+from mirror.cache.index import CacheIndex
 from mirror.cache.metadata import MetadataStore, TagKey, TagRecord
-from mirror.errors import RegistryError
+from mirror.errors import DigestMismatch, RegistryError
 from mirror.mediatypes import ALL_MANIFESTS, accepts, sniff_media_type
-from mirror.reference import Digest, Name, Tag, is_digest
+from mirror.reference import SHA256_RE, Digest, Name, Tag, is_digest, parse_image
 from mirror.singleflight import SingleFlight
 from mirror.upstream.client import FetchedManifest, TagList, UpstreamClient
 from mirror.upstream.routing import Router
@@ -30,6 +33,7 @@ log = structlog.get_logger(__name__)
 
 CacheResult = Literal["hit", "miss", "revalidated", "joined", "bypass"]
 MANIFEST_MEMORY_BYTES = 64 * 1024 * 1024
+FULL_RETRY_SECONDS = 30.0  # while the disk is full, try caching again this often
 
 
 @dataclass(frozen=True)
@@ -47,12 +51,15 @@ class ManifestAnswer:
 
 @dataclass(frozen=True)
 class BlobAnswer:
-    """A cached file to send (`file`), or a fill to tail (`reader`); `size` may be unknown."""
+    """A cached file to send (`file`), a fill to tail (`reader`), or, when the cache cannot
+    take the blob (disk full), the upstream's bytes passed through (`stream`), verified before
+    the last chunk is released. `size` may be unknown."""
 
     size: int | None
     cache: CacheResult
     file: OpenBlob | None = None
     reader: TailReader | None = None
+    stream: AsyncIterator[bytes] | None = None
 
 
 def _takes_everything(accept: list[str]) -> bool:
@@ -65,16 +72,19 @@ class Mirror:
         self,
         store: BlobStore,
         metadata: MetadataStore,
-        fills: FillManager,
+        index: CacheIndex,
         router: Router,
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.metadata = metadata
-        self.fills = fills
+        self.index = index
+        self.fills = FillManager(store, on_commit=self._blob_committed)
         self.router = router
         self.clock = clock
+        self.full_until = 0.0  # while clock() < this, blob misses bypass the cache
+        self.bypassed_total = 0
         self._manifests: LRUCache[Digest, Manifest] = LRUCache(
             MANIFEST_MEMORY_BYTES, getsizeof=lambda m: len(m.data) + 256
         )
@@ -135,6 +145,7 @@ class Mirror:
     async def _cached_manifest(self, digest: Digest) -> Manifest | None:
         manifest = self._manifests.get(digest)
         if manifest is not None:
+            self.index.touch(digest)
             return manifest
         data = await self.store.read_bytes(digest, MANIFEST_MEMORY_BYTES)
         if data is None:
@@ -144,6 +155,7 @@ class Mirror:
             return None
         manifest = Manifest(data, media_type, digest)
         self._manifests[digest] = manifest
+        self.index.touch(digest)
         return manifest
 
     async def _fetch_manifest(
@@ -154,9 +166,15 @@ class Mirror:
 
         async def fetch() -> FetchedManifest:
             fetched = await upstream.get_manifest(name, reference, accept)
-            if await self.store.stat(fetched.digest) is None:
-                await self.store.put_bytes(fetched.digest, fetched.data)
-            await self.metadata.put_media_type(fetched.digest, fetched.media_type)
+            try:
+                await self.metadata.put_media_type(fetched.digest, fetched.media_type)
+                if await self.store.stat(fetched.digest) is None:
+                    await self.store.put_bytes(fetched.digest, fetched.data)
+                    self.index.add(fetched.digest, len(fetched.data), "manifest")
+            except Exception as exc:
+                if not is_disk_full(exc):
+                    raise
+                self._disk_full(exc)  # still answer: the bytes are verified, just not kept
             return fetched
 
         fetched = await self._manifest_flight.do(key, fetch)
@@ -170,29 +188,109 @@ class Mirror:
         self, name: Name, digest: Digest, *, whole: bool = False, namespace: str | None = None
     ) -> BlobAnswer:
         """A blob to serve. On a miss, join or start its fill; `whole` waits for the commit
-        (for range requests, which must not be answered from unverified bytes)."""
+        (for range requests, which must not be answered from unverified bytes). A pass-through
+        answer (disk full) is always the whole blob."""
         cached = await self.store.open_for_serving(digest)
         if cached is not None:
+            self.index.touch(digest)
             return BlobAnswer(cached.size, "hit", file=cached)
         upstream = self.router.route(name, namespace)
+        if self.clock() < self.full_until:
+            return await self._pass_through(upstream, name, digest)
 
         async def open_body() -> UpstreamBody:
             stream = await upstream.open_blob(name, digest)
             return UpstreamBody(stream.size, stream.chunks(), stream.close)
 
         fill, started = self.fills.join(digest, open_body)
+        if started and fill.task is not None:
+            fill.task.add_done_callback(lambda _t: self._fill_ended(fill))
         result: CacheResult = "miss" if started else "joined"
-        if whole:
-            await fill.wait_done()
-        else:
-            await fill.wait_started()
-            reader = fill.open_reader()
-            if reader is not None:
-                return BlobAnswer(fill.size, result, reader=reader)
+        try:
+            if whole:
+                await fill.wait_done()
+            else:
+                await fill.wait_started()
+                reader = fill.open_reader()
+                if reader is not None:
+                    return BlobAnswer(fill.size, result, reader=reader)
+        except Exception as exc:
+            if not is_disk_full(exc):
+                raise
+            return await self._pass_through(upstream, name, digest)
         cached = await self.store.open_for_serving(digest)
         if cached is None:
             raise RegistryError("BLOB_UNKNOWN", "blob vanished from the cache", {"digest": digest})
         return BlobAnswer(cached.size, result, file=cached)
+
+    async def _pass_through(
+        self, upstream: UpstreamClient, name: Name, digest: Digest
+    ) -> BlobAnswer:
+        """The cache cannot take bytes: stream the upstream's straight to the client."""
+        self.bypassed_total += 1
+        stream = await upstream.open_blob(name, digest)
+        return BlobAnswer(
+            stream.size, "bypass", stream=verified(stream.chunks(), digest, stream.close)
+        )
+
+    def _blob_committed(self, digest: Digest, size: int) -> None:
+        self.index.add(digest, size, "blob")
+        if self.full_until:
+            self.full_until = 0.0
+            log.info("cache_space_returned", digest=digest)
+
+    def _fill_ended(self, fill: Fill) -> None:
+        if fill.error is not None and is_disk_full(fill.error):
+            self._disk_full(fill.error)
+
+    def _disk_full(self, exc: BaseException) -> None:
+        """Start (or extend) a disk-full episode; logged once per episode."""
+        if not self.full_until:
+            log.warning("cache_full", error=str(exc), retry_in=FULL_RETRY_SECONDS)
+        self.full_until = self.clock() + FULL_RETRY_SECONDS
+
+    # -- pins -------------------------------------------------------------------------------
+
+    async def pinned_digests(self, pins: Iterable[str]) -> set[Digest]:
+        """Every manifest and blob digest of the pinned images that the cache knows of."""
+        out: set[Digest] = set()
+        for pin in pins:
+            name, reference = parse_image(pin)
+            if is_digest(reference):
+                await self._collect(Digest(reference), out)
+                continue
+            upstream = self.router.route(name)
+            record = await self.metadata.get_tag(
+                (upstream.name, upstream.repository(name), reference)
+            )
+            if record is not None:
+                await self._collect(record.digest, out)
+        return out
+
+    async def _collect(self, digest: Digest, out: set[Digest]) -> None:
+        if digest in out:
+            return
+        out.add(digest)
+        manifest = self._manifests.get(digest)
+        data = (
+            manifest.data
+            if manifest
+            else await self.store.read_bytes(digest, MANIFEST_MEMORY_BYTES)
+        )
+        if data is None:
+            return
+        try:
+            doc = json.loads(data)
+        except ValueError:
+            return
+        if not isinstance(doc, dict):
+            return
+        for child in doc.get("manifests") or []:
+            if isinstance(child, dict) and SHA256_RE.fullmatch(str(child.get("digest"))):
+                await self._collect(Digest(child["digest"]), out)
+        for desc in [doc.get("config"), *(doc.get("layers") or [])]:
+            if isinstance(desc, dict) and SHA256_RE.fullmatch(str(desc.get("digest"))):
+                out.add(Digest(desc["digest"]))
 
     async def blob_size(
         self, name: Name, digest: Digest, namespace: str | None = None
@@ -217,3 +315,25 @@ class Mirror:
         if link and upstream_path != f"/v2/{name}/tags/list":
             link = link.replace(upstream_path, f"/v2/{name}/tags/list")
         return TagList(listing.body, listing.content_type, link)
+
+
+async def verified(
+    chunks: AsyncIterator[bytes], digest: Digest, close: Callable[[], Awaitable[None]]
+) -> AsyncIterator[bytes]:
+    """Pass bytes on as they come, but release the last one only once the digest matched."""
+    sha = hashlib.sha256()
+    held = b""
+    try:
+        async for chunk in chunks:
+            if held:
+                yield held
+            sha.update(chunk)
+            held = chunk
+        actual = "sha256:" + sha.hexdigest()
+        if actual != digest:
+            log.warning("digest_mismatch", digest=digest, actual=actual, cache="bypass")
+            raise DigestMismatch(digest, actual)
+        if held:
+            yield held
+    finally:
+        await close()

@@ -62,3 +62,15 @@ def parse_reference(value: str) -> Tag | Digest:
 def docker_hub_name(name: Name) -> Name:
     """Docker Hub's rule: a one-segment name is an official image under `library/`."""
     return name if "/" in name else Name(f"library/{name}")
+
+
+def parse_image(value: str) -> tuple[Name, Tag | Digest]:
+    """`repo:tag`, `repo@sha256:...` or `repo` (meaning `:latest`) -> (name, reference)."""
+    name, at, digest = value.partition("@")
+    if at:
+        return parse_name(name), parse_digest(digest)
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    if colon > slash:
+        return parse_name(name[:colon]), parse_tag(name[colon + 1 :])
+    return parse_name(name), Tag("latest")

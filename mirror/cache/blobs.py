@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
 import secrets
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,3 +249,10 @@ class FileBlobWriter:
         if not self._done:
             self._done = True
             os.close(self._fd)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """The cache's file system cannot take more bytes (or cannot write them at all)."""
+    if isinstance(exc, OSError):
+        return exc.errno in {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS}
+    return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)

@@ -54,6 +54,7 @@ class Fill:
         self.state = FillState.STARTING
         self.size: int | None = None
         self.written = 0
+        self.fetched = False  # committed by this fill (not found already in the store)
         self.error: BaseException | None = None
         self._writer: BlobWriter | None = None
         self._tail_fd: int | None = None
@@ -80,13 +81,14 @@ class Fill:
             await self._pump(body.chunks, self._writer)
             await self._writer.commit()
             self.size = self.written
+            self.fetched = True
             self.state = FillState.COMMITTED
             log.info("blob_fill_committed", digest=self.digest, size=self.written)
         except BaseException as exc:
+            if self._writer is not None:
+                await self._writer.abort()  # before anyone can see the failure
             self.error = exc
             self.state = FillState.FAILED
-            if self._writer is not None:
-                await self._writer.abort()
             if isinstance(exc, DigestMismatch):
                 log.warning("digest_mismatch", digest=self.digest, actual=exc.actual)
             elif not isinstance(exc, asyncio.CancelledError):
@@ -208,8 +210,11 @@ class TailReader:
 class FillManager:
     """At most one fill per digest in this process; later callers join the running one."""
 
-    def __init__(self, store: BlobStore) -> None:
+    def __init__(
+        self, store: BlobStore, on_commit: Callable[[Digest, int], None] | None = None
+    ) -> None:
         self.store = store
+        self.on_commit = on_commit
         self._fills: dict[Digest, Fill] = {}
 
     def __len__(self) -> int:
@@ -228,8 +233,13 @@ class FillManager:
         fill = Fill(digest, self.store)
         self._fills[digest] = fill
         fill.task = asyncio.ensure_future(fill.run(open_body))
-        fill.task.add_done_callback(lambda _t: self._fills.pop(digest, None))
+        fill.task.add_done_callback(lambda _t: self._finished(fill))
         return fill, True
+
+    def _finished(self, fill: Fill) -> None:
+        self._fills.pop(fill.digest, None)
+        if fill.fetched and self.on_commit is not None:
+            self.on_commit(fill.digest, fill.written)
 
     async def close(self) -> None:
         """Cancel fills still running (shutdown); their temp files are discarded."""

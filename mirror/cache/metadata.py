@@ -40,6 +40,8 @@ class MetadataStore(Protocol):
 
     async def put_media_type(self, digest: Digest, media_type: str) -> None: ...
 
+    def is_manifest(self, digest: Digest) -> bool: ...
+
     def close(self) -> None: ...
 
 
@@ -79,6 +81,10 @@ class LocalMetadataStore:
             return
         self._types[digest] = media_type
         await asyncio.to_thread(self._db.set, ("type", digest), media_type)
+
+    def is_manifest(self, digest: Digest) -> bool:
+        """Whether `digest` was stored as a manifest (blocking; for index rebuilds)."""
+        return self._db.get(("type", digest)) is not None
 
     def close(self) -> None:
         self._db.close()

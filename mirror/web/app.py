@@ -12,18 +12,20 @@ import structlog
 from aiohttp import web
 
 from mirror.cache.blobs import FilesystemBlobStore
-from mirror.cache.fill import FillManager
+from mirror.cache.eviction import EvictionPlan, Evictor
+from mirror.cache.index import CacheIndex
 from mirror.cache.metadata import LocalMetadataStore
 from mirror.config import Config
 from mirror.errors import RegistryError, UpstreamError
 from mirror.mirror import Mirror
 from mirror.upstream.client import UpstreamClient
 from mirror.upstream.routing import Router
-from mirror.web.keys import CACHE_RESULT, CONFIG, MIRROR, REQUEST_ID
+from mirror.web.keys import CACHE_RESULT, CONFIG, EVICTOR, MIRROR, REQUEST_ID
 from mirror.web.responses import StreamAborted
 from mirror.web.routes import API_VERSION_HEADERS, dispatch
 
 log = structlog.get_logger("mirror.access")
+FLUSH_INTERVAL = 1.0  # seconds between index flushes (and policy checks)
 
 
 def _error_response(error: RegistryError) -> web.Response:
@@ -96,14 +98,49 @@ async def _lifecycle(app: web.Application, *, clock: Callable[[], float]) -> Asy
     store = FilesystemBlobStore(config.cache.dir)
     await asyncio.to_thread(store.setup)
     metadata = await asyncio.to_thread(LocalMetadataStore, config.cache.dir / "meta")
-    fills = FillManager(store)
+    index = await asyncio.to_thread(CacheIndex, config.cache.dir / "index", clock)
     router = Router(UpstreamClient("default", config.upstream))
     await router.start()
-    app[MIRROR] = Mirror(store, metadata, fills, router, clock=clock)
+    mirror = app[MIRROR] = Mirror(store, metadata, index, router, clock=clock)
+    evictor = app[EVICTOR] = Evictor(store, index, config.cache, clock)
+    housekeeping = asyncio.ensure_future(_housekeeping(mirror, evictor, config))
     log.info("mirror_started", cache_dir=str(config.cache.dir), upstream=config.upstream.url)
     try:
         yield
     finally:
-        await fills.close()
+        housekeeping.cancel()
+        await asyncio.gather(housekeeping, return_exceptions=True)
+        await mirror.fills.close()
         await router.close()
+        await index.flush()
+        index.close()
         metadata.close()
+
+
+async def _housekeeping(mirror: Mirror, evictor: Evictor, config: Config) -> None:
+    """Reconcile the index with the files at start, then flush it and apply the policy."""
+    index = mirror.index
+    added, dropped = await asyncio.to_thread(
+        index.reconcile, mirror.store.blob_dir, mirror.metadata.is_manifest
+    )
+    if added or dropped:
+        log.info("index_reconciled", added=added, dropped=dropped)
+    last_pass = float("-inf")
+    while True:
+        await asyncio.sleep(FLUSH_INTERVAL)
+        try:
+            await index.flush()
+            due = time.monotonic() - last_pass >= config.cache.gc_interval
+            if due or await asyncio.to_thread(evictor.over_high_watermark):
+                last_pass = time.monotonic()
+                await run_policy(mirror, evictor, config)
+        except Exception:
+            log.exception("housekeeping_failed")
+
+
+async def run_policy(
+    mirror: Mirror, evictor: Evictor, config: Config, *, dry_run: bool = False
+) -> EvictionPlan:
+    """One eviction pass now, honouring pins from the config and from the CLI."""
+    pins = [*config.cache.pins, *await asyncio.to_thread(mirror.index.pins)]
+    return await evictor.run_once(await mirror.pinned_digests(pins), dry_run=dry_run)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
@@ -60,6 +61,27 @@ class SendfileResponse(web.StreamResponse):
                 raise OSError("cached blob shorter than its size")
             await super().write(data)
             pos += len(data)
+
+
+async def stream_bytes(
+    request: web.Request, chunks: AsyncIterator[bytes], size: int | None, headers: dict[str, str]
+) -> web.StreamResponse:
+    """Send bytes from an iterator (the disk-full pass-through); abort if it raises."""
+    response = web.StreamResponse(status=200, headers=headers)
+    if size is not None:
+        response.content_length = size
+    else:
+        response.enable_chunked_encoding()
+    try:
+        await response.prepare(request)
+        async for chunk in chunks:
+            await response.write(chunk)
+    except Exception as exc:
+        if request.transport is not None:
+            request.transport.abort()
+        raise StreamAborted(str(exc)) from exc
+    await response.write_eof()
+    return response
 
 
 async def stream_fill(

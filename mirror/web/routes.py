@@ -17,7 +17,7 @@ from mirror.mediatypes import split_accept
 from mirror.mirror import BlobAnswer
 from mirror.reference import Name, parse_digest, parse_name, parse_reference, parse_tag
 from mirror.web.keys import CACHE_RESULT, MIRROR
-from mirror.web.responses import SendfileResponse, stream_fill
+from mirror.web.responses import SendfileResponse, stream_bytes, stream_fill
 
 API_VERSION_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
 _ROUTE_RE = re.compile(r"/v2/(?P<name>.+)/(?:(?P<kind>manifests|blobs)/(?P<ref>[^/]+)|tags/list)")
@@ -115,6 +115,8 @@ async def blob(request: web.Request, route: Route) -> web.StreamResponse:
     request[CACHE_RESULT] = answer.cache
     if answer.reader is not None:
         return await stream_fill(request, answer.reader, answer.size, headers)
+    if answer.stream is not None:
+        return await stream_bytes(request, answer.stream, answer.size, headers)
     response = _file_response(request, answer, headers)
     await response.prepare(request)  # sends it here, so the access line times the transfer
     return response

@@ -1,0 +1,145 @@
+"""The durable index of what the cache holds, in least-recently-served order (diskcache).
+
+Per digest: size, kind (blob or manifest), when it was stored and last served. The SQLite-backed
+`diskcache.Index` keeps insertion order, so moving an entry to the end on each serve makes its
+iteration order the LRU order, with no sort at eviction time. Serving only notes the time in
+memory (`touch`, O(1), no I/O); `flush` writes the batch in one transaction from a worker thread,
+so the event loop never waits on SQLite. Totals are kept alongside the entries in the same
+transactions. The files are the truth: `reconcile` brings the index back in step with them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import diskcache
+
+from mirror.reference import SHA256_RE, Digest
+
+TOTALS_KEY = "totals"
+PINS_KEY = "pins"
+
+
+@dataclass(frozen=True)
+class Entry:
+    size: int
+    kind: str  # "blob" or "manifest"
+    stored_at: float
+    last_served: float
+
+
+class CacheIndex:
+    def __init__(self, directory: Path, clock: Callable[[], float]) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self._entries = diskcache.Index(str(directory / "entries"))
+        self._meta = diskcache.Cache(str(directory / "meta"), eviction_policy="none")
+        self._clock = clock
+        self._pending: dict[Digest, tuple[float, Entry | None]] = {}
+        self._lock = threading.Lock()  # one writer at a time across worker threads
+        self._flushing = asyncio.Lock()  # batches reach SQLite in the order they were taken
+
+    # -- in-memory notes (event loop, no I/O) ----------------------------------------------
+
+    def touch(self, digest: Digest) -> None:
+        """Note that `digest` was just served (written by the next flush)."""
+        if digest not in self._pending:
+            self._pending[digest] = (self._clock(), None)
+        else:
+            self._pending[digest] = (self._clock(), self._pending[digest][1])
+
+    def add(self, digest: Digest, size: int, kind: str) -> None:
+        now = self._clock()
+        self._pending[digest] = (now, Entry(size, kind, now, now))
+
+    # -- durable work (worker thread) ------------------------------------------------------
+
+    async def flush(self) -> None:
+        async with self._flushing:
+            if self._pending:
+                batch, self._pending = self._pending, {}
+                await asyncio.to_thread(self._write, batch)
+
+    def _write(self, batch: dict[Digest, tuple[float, Entry | None]]) -> None:
+        with self._lock, self._entries.transact():
+            size, count = self._meta.get(TOTALS_KEY, (0, 0))
+            for digest, (when, new) in batch.items():
+                old = self._entries.pop(digest, None)
+                if new is None and old is None:
+                    continue  # served but not indexed (reconcile will add it)
+                if old is not None:
+                    size, count = size - old.size, count - 1
+                entry = new if new is not None else old
+                assert entry is not None
+                entry = Entry(entry.size, entry.kind, entry.stored_at, when)
+                self._entries[digest] = entry
+                size, count = size + entry.size, count + 1
+            self._meta.set(TOTALS_KEY, (size, count))
+
+    def totals(self) -> tuple[int, int]:
+        """(bytes, entries) as of the last flush."""
+        size, count = self._meta.get(TOTALS_KEY, (0, 0))
+        return int(size), int(count)
+
+    def lru(self) -> Iterator[tuple[Digest, Entry]]:
+        """Entries from least to most recently served (blocking; call from a thread)."""
+        for digest in self._entries:
+            entry = self._entries.get(digest)
+            if entry is not None:
+                yield digest, entry
+
+    def get(self, digest: Digest) -> Entry | None:
+        return self._entries.get(digest)
+
+    def remove(self, digests: list[Digest]) -> None:
+        with self._lock, self._entries.transact():
+            size, count = self._meta.get(TOTALS_KEY, (0, 0))
+            for digest in digests:
+                old = self._entries.pop(digest, None)
+                if old is not None:
+                    size, count = size - old.size, count - 1
+            self._meta.set(TOTALS_KEY, (size, count))
+
+    def reconcile(self, blob_dir: Path, kind_of: Callable[[Digest], str]) -> tuple[int, int]:
+        """Bring the index in step with the files: add files it lacks (dated by mtime), drop
+        entries whose files are gone. Returns (added, dropped)."""
+        on_disk: dict[Digest, os.stat_result] = {}
+        for sub in os.scandir(blob_dir):
+            if not sub.is_dir():
+                continue
+            for entry in os.scandir(sub.path):
+                digest = f"sha256:{entry.name}"
+                if SHA256_RE.fullmatch(digest) and entry.name.startswith(sub.name):
+                    on_disk[Digest(digest)] = entry.stat()
+        gone = [d for d in self._entries if d not in on_disk]
+        self.remove(gone)
+        missing = [d for d in on_disk if d not in self._entries]
+        with self._lock, self._entries.transact():
+            size, count = self._meta.get(TOTALS_KEY, (0, 0))
+            for digest in sorted(missing, key=lambda d: on_disk[d].st_mtime):
+                st = on_disk[digest]
+                self._entries[digest] = Entry(st.st_size, kind_of(digest), st.st_mtime, st.st_mtime)
+                size, count = size + st.st_size, count + 1
+            self._meta.set(TOTALS_KEY, (size, count))
+        return len(missing), len(gone)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._meta.set(TOTALS_KEY, (0, 0))
+
+    # -- pins ------------------------------------------------------------------------------
+
+    def pins(self) -> set[str]:
+        return set(self._meta.get(PINS_KEY, ()))
+
+    def set_pins(self, pins: set[str]) -> None:
+        self._meta.set(PINS_KEY, sorted(pins))
+
+    def close(self) -> None:
+        self._entries.cache.close()
+        self._meta.close()
