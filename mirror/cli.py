@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
+import time
 from pathlib import Path
 
 from aiohttp import web
 
-from mirror import __version__
+from mirror import __version__, maintenance
 from mirror.config import Config, ConfigError, load_config
+from mirror.errors import RegistryError
 from mirror.logs import setup_logging
 
 
@@ -66,6 +69,73 @@ def serve(config: Config) -> int:
     return 0
 
 
+def _cache_parser(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    p = sub.add_parser(name, help=help)
+    p.add_argument("--config", type=Path, help="YAML config file")
+    p.add_argument("--cache-dir", help="cache directory (default: from the config)")
+    return p
+
+
+def _cache_config(args: argparse.Namespace) -> Config:
+    return load_config(args.config, overrides={"cache.dir": args.cache_dir})
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _when(ts: float) -> str:
+    if not ts:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+async def _gc(config: Config, dry_run: bool) -> int:
+    async with maintenance.open_cache(config) as cache:
+        plan = await maintenance.gc(cache, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for digest, entry, reason in plan.victims:
+        served = _when(entry.last_served)
+        print(f"{verb} {digest} {_size(entry.size)} ({reason}, last served {served})")
+    budget = _size(plan.budget) if plan.budget else "none"
+    print(
+        f"{verb} {len(plan.victims)} entries, {_size(plan.freed)}; "
+        f"cache was {_size(plan.size_before)}, budget {budget}"
+    )
+    return 0
+
+
+async def _ls(config: Config) -> int:
+    async with maintenance.open_cache(config) as cache:
+        rows = await maintenance.list_images(cache)
+    print(f"{'REPOSITORY':40} {'TAG':20} {'SIZE':>10}  {'LAST USED':19}  FLAGS")
+    for r in rows:
+        flags = ",".join(f for f, on in (("pinned", r.pinned), ("partial", not r.complete)) if on)
+        print(f"{r.repository:40} {r.tag:20} {_size(r.size):>10}  {_when(r.last_used):19}  {flags}")
+    return 0
+
+
+async def _verify(config: Config, repair: bool) -> int:
+    async with maintenance.open_cache(config) as cache:
+        checked, bad = await maintenance.verify(cache, repair=repair)
+    for digest in bad:
+        print(f"removed {digest}: its bytes do not match its digest")
+    print(f"checked {checked} blobs, {len(bad)} bad" + ("; index rebuilt" if repair else ""))
+    return 1 if bad else 0
+
+
+async def _pins(config: Config, images: list[str], pin: bool) -> int:
+    async with maintenance.open_cache(config) as cache:
+        pins = await maintenance.set_pins(cache, images, pin=pin)
+    for image in sorted(pins | set(config.cache.pins)):
+        print(image)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="registry-mirror", description="Pull-through caching mirror for OCI registries."
@@ -73,12 +143,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
+    gc = _cache_parser(sub, "gc", "apply the eviction policy now")
+    gc.add_argument("--dry-run", action="store_true", help="only list what would go")
+    _cache_parser(sub, "ls", "list cached repositories and tags")
+    verify = _cache_parser(sub, "verify", "re-hash every blob; remove any that does not match")
+    verify.add_argument("--repair", action="store_true", help="also rebuild the index")
+    for name, help in (("pin", "never evict these images"), ("unpin", "let them be evicted")):
+        p = _cache_parser(sub, name, help)
+        p.add_argument("images", nargs="+", metavar="IMAGE", help="repo:tag or repo@digest")
+    _cache_parser(sub, "check-config", "validate the configuration and exit")
     args = parser.parse_args(argv)
     try:
-        config = build_config(args)
         if args.command == "serve":
-            return serve(config)
+            return serve(build_config(args))
+        config = _cache_config(args)
+        if args.command == "check-config":
+            _check_cache_dir(config)
+            print("configuration OK")
+            return 0
+        if args.command == "gc":
+            return asyncio.run(_gc(config, args.dry_run))
+        if args.command == "ls":
+            return asyncio.run(_ls(config))
+        if args.command == "verify":
+            return asyncio.run(_verify(config, args.repair))
+        if args.command in ("pin", "unpin"):
+            return asyncio.run(_pins(config, args.images, args.command == "pin"))
     except ConfigError as exc:
         print(f"registry-mirror: {exc}", file=sys.stderr)
+        return 2
+    except RegistryError as exc:
+        print(f"registry-mirror: {exc.message}: {exc.detail}", file=sys.stderr)
         return 2
     return 1

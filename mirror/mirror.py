@@ -257,17 +257,18 @@ class Mirror:
         for pin in pins:
             name, reference = parse_image(pin)
             if is_digest(reference):
-                await self._collect(Digest(reference), out)
+                await self.collect_digests(Digest(reference), out)
                 continue
             upstream = self.router.route(name)
             record = await self.metadata.get_tag(
                 (upstream.name, upstream.repository(name), reference)
             )
             if record is not None:
-                await self._collect(record.digest, out)
+                await self.collect_digests(record.digest, out)
         return out
 
-    async def _collect(self, digest: Digest, out: set[Digest]) -> None:
+    async def collect_digests(self, digest: Digest, out: set[Digest]) -> None:
+        """Add `digest` and, for a cached manifest, everything it references, to `out`."""
         if digest in out:
             return
         out.add(digest)
@@ -287,7 +288,7 @@ class Mirror:
             return
         for child in doc.get("manifests") or []:
             if isinstance(child, dict) and SHA256_RE.fullmatch(str(child.get("digest"))):
-                await self._collect(Digest(child["digest"]), out)
+                await self.collect_digests(Digest(child["digest"]), out)
         for desc in [doc.get("config"), *(doc.get("layers") or [])]:
             if isinstance(desc, dict) and SHA256_RE.fullmatch(str(desc.get("digest"))):
                 out.add(Digest(desc["digest"]))

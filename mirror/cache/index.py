@@ -47,10 +47,8 @@ class CacheIndex:
 
     def touch(self, digest: Digest) -> None:
         """Note that `digest` was just served (written by the next flush)."""
-        if digest not in self._pending:
-            self._pending[digest] = (self._clock(), None)
-        else:
-            self._pending[digest] = (self._clock(), self._pending[digest][1])
+        _, entry = self._pending.pop(digest, (0.0, None))
+        self._pending[digest] = (self._clock(), entry)  # re-inserted: last served goes last
 
     def add(self, digest: Digest, size: int, kind: str) -> None:
         now = self._clock()
@@ -67,7 +65,7 @@ class CacheIndex:
     def _write(self, batch: dict[Digest, tuple[float, Entry | None]]) -> None:
         with self._lock, self._entries.transact():
             size, count = self._meta.get(TOTALS_KEY, (0, 0))
-            for digest, (when, new) in batch.items():
+            for digest, (when, new) in sorted(batch.items(), key=lambda item: item[1][0]):
                 old = self._entries.pop(digest, None)
                 if new is None and old is None:
                     continue  # served but not indexed (reconcile will add it)

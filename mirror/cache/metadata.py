@@ -9,6 +9,7 @@ of the same methods for a cluster.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -41,6 +42,8 @@ class MetadataStore(Protocol):
     async def put_media_type(self, digest: Digest, media_type: str) -> None: ...
 
     def is_manifest(self, digest: Digest) -> bool: ...
+
+    def iter_tags(self) -> Iterator[tuple[TagKey, TagRecord]]: ...
 
     def close(self) -> None: ...
 
@@ -81,6 +84,14 @@ class LocalMetadataStore:
             return
         self._types[digest] = media_type
         await asyncio.to_thread(self._db.set, ("type", digest), media_type)
+
+    def iter_tags(self) -> Iterator[tuple[TagKey, TagRecord]]:
+        """Every tag record (blocking; for `ls`)."""
+        for key in self._db.iterkeys():
+            if isinstance(key, tuple) and key and key[0] == "tag":
+                raw = self._db.get(key)
+                if raw is not None:
+                    yield (key[1], key[2], key[3]), TagRecord(*raw)
 
     def is_manifest(self, digest: Digest) -> bool:
         """Whether `digest` was stored as a manifest (blocking; for index rebuilds)."""
