@@ -336,8 +336,15 @@ class BlobStream:
 
 
 def _accept_headers(accept: list[str]) -> CIMultiDict[str]:
-    """Forward every media type the client accepts (one header each, as clients send them)."""
+    """Forward every media type the client accepts (one header each, as clients send them).
+
+    A wildcard (or no Accept at all) means "anything": registries read `*/*` as the legacy
+    Docker types only, so it is spelled out as every manifest type the mirror can store.
+    """
+    wanted = [t for t in accept if "*" not in t]
+    if len(wanted) < len(accept) or not accept:
+        wanted += [t for t in ALL_MANIFESTS if t not in wanted]
     headers: CIMultiDict[str] = CIMultiDict()
-    for media_type in accept or ALL_MANIFESTS:
+    for media_type in wanted:
         headers.add("Accept", media_type)
     return headers
