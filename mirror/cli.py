@@ -16,6 +16,8 @@ from mirror.config import Config, ConfigError, load_config
 from mirror.errors import RegistryError
 from mirror.logs import setup_logging
 
+GIL_SWITCH_INTERVAL = 0.001
+
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("serve", help="run the mirror")
@@ -64,6 +66,9 @@ def serve(config: Config) -> int:
 
     _check_cache_dir(config)
     setup_logging(config.log.level, config.log.format)
+    # Let the event loop take the GIL back from worker threads (hashing, SQLite) within 1 ms
+    # rather than Python's default 5 ms, which would show up in request latency.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     host, port = config.listen_address()
     web.run_app(make_app(config), host=host, port=port, access_log=None, print=None)
     return 0
