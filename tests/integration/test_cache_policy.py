@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -156,3 +157,25 @@ async def test_full_disk_passes_bytes_through_and_caches_again_later(
     events = [e["event"] for e in logs]
     assert events.count("cache_full") == 1
     assert "cache_space_returned" in events
+
+
+async def test_a_reader_keeps_its_bytes_when_the_blob_is_evicted(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    image = upstream.images["big"]
+    big = next(b for b in image.blobs if 64 * 2**20 <= b.size < 128 * 2**20)
+    config = mirror_config(tmp_path, upstream.url)
+    url_path = f"/v2/{image.repo}/blobs/{big.digest}"
+    async with running_app(config) as (base, app), aiohttp.ClientSession() as s:
+        async with s.get(base + url_path) as r:
+            assert sha256_digest(await r.read()) == big.digest
+        await app[MIRROR].index.flush()
+        config.cache.max_size = "1"  # now everything must go
+        sha = hashlib.sha256()
+        async with s.get(base + url_path) as r:
+            sha.update(await r.content.readexactly(1024 * 1024))
+            await policy_pass(app)
+            assert not cached(tmp_path, Image(image.repo, "", "", b"", [big]))
+            while chunk := await r.content.read(1 << 20):
+                sha.update(chunk)
+        assert "sha256:" + sha.hexdigest() == big.digest

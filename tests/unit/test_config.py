@@ -82,3 +82,15 @@ def test_secrets_never_show(tmp_path: Path) -> None:
 def test_shipped_config_documents_the_defaults() -> None:
     shipped = load_config(Path(__file__).parents[2] / "conf" / "mirror.yaml", env={})
     assert shipped == load_config(None, env={})
+
+
+def test_cache_budget_as_size_or_share_of_the_disk() -> None:
+    config = load_config(None, env={"REGISTRY_MIRROR_CACHE_MAX_SIZE": "80%"})
+    assert config.cache.budget_bytes(1000) == 800
+    config = load_config(None, env={"REGISTRY_MIRROR_CACHE_MAX_SIZE": "2KiB"})
+    assert config.cache.budget_bytes(10**12) == 2048
+    with pytest.raises(ConfigError):
+        load_config(None, env={"REGISTRY_MIRROR_CACHE_MAX_SIZE": "150%"})
+    with pytest.raises(ConfigError) as err:
+        load_config(None, env={"REGISTRY_MIRROR_CACHE_LOW_WATERMARK": "0.99"})
+    assert err.value.key == "cache.low_watermark"
