@@ -45,7 +45,7 @@ def populate(index: CacheIndex, entries: int) -> None:
         with index._entries.transact():  # bulk load only: one transaction per batch
             for n in range(start, min(entries, start + batch)):
                 index._entries[digest(n)] = Entry(SIZE, "blob", now + n, now + n)
-        index._meta.set("totals", (min(entries, start + batch) * SIZE, min(entries, start + batch)))
+        index._set_totals(min(entries, start + batch) * SIZE, min(entries, start + batch))
         print(f"\r  loaded {min(entries, start + batch):,}", end="", flush=True)
     print()
 

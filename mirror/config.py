@@ -189,11 +189,18 @@ class LogConfig:
 
 
 @dataclass
+class MetricsConfig:
+    # Empty: /metrics is served on the main listener. HOST:PORT: only there instead.
+    listen: str = opt("", "str")
+
+
+@dataclass
 class Config:
     listen: str = opt("0.0.0.0:5000", "str")
     cache: CacheConfig = field(default_factory=CacheConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def listen_address(self) -> tuple[str, int]:
         return split_host_port(self.listen, "listen")
@@ -292,6 +299,8 @@ def _nest(sections: list[str], leaf: dict[str, object]) -> dict[str, Any]:
 def validate(config: Config) -> None:
     """Cross-field and semantic checks that a type alone cannot express."""
     config.listen_address()
+    if config.metrics.listen:
+        split_host_port(config.metrics.listen, "metrics.listen")
     cache = config.cache
     if cache.low_watermark >= cache.high_watermark:
         raise ConfigError("cache.low_watermark", "expected less than cache.high_watermark")

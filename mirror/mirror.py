@@ -24,6 +24,7 @@ from mirror.cache.index import CacheIndex
 from mirror.cache.metadata import MetadataStore, TagKey, TagRecord
 from mirror.errors import DigestMismatch, RegistryError
 from mirror.mediatypes import ALL_MANIFESTS, accepts, sniff_media_type
+from mirror.metrics import Metrics
 from mirror.reference import SHA256_RE, Digest, Name, Tag, is_digest, parse_image
 from mirror.singleflight import SingleFlight
 from mirror.upstream.client import FetchedManifest, TagList, UpstreamClient
@@ -75,8 +76,10 @@ class Mirror:
         index: CacheIndex,
         router: Router,
         *,
+        metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self.metrics = metrics or Metrics()
         self.store = store
         self.metadata = metadata
         self.index = index
@@ -84,7 +87,7 @@ class Mirror:
         self.router = router
         self.clock = clock
         self.full_until = 0.0  # while clock() < this, blob misses bypass the cache
-        self.bypassed_total = 0
+        self.metrics.track(self.metrics.fills_in_flight, lambda: len(self.fills))
         self._manifests: LRUCache[Digest, Manifest] = LRUCache(
             MANIFEST_MEMORY_BYTES, getsizeof=lambda m: len(m.data) + 256
         )
@@ -227,7 +230,7 @@ class Mirror:
         self, upstream: UpstreamClient, name: Name, digest: Digest
     ) -> BlobAnswer:
         """The cache cannot take bytes: stream the upstream's straight to the client."""
-        self.bypassed_total += 1
+        self.metrics.cache_bypassed.inc()
         stream = await upstream.open_blob(name, digest)
         return BlobAnswer(
             stream.size, "bypass", stream=verified(stream.chunks(), digest, stream.close)

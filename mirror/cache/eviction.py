@@ -47,8 +47,6 @@ class Evictor:
         self.index = index
         self.config = config
         self.clock = clock
-        self.evicted_total = 0
-        self.evicted_bytes_total = 0
 
     def budget(self) -> int:
         st = os.statvfs(self.store.root)
@@ -98,8 +96,6 @@ class Evictor:
         plan = await asyncio.to_thread(self.plan, pinned)
         if plan.victims and not dry_run:
             await asyncio.to_thread(self.apply, plan)
-            self.evicted_total += len(plan.victims)
-            self.evicted_bytes_total += plan.freed
             log.info(
                 "cache_evicted",
                 entries=len(plan.victims),

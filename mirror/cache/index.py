@@ -42,6 +42,7 @@ class CacheIndex:
         self._pending: dict[Digest, tuple[float, Entry | None]] = {}
         self._lock = threading.Lock()  # one writer at a time across worker threads
         self._flushing = asyncio.Lock()  # batches reach SQLite in the order they were taken
+        self._totals: tuple[int, int] = self._meta.get(TOTALS_KEY, (0, 0))
 
     # -- in-memory notes (event loop, no I/O) ----------------------------------------------
 
@@ -76,12 +77,15 @@ class CacheIndex:
                 entry = Entry(entry.size, entry.kind, entry.stored_at, when)
                 self._entries[digest] = entry
                 size, count = size + entry.size, count + 1
-            self._meta.set(TOTALS_KEY, (size, count))
+            self._set_totals(size, count)
 
     def totals(self) -> tuple[int, int]:
-        """(bytes, entries) as of the last flush."""
-        size, count = self._meta.get(TOTALS_KEY, (0, 0))
-        return int(size), int(count)
+        """(bytes, entries) as of this process's last write (no I/O: safe on the loop)."""
+        return self._totals
+
+    def _set_totals(self, size: int, count: int) -> None:
+        self._meta.set(TOTALS_KEY, (size, count))
+        self._totals = (int(size), int(count))
 
     def lru(self) -> Iterator[tuple[Digest, Entry]]:
         """Entries from least to most recently served (blocking; call from a thread)."""
@@ -100,7 +104,7 @@ class CacheIndex:
                 old = self._entries.pop(digest, None)
                 if old is not None:
                     size, count = size - old.size, count - 1
-            self._meta.set(TOTALS_KEY, (size, count))
+            self._set_totals(size, count)
 
     def reconcile(self, blob_dir: Path, kind_of: Callable[[Digest], str]) -> tuple[int, int]:
         """Bring the index in step with the files: add files it lacks (dated by mtime), drop
@@ -122,13 +126,13 @@ class CacheIndex:
                 st = on_disk[digest]
                 self._entries[digest] = Entry(st.st_size, kind_of(digest), st.st_mtime, st.st_mtime)
                 size, count = size + st.st_size, count + 1
-            self._meta.set(TOTALS_KEY, (size, count))
+            self._set_totals(size, count)
         return len(missing), len(gone)
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
-            self._meta.set(TOTALS_KEY, (0, 0))
+            self._set_totals(0, 0)
 
     # -- pins ------------------------------------------------------------------------------
 
@@ -137,6 +141,13 @@ class CacheIndex:
 
     def set_pins(self, pins: set[str]) -> None:
         self._meta.set(PINS_KEY, sorted(pins))
+
+    def is_open(self) -> bool:
+        try:
+            self._meta.get(TOTALS_KEY)
+        except Exception:
+            return False
+        return True
 
     def close(self) -> None:
         self._entries.cache.close()

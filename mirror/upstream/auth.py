@@ -82,7 +82,9 @@ class Authenticator:
         *,
         clock: Callable[[], float] = time.monotonic,
         maxsize: int = 4096,
+        on_fetch: Callable[[], None] = lambda: None,
     ) -> None:
+        self._on_fetch = on_fetch
         self._session = session
         self._basic = (
             basic_authorization(username, password)
@@ -95,7 +97,6 @@ class Authenticator:
             maxsize, ttu=lambda _k, tok, _now: tok.use_until, timer=clock
         )
         self._flight: SingleFlight[tuple[str, str | None, str], Token] = SingleFlight()
-        self.token_fetches = 0
 
     def learn(self, challenge: Challenge) -> None:
         """Remember how this upstream wants to be authenticated (from a 401)."""
@@ -131,7 +132,7 @@ class Authenticator:
         params = {"scope": scope}
         if challenge.service:
             params["service"] = challenge.service
-        self.token_fetches += 1
+        self._on_fetch()
         try:
             headers = {"Authorization": self._basic} if self._basic else {}
             async with self._session.get(

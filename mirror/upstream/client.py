@@ -9,8 +9,10 @@ host (Docker Hub's CDN, or object storage that refuses signed URLs carrying it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
@@ -22,6 +24,7 @@ from multidict import CIMultiDict
 from mirror.config import UpstreamConfig
 from mirror.errors import DigestMismatch, RegistryError, UpstreamError
 from mirror.mediatypes import ALL_MANIFESTS, sniff_media_type
+from mirror.metrics import Metrics, add_upstream_time
 from mirror.reference import SHA256_RE, Digest, Name, docker_hub_name
 from mirror.upstream.auth import Authenticator, parse_www_authenticate
 
@@ -68,10 +71,14 @@ class UpstreamClient:
         name: str,
         config: UpstreamConfig,
         *,
+        metrics: Metrics | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.name = name
         self.config = config
+        self.metrics = metrics or Metrics()
+        self.last_success: float | None = None  # wall time of the last answer below 500
+        self.last_failure: str | None = None
         self.base_url = config.url.rstrip("/")
         self._library = config.uses_library_prefix()
         self._sleep = sleep
@@ -91,7 +98,12 @@ class UpstreamClient:
             connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=300),
             headers={"User-Agent": "registry-mirror", "Accept-Encoding": "identity"},
         )
-        self.auth = Authenticator(self._session, self.config.username, self.config.password)
+        self.auth = Authenticator(
+            self._session,
+            self.config.username,
+            self.config.password,
+            on_fetch=self.metrics.token_fetches.labels(self.name).inc,
+        )
 
     async def close(self) -> None:
         if self._session is not None:
@@ -124,6 +136,7 @@ class UpstreamClient:
             hdrs = CIMultiDict(headers or {})
             if auth:
                 hdrs["Authorization"] = auth
+            started = time.perf_counter()
             try:
                 resp = await self._session.request(
                     method, url, headers=hdrs, params=params, allow_redirects=False
@@ -131,6 +144,8 @@ class UpstreamClient:
                 if follow_redirects and resp.status in REDIRECT_STATUSES:
                     resp = await self._follow(method, url, resp, hdrs)
             except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+                self._observe(method, "error", started)
+                self.last_failure = type(exc).__name__
                 if attempt < self.config.retries:
                     attempt += 1
                     await self._backoff(attempt, method, url, type(exc).__name__)
@@ -139,6 +154,8 @@ class UpstreamClient:
                     "upstream registry unreachable",
                     {"upstream": self.name, "error": type(exc).__name__},
                 ) from exc
+            self._observe(method, str(resp.status), started)
+            self._note_answer(resp)
             if resp.status == 401 and not reauthed:
                 challenge = parse_www_authenticate(resp.headers.get("WWW-Authenticate"))
                 resp.release()
@@ -182,6 +199,23 @@ class UpstreamClient:
                 return resp
         resp.release()
         raise UpstreamError("upstream redirected too many times", {"upstream": self.name})
+
+    def _observe(self, method: str, status: str, started: float) -> None:
+        elapsed = time.perf_counter() - started
+        self.metrics.upstream_requests.labels(self.name, method, status).inc()
+        self.metrics.upstream_seconds.labels(self.name, method).observe(elapsed)
+        add_upstream_time(elapsed)
+
+    def _note_answer(self, resp: aiohttp.ClientResponse) -> None:
+        if resp.status < 500:
+            self.last_success = time.time()
+        else:
+            self.last_failure = f"HTTP {resp.status}"
+        remaining = resp.headers.get("ratelimit-remaining")
+        if remaining:
+            with contextlib.suppress(ValueError):
+                value = float(remaining.split(";", 1)[0])
+                self.metrics.ratelimit_remaining.labels(self.name).set(value)
 
     async def _backoff(self, attempt: int, method: str, url: str, why: str) -> None:
         delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (attempt - 1)) * (0.5 + random.random())
@@ -234,6 +268,7 @@ class UpstreamClient:
             content_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
             header_digest = resp.headers.get("Docker-Content-Digest")
         data = bytes(data)
+        self.metrics.upstream_fetched_bytes.labels(self.name).inc(len(data))
         digest = Digest("sha256:" + hashlib.sha256(data).hexdigest())
         expected = reference if ":" in reference else header_digest
         if expected and SHA256_RE.fullmatch(expected) and expected != digest:
@@ -275,7 +310,7 @@ class UpstreamClient:
         if resp.status != 200:
             async with resp:
                 self._raise_for(resp, "BLOB_UNKNOWN", repo)
-        return BlobStream(resp)
+        return BlobStream(resp, self.metrics.upstream_fetched_bytes.labels(self.name).inc)
 
     async def head_blob(self, repo: Name, digest: Digest) -> int | None:
         """The blob's size if the upstream has it (None if it does not say)."""
@@ -311,8 +346,9 @@ class UpstreamClient:
 class BlobStream:
     """An upstream blob body: its declared size and its bytes as they arrive."""
 
-    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+    def __init__(self, resp: aiohttp.ClientResponse, count: Callable[[int], None]) -> None:
         self._resp = resp
+        self._count = count
         self.size = resp.content_length
 
     async def chunks(self) -> AsyncIterator[bytes]:
@@ -320,6 +356,7 @@ class BlobStream:
         try:
             async for chunk in self._resp.content.iter_any():
                 received += len(chunk)
+                self._count(len(chunk))
                 yield chunk
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise UpstreamError(

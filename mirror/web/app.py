@@ -15,12 +15,14 @@ from mirror.cache.blobs import FilesystemBlobStore
 from mirror.cache.eviction import EvictionPlan, Evictor
 from mirror.cache.index import CacheIndex
 from mirror.cache.metadata import LocalMetadataStore
-from mirror.config import Config
+from mirror.config import Config, split_host_port
 from mirror.errors import RegistryError, UpstreamError
+from mirror.metrics import UPSTREAM_SECONDS, Metrics
 from mirror.mirror import Mirror
 from mirror.upstream.client import UpstreamClient
 from mirror.upstream.routing import Router
-from mirror.web.keys import CACHE_RESULT, CONFIG, EVICTOR, MIRROR, REQUEST_ID
+from mirror.web import ops
+from mirror.web.keys import CACHE_RESULT, CONFIG, EVICTOR, MIRROR, REQUEST_ID, ROUTE
 from mirror.web.responses import StreamAborted
 from mirror.web.routes import API_VERSION_HEADERS, dispatch
 
@@ -34,9 +36,11 @@ def _error_response(error: RegistryError) -> web.Response:
 
 @web.middleware
 async def access_and_errors(request: web.Request, handler) -> web.StreamResponse:  # type: ignore[no-untyped-def]
-    """Render `RegistryError` as OCI JSON, and write one access line per request."""
+    """Render `RegistryError` as OCI JSON; count and log one access line per request."""
     request_id = request.headers.get("X-Request-ID", "")[:128] or uuid.uuid4().hex
     request[REQUEST_ID] = request_id
+    upstream_time: list[float] = []
+    UPSTREAM_SECONDS.set(upstream_time)
     started = time.perf_counter()
     status = 500
     response: web.StreamResponse | None = None
@@ -62,16 +66,44 @@ async def access_and_errors(request: web.Request, handler) -> web.StreamResponse
         status = response.status
         return response
     finally:
+        elapsed = time.perf_counter() - started
+        size = (response.content_length or 0) if response is not None else 0
+        cache = request.get(CACHE_RESULT)
+        route = request.get(ROUTE, "other")
+        _count(request.app[MIRROR].metrics, route, request.method, status, elapsed, cache, size)
         log.info(
             "request",
             method=request.method,
             path=request.raw_path[:512],
             status=status,
-            bytes=(response.content_length or 0) if response is not None else 0,
-            duration_ms=round((time.perf_counter() - started) * 1000, 2),
-            cache=request.get(CACHE_RESULT),
+            bytes=size,
+            duration_ms=round(elapsed * 1000, 2),
+            upstream_ms=round(sum(upstream_time) * 1000, 2),
+            cache=cache,
             request_id=request_id,
         )
+
+
+def _count(
+    metrics: Metrics,
+    route: str,
+    method: str,
+    status: int,
+    elapsed: float,
+    cache: str | None,
+    size: int,
+) -> None:
+    metrics.requests.labels(route, method, str(status)).inc()
+    metrics.request_seconds.labels(route).observe(elapsed)
+    if cache is None or route not in ("manifests", "blobs"):
+        return
+    kind = route[:-1]  # manifest / blob
+    if cache in ("hit", "revalidated"):
+        metrics.cache_hits.labels(kind).inc()
+        if method == "GET" and status in (200, 206):
+            metrics.cache_served_bytes.inc(size)
+    else:
+        metrics.cache_misses.labels(kind).inc()
 
 
 async def _add_common_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -88,9 +120,30 @@ def make_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.A
     app = web.Application(middlewares=[access_and_errors], client_max_size=1024)
     app[CONFIG] = config
     app.cleanup_ctx.append(functools.partial(_lifecycle, clock=clock))
+    app.cleanup_ctx.append(_metrics_listener)
     app.on_response_prepare.append(_add_common_headers)
+    ops.add_routes(app.router, with_metrics=not config.metrics.listen)
     app.router.add_route("*", "/{tail:.*}", dispatch)
     return app
+
+
+async def _metrics_listener(app: web.Application) -> AsyncIterator[None]:
+    """`/metrics` on its own address when `metrics.listen` is set (e.g. not on the WAN side)."""
+    listen = app[CONFIG].metrics.listen
+    if not listen:
+        yield
+        return
+    metrics_app = web.Application()
+    metrics_app[MIRROR] = app[MIRROR]
+    metrics_app.router.add_get("/metrics", ops.metrics)
+    runner = web.AppRunner(metrics_app, access_log=None)
+    await runner.setup()
+    host, port = split_host_port(listen, "metrics.listen")
+    await web.TCPSite(runner, host, port).start()
+    try:
+        yield
+    finally:
+        await runner.cleanup()
 
 
 async def _lifecycle(app: web.Application, *, clock: Callable[[], float]) -> AsyncIterator[None]:
@@ -99,9 +152,12 @@ async def _lifecycle(app: web.Application, *, clock: Callable[[], float]) -> Asy
     await asyncio.to_thread(store.setup)
     metadata = await asyncio.to_thread(LocalMetadataStore, config.cache.dir / "meta")
     index = await asyncio.to_thread(CacheIndex, config.cache.dir / "index", clock)
-    router = Router(UpstreamClient("default", config.upstream))
+    metrics = Metrics()
+    router = Router(UpstreamClient("default", config.upstream, metrics=metrics))
     await router.start()
-    mirror = app[MIRROR] = Mirror(store, metadata, index, router, clock=clock)
+    mirror = app[MIRROR] = Mirror(store, metadata, index, router, metrics=metrics, clock=clock)
+    metrics.track(metrics.cache_size, lambda: index.totals()[0])
+    metrics.track(metrics.cache_entries, lambda: index.totals()[1])
     evictor = app[EVICTOR] = Evictor(store, index, config.cache, clock)
     housekeeping = asyncio.ensure_future(_housekeeping(mirror, evictor, config))
     log.info("mirror_started", cache_dir=str(config.cache.dir), upstream=config.upstream.url)
@@ -143,4 +199,9 @@ async def run_policy(
 ) -> EvictionPlan:
     """One eviction pass now, honouring pins from the config and from the CLI."""
     pins = [*config.cache.pins, *await asyncio.to_thread(mirror.index.pins)]
-    return await evictor.run_once(await mirror.pinned_digests(pins), dry_run=dry_run)
+    plan = await evictor.run_once(await mirror.pinned_digests(pins), dry_run=dry_run)
+    if not dry_run:
+        for _, entry, reason in plan.victims:
+            mirror.metrics.evictions.labels(reason).inc()
+            mirror.metrics.evicted_bytes.inc(entry.size)
+    return plan

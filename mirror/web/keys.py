@@ -13,3 +13,4 @@ MIRROR = web.AppKey("mirror", Mirror)
 EVICTOR = web.AppKey("evictor", Evictor)
 CACHE_RESULT = web.RequestKey("cache_result", str)  # hit / miss / revalidated / ...
 REQUEST_ID = web.RequestKey("request_id", str)  # X-Request-ID, echoed and logged
+ROUTE = web.RequestKey("route", str)  # base / manifests / blobs / tags, for metrics

@@ -16,7 +16,7 @@ from mirror.errors import RegistryError
 from mirror.mediatypes import split_accept
 from mirror.mirror import BlobAnswer
 from mirror.reference import Name, parse_digest, parse_name, parse_reference, parse_tag
-from mirror.web.keys import CACHE_RESULT, MIRROR
+from mirror.web.keys import CACHE_RESULT, MIRROR, ROUTE
 from mirror.web.responses import SendfileResponse, stream_bytes, stream_fill
 
 API_VERSION_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
@@ -175,6 +175,7 @@ async def tags(request: web.Request, route: Route) -> web.Response:
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
     route = parse_route(request)
+    request[ROUTE] = route.kind
     if route.kind == "base":
         return await base(request)
     if route.kind == "manifests":

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
-from mirror.config import ConfigError, load_config, parse_duration, parse_size
+from mirror.config import Config, ConfigError, load_config, parse_duration, parse_size
 
 
 def test_units() -> None:
@@ -79,9 +81,32 @@ def test_secrets_never_show(tmp_path: Path) -> None:
     assert "s3cret" not in repr(config)
 
 
-def test_shipped_config_documents_the_defaults() -> None:
-    shipped = load_config(Path(__file__).parents[2] / "conf" / "mirror.yaml", env={})
-    assert shipped == load_config(None, env={})
+SHIPPED = Path(__file__).parents[2] / "conf" / "mirror.yaml"
+
+
+def test_shipped_config_documents_every_option_with_its_default() -> None:
+    assert load_config(SHIPPED, env={}) == load_config(None, env={})
+    shipped = yaml.safe_load(SHIPPED.read_text())
+
+    def keys(obj: object, prefix: str = "") -> set[str]:
+        out = set()
+        for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+            if "kind" in f.metadata:
+                out.add(prefix + f.name)
+            else:
+                out |= keys(getattr(obj, f.name), f"{prefix}{f.name}.")
+        return out
+
+    def present(key: str) -> bool:
+        node = shipped
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
+
+    missing = sorted(k for k in keys(Config()) if not present(k))
+    assert missing == [], f"conf/mirror.yaml does not document {missing}"
 
 
 def test_cache_budget_as_size_or_share_of_the_disk() -> None:

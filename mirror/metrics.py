@@ -1,0 +1,137 @@
+"""Prometheus metrics (prometheus-client), one set per application, passed to whoever records.
+
+Names follow Prometheus conventions (`registry_mirror_*`, `_total`, `_seconds`, `_bytes`).
+`registry_mirror_cache_served_bytes_total` against `registry_mirror_upstream_fetched_bytes_total`
+is the WAN traffic the cache saves. The time a request spent waiting on upstreams is gathered in
+a context variable so the access log can show it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Seconds spent waiting on upstream responses by the current request (None outside requests).
+UPSTREAM_SECONDS: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar(
+    "upstream_seconds", default=None
+)
+
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "registry_mirror_http_requests",
+            "Requests answered",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "registry_mirror_http_request_duration_seconds",
+            "Time to answer a request",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.cache_hits = Counter(
+            "registry_mirror_cache_hits", "Requests answered from the cache", ["kind"], registry=r
+        )
+        self.cache_misses = Counter(
+            "registry_mirror_cache_misses",
+            "Requests the cache could not answer alone",
+            ["kind"],
+            registry=r,
+        )
+        self.cache_served_bytes = Counter(
+            "registry_mirror_cache_served_bytes",
+            "Bytes sent to clients from the cache",
+            registry=r,
+        )
+        self.upstream_fetched_bytes = Counter(
+            "registry_mirror_upstream_fetched_bytes",
+            "Bytes received from upstreams",
+            ["upstream"],
+            registry=r,
+        )
+        self.upstream_requests = Counter(
+            "registry_mirror_upstream_requests",
+            "Requests sent to upstreams",
+            ["upstream", "method", "status"],
+            registry=r,
+        )
+        self.upstream_seconds = Histogram(
+            "registry_mirror_upstream_request_duration_seconds",
+            "Time until an upstream answered (headers)",
+            ["upstream", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.token_fetches = Counter(
+            "registry_mirror_upstream_token_fetches",
+            "Bearer tokens fetched",
+            ["upstream"],
+            registry=r,
+        )
+        self.ratelimit_remaining = Gauge(
+            "registry_mirror_upstream_ratelimit_remaining",
+            "Pull budget left, from the upstream's ratelimit-remaining header",
+            ["upstream"],
+            registry=r,
+        )
+        self.fills_in_flight = Gauge(
+            "registry_mirror_fills_in_flight", "Blob fills streaming from upstreams", registry=r
+        )
+        self.stale_answers = Counter(
+            "registry_mirror_stale_answers",
+            "Tags answered stale because the upstream failed",
+            registry=r,
+        )
+        self.cache_bypassed = Counter(
+            "registry_mirror_cache_bypassed",
+            "Blobs passed through uncached because the cache could not take them (disk full)",
+            registry=r,
+        )
+        self.evictions = Counter(
+            "registry_mirror_evictions", "Cache entries evicted", ["reason"], registry=r
+        )
+        self.evicted_bytes = Counter(
+            "registry_mirror_evicted_bytes", "Bytes evicted from the cache", registry=r
+        )
+        self.cache_size = Gauge(
+            "registry_mirror_cache_size_bytes", "Bytes held by the cache", registry=r
+        )
+        self.cache_entries = Gauge(
+            "registry_mirror_cache_entries", "Blobs and manifests held by the cache", registry=r
+        )
+
+    def track(self, gauge: Gauge, read: Callable[[], float]) -> None:
+        """Read a gauge's value at scrape time."""
+        gauge.set_function(read)
+
+
+def add_upstream_time(seconds: float) -> None:
+    holder = UPSTREAM_SECONDS.get()
+    if holder is not None:
+        holder.append(seconds)
