@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import random
 import statistics
 import sys
@@ -92,6 +93,7 @@ async def main() -> None:
     index = CacheIndex(root / "index", time.time)
     print(f"index of {args.entries:,} entries in {root}")
     populate(index, args.entries)
+    gc.freeze()  # as `registry-mirror serve` does once started
 
     async def idle() -> None:
         await asyncio.sleep(1.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import sys
 import time
@@ -70,8 +71,16 @@ def serve(config: Config) -> int:
     # rather than Python's default 5 ms, which would show up in request latency.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     host, port = config.listen_address()
-    web.run_app(make_app(config), host=host, port=port, access_log=None, print=None)
+    app = make_app(config)
+    app.on_startup.append(_freeze_heap)
+    web.run_app(app, host=host, port=port, access_log=None, print=None)
     return 0
+
+
+async def _freeze_heap(app: web.Application) -> None:
+    """Keep start-up objects out of the cyclic GC: a full collection over them pauses the
+    event loop for tens of milliseconds (seen in benchmarks/index_latency.py)."""
+    gc.freeze()
 
 
 def _cache_parser(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:  # type: ignore[type-arg]

@@ -23,6 +23,7 @@ from mirror.reference import SHA256_RE, Digest
 
 TOTALS_KEY = "totals"
 PINS_KEY = "pins"
+WRITE_CHUNK = 200  # index updates per SQLite transaction
 
 
 @dataclass(frozen=True)
@@ -64,20 +65,23 @@ class CacheIndex:
                 await asyncio.to_thread(self._write, batch)
 
     def _write(self, batch: dict[Digest, tuple[float, Entry | None]]) -> None:
-        with self._lock, self._entries.transact():
-            size, count = self._meta.get(TOTALS_KEY, (0, 0))
-            for digest, (when, new) in sorted(batch.items(), key=lambda item: item[1][0]):
-                old = self._entries.pop(digest, None)
-                if new is None and old is None:
-                    continue  # served but not indexed (reconcile will add it)
-                if old is not None:
-                    size, count = size - old.size, count - 1
-                entry = new if new is not None else old
-                assert entry is not None
-                entry = Entry(entry.size, entry.kind, entry.stored_at, when)
-                self._entries[digest] = entry
-                size, count = size + entry.size, count + 1
-            self._set_totals(size, count)
+        items = sorted(batch.items(), key=lambda item: item[1][0])
+        # Short transactions: the event loop's GIL and SQLite's write lock are never held long.
+        for start in range(0, len(items), WRITE_CHUNK):
+            with self._lock, self._entries.transact():
+                size, count = self._meta.get(TOTALS_KEY, (0, 0))
+                for digest, (when, new) in items[start : start + WRITE_CHUNK]:
+                    old = self._entries.pop(digest, None)
+                    if new is None and old is None:
+                        continue  # served but not indexed (reconcile will add it)
+                    if old is not None:
+                        size, count = size - old.size, count - 1
+                    entry = new if new is not None else old
+                    assert entry is not None
+                    entry = Entry(entry.size, entry.kind, entry.stored_at, when)
+                    self._entries[digest] = entry
+                    size, count = size + entry.size, count + 1
+                self._set_totals(size, count)
 
     def totals(self) -> tuple[int, int]:
         """(bytes, entries) as of this process's last write (no I/O: safe on the loop)."""
@@ -98,13 +102,14 @@ class CacheIndex:
         return self._entries.get(digest)
 
     def remove(self, digests: list[Digest]) -> None:
-        with self._lock, self._entries.transact():
-            size, count = self._meta.get(TOTALS_KEY, (0, 0))
-            for digest in digests:
-                old = self._entries.pop(digest, None)
-                if old is not None:
-                    size, count = size - old.size, count - 1
-            self._set_totals(size, count)
+        for start in range(0, len(digests), WRITE_CHUNK):
+            with self._lock, self._entries.transact():
+                size, count = self._meta.get(TOTALS_KEY, (0, 0))
+                for digest in digests[start : start + WRITE_CHUNK]:
+                    old = self._entries.pop(digest, None)
+                    if old is not None:
+                        size, count = size - old.size, count - 1
+                self._set_totals(size, count)
 
     def reconcile(self, blob_dir: Path, kind_of: Callable[[Digest], str]) -> tuple[int, int]:
         """Bring the index in step with the files: add files it lacks (dated by mtime), drop
