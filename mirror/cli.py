@@ -73,7 +73,14 @@ def serve(config: Config) -> int:
     host, port = config.listen_address()
     app = make_app(config)
     app.on_startup.append(_freeze_heap)
-    web.run_app(app, host=host, port=port, access_log=None, print=None)
+    web.run_app(
+        app,
+        host=host,
+        port=port,
+        access_log=None,
+        print=None,
+        shutdown_timeout=config.shutdown_timeout,
+    )
     return 0
 
 

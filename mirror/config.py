@@ -197,6 +197,8 @@ class MetricsConfig:
 @dataclass
 class Config:
     listen: str = opt("0.0.0.0:5000", "str")
+    # On SIGTERM/SIGINT: stop accepting, give responses in flight this long, then exit 0.
+    shutdown_timeout: float = opt(30.0, "duration")
     cache: CacheConfig = field(default_factory=CacheConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     log: LogConfig = field(default_factory=LogConfig)
