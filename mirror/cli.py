@@ -12,7 +12,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from mirror import __version__, maintenance
+from mirror import __version__, maintenance, workers
 from mirror.config import Config, ConfigError, load_config
 from mirror.errors import RegistryError
 from mirror.logs import setup_logging
@@ -35,6 +35,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     )
     p.add_argument("--tag-ttl", help="how long a tag is answered without asking upstream")
     p.add_argument("--log-level", help="debug, info, warning or error")
+    p.add_argument("--workers", help="worker processes on the port (0: one per core)")
+    p.add_argument(workers.WORKER_FLAG, action="store_true", help=argparse.SUPPRESS)
 
 
 def build_config(args: argparse.Namespace) -> Config:
@@ -48,6 +50,7 @@ def build_config(args: argparse.Namespace) -> Config:
             "upstream.password": args.upstream_password,
             "upstream.tag_ttl": args.tag_ttl,
             "log.level": args.log_level,
+            "workers": args.workers,
         },
     )
 
@@ -62,11 +65,14 @@ def _check_cache_dir(config: Config) -> None:
         raise ConfigError("cache.dir", f"{directory} is not writable by this user")
 
 
-def serve(config: Config) -> int:
+def serve(config: Config, argv: list[str], *, reuse_port: bool = False) -> int:
     from mirror.web.app import make_app  # the web layer is only for the serving command
 
     _check_cache_dir(config)
     setup_logging(config.log.level, config.log.format)
+    count = config.worker_count()
+    if count > 1 and not reuse_port:
+        return workers.supervise(argv, count, config.cache.dir, config.shutdown_timeout)
     # Let the event loop take the GIL back from worker threads (hashing, SQLite) within 1 ms
     # rather than Python's default 5 ms, which would show up in request latency.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
@@ -80,6 +86,7 @@ def serve(config: Config) -> int:
         access_log=None,
         print=None,
         shutdown_timeout=config.shutdown_timeout,
+        reuse_port=reuse_port,
     )
     return 0
 
@@ -173,10 +180,11 @@ def main(argv: list[str] | None = None) -> int:
         p = _cache_parser(sub, name, help)
         p.add_argument("images", nargs="+", metavar="IMAGE", help="repo:tag or repo@digest")
     _cache_parser(sub, "check-config", "validate the configuration and exit")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
-            return serve(build_config(args))
+            return serve(build_config(args), argv, reuse_port=args.reuse_port)
         config = _cache_config(args)
         if args.command == "check-config":
             _check_cache_dir(config)

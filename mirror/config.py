@@ -197,8 +197,14 @@ class MetricsConfig:
 @dataclass
 class Config:
     listen: str = opt("0.0.0.0:5000", "str")
+    # Processes serving the port together (SO_REUSEPORT); 0 = one per CPU core.
+    workers: int = opt(0, "int")
     # On SIGTERM/SIGINT: stop accepting, give responses in flight this long, then exit 0.
     shutdown_timeout: float = opt(30.0, "duration")
+
+    def worker_count(self) -> int:
+        return self.workers or len(os.sched_getaffinity(0))
+
     cache: CacheConfig = field(default_factory=CacheConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -301,6 +307,8 @@ def _nest(sections: list[str], leaf: dict[str, object]) -> dict[str, Any]:
 def validate(config: Config) -> None:
     """Cross-field and semantic checks that a type alone cannot express."""
     config.listen_address()
+    if config.workers < 0:
+        raise ConfigError("workers", "expected 0 (one per core) or more")
     if config.metrics.listen:
         split_host_port(config.metrics.listen, "metrics.listen")
     cache = config.cache

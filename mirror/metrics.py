@@ -9,9 +9,16 @@ a context variable so the access log can show it.
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Callable
+import os
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 # Seconds spent waiting on upstream responses by the current request (None outside requests).
 UPSTREAM_SECONDS: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar(
@@ -120,15 +127,25 @@ class Metrics:
             "registry_mirror_evicted_bytes", "Bytes evicted from the cache", registry=r
         )
         self.cache_size = Gauge(
-            "registry_mirror_cache_size_bytes", "Bytes held by the cache", registry=r
+            "registry_mirror_cache_size_bytes",
+            "Bytes held by the cache",
+            registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.cache_entries = Gauge(
-            "registry_mirror_cache_entries", "Blobs and manifests held by the cache", registry=r
+            "registry_mirror_cache_entries",
+            "Blobs and manifests held by the cache",
+            registry=r,
+            multiprocess_mode="mostrecent",
         )
 
-    def track(self, gauge: Gauge, read: Callable[[], float]) -> None:
-        """Read a gauge's value at scrape time."""
-        gauge.set_function(read)
+    def scrape(self) -> bytes:
+        """The text exposition; with several workers, all of theirs merged."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            merged = CollectorRegistry()
+            multiprocess.MultiProcessCollector(merged)
+            return generate_latest(merged)
+        return generate_latest(self.registry)
 
 
 def add_upstream_time(seconds: float) -> None:

@@ -18,9 +18,10 @@ from typing import Literal
 import structlog
 from cachetools import LRUCache
 
-from mirror.cache.blobs import BlobStore, OpenBlob, is_disk_full
-from mirror.cache.fill import Fill, FillManager, TailReader, UpstreamBody
+from mirror.cache.blobs import FilesystemBlobStore, OpenBlob, is_disk_full
+from mirror.cache.fill import FillBase, FillManager, TailReader, UpstreamBody
 from mirror.cache.index import CacheIndex
+from mirror.cache.locks import FileLocks
 from mirror.cache.metadata import MetadataStore, TagKey, TagRecord
 from mirror.errors import DigestMismatch, RegistryError
 from mirror.mediatypes import ALL_MANIFESTS, accepts, sniff_media_type
@@ -71,7 +72,7 @@ def _takes_everything(accept: list[str]) -> bool:
 class Mirror:
     def __init__(
         self,
-        store: BlobStore,
+        store: FilesystemBlobStore,
         metadata: MetadataStore,
         index: CacheIndex,
         router: Router,
@@ -80,14 +81,15 @@ class Mirror:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.metrics = metrics or Metrics()
+        locks = FileLocks(store.root / "locks")
+        locks.setup()
         self.store = store
         self.metadata = metadata
         self.index = index
-        self.fills = FillManager(store, on_commit=self._blob_committed)
+        self.fills = FillManager(store, locks, on_commit=self._blob_committed)
         self.router = router
         self.clock = clock
         self.full_until = 0.0  # while clock() < this, blob misses bypass the cache
-        self.metrics.track(self.metrics.fills_in_flight, lambda: len(self.fills))
         self._manifests: LRUCache[Digest, Manifest] = LRUCache(
             MANIFEST_MEMORY_BYTES, getsizeof=lambda m: len(m.data) + 256
         )
@@ -236,13 +238,20 @@ class Mirror:
             stream.size, "bypass", stream=verified(stream.chunks(), digest, stream.close)
         )
 
+    def refresh_gauges(self) -> None:
+        """Set the gauges that describe state (at scrape time and once a second)."""
+        size, entries = self.index.totals()
+        self.metrics.cache_size.set(size)
+        self.metrics.cache_entries.set(entries)
+        self.metrics.fills_in_flight.set(len(self.fills))
+
     def _blob_committed(self, digest: Digest, size: int) -> None:
         self.index.add(digest, size, "blob")
         if self.full_until:
             self.full_until = 0.0
             log.info("cache_space_returned", digest=digest)
 
-    def _fill_ended(self, fill: Fill) -> None:
+    def _fill_ended(self, fill: FillBase) -> None:
         if fill.error is not None and is_disk_full(fill.error):
             self._disk_full(fill.error)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import fcntl
 import hashlib
@@ -63,6 +65,13 @@ class BlobStore(Protocol):
     async def stat(self, digest: Digest) -> int | None: ...
 
     async def open_for_serving(self, digest: Digest) -> OpenBlob | None: ...
+
+    def find_partial(self, digest: Digest) -> tuple[Path, int | None] | None:
+        """Another writer's temp file for `digest` and its declared size (blocking)."""
+        for path in self.tmp_dir.glob(f"{digest.split(':', 1)[1]}.*.part"):
+            declared = path.name.split(".")[1]
+            return path, int(declared) if declared.isdigit() else None
+        return None
 
     async def read_bytes(self, digest: Digest, max_size: int) -> bytes | None: ...
 
@@ -132,6 +141,13 @@ class FilesystemBlobStore:
             return None
         return OpenBlob(f, os.fstat(f.fileno()).st_size)
 
+    def find_partial(self, digest: Digest) -> tuple[Path, int | None] | None:
+        """Another writer's temp file for `digest` and its declared size (blocking)."""
+        for path in self.tmp_dir.glob(f"{digest.split(':', 1)[1]}.*.part"):
+            declared = path.name.split(".")[1]
+            return path, int(declared) if declared.isdigit() else None
+        return None
+
     async def read_bytes(self, digest: Digest, max_size: int) -> bytes | None:
         """A small blob (a manifest) whole, re-verified, or None if absent or too large."""
         return await asyncio.to_thread(self._read_bytes, digest, max_size)
@@ -182,7 +198,9 @@ class FileBlobWriter:
         self.expected_size = size
         self.written = 0
         self._hash = hashlib.sha256()
-        name = f"{digest.split(':', 1)[1]}.{secrets.token_hex(6)}.part"
+        # The size in the name lets other processes tail this file (see cache/fill.py).
+        declared = size if size is not None else "x"
+        name = f"{digest.split(':', 1)[1]}.{declared}.{secrets.token_hex(6)}.part"
         self.tmp_path = store.tmp_dir / name
         self._fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self._done = False
@@ -191,7 +209,7 @@ class FileBlobWriter:
             if size:
                 # Reserving the space up front makes ext4 writes several times faster here
                 # and turns a full disk into an error before any byte is streamed.
-                os.posix_fallocate(self._fd, 0, size)
+                reserve(self._fd, size)
         except BaseException:
             self._abort()
             raise
@@ -249,6 +267,19 @@ class FileBlobWriter:
         if not self._done:
             self._done = True
             os.close(self._fd)
+
+
+_FALLOC_FL_KEEP_SIZE = 1
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+
+
+def reserve(fd: int, size: int) -> None:
+    """Allocate `size` bytes of disk for `fd` without changing its length, so the length
+    still tells readers in other processes how much has been written."""
+    if _libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE, ctypes.c_long(0), ctypes.c_long(size)) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
+            raise OSError(err, os.strerror(err))
 
 
 def is_disk_full(exc: BaseException) -> bool:

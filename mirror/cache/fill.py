@@ -20,8 +20,9 @@ from typing import BinaryIO
 
 import structlog
 
-from mirror.cache.blobs import BlobStore, BlobWriter
-from mirror.errors import DigestMismatch
+from mirror.cache.blobs import BlobStore, BlobWriter, FilesystemBlobStore
+from mirror.cache.locks import FileLocks
+from mirror.errors import DigestMismatch, UpstreamError
 from mirror.reference import Digest
 
 log = structlog.get_logger(__name__)
@@ -45,18 +46,16 @@ class FillState(enum.Enum):
     FAILED = "failed"
 
 
-class Fill:
-    """One upstream fetch of one blob into the store, readable while it streams."""
+class FillBase:
+    """A blob on its way into the store, readable while it streams (see TailReader)."""
 
-    def __init__(self, digest: Digest, store: BlobStore) -> None:
+    def __init__(self, digest: Digest) -> None:
         self.digest = digest
-        self.store = store
         self.state = FillState.STARTING
         self.size: int | None = None
         self.written = 0
         self.fetched = False  # committed by this fill (not found already in the store)
         self.error: BaseException | None = None
-        self._writer: BlobWriter | None = None
         self._tail_fd: int | None = None
         self._changed = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
@@ -64,6 +63,48 @@ class Fill:
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
+
+    def _close_tail(self) -> None:
+        if self._tail_fd is not None:
+            os.close(self._tail_fd)
+            self._tail_fd = None
+
+    async def wait_started(self) -> None:
+        """Wait until the upstream answered (raising its error) or the fill ended."""
+        while self.state is FillState.STARTING:
+            await self._changed.wait()
+        if self.state is FillState.FAILED:
+            assert self.error is not None
+            raise self.error
+
+    async def wait_done(self) -> None:
+        """Wait until the blob is committed (raising the fill's error if it was not)."""
+        while self.state in (FillState.STARTING, FillState.STREAMING):
+            await self._changed.wait()
+        if self.state is FillState.FAILED:
+            assert self.error is not None
+            raise self.error
+
+    def open_reader(self) -> TailReader | None:
+        """A reader over the bytes so far, or None if the fill already ended (then read the store).
+
+        Call after `wait_started`; it takes its own descriptor, so the fill may finish freely.
+        """
+        if self._tail_fd is None:
+            if self.state is FillState.FAILED:
+                assert self.error is not None
+                raise self.error
+            return None
+        return TailReader(self, os.dup(self._tail_fd))
+
+
+class Fill(FillBase):
+    """This process fetches the blob from the upstream into the store."""
+
+    def __init__(self, digest: Digest, store: BlobStore) -> None:
+        super().__init__(digest)
+        self.store = store
+        self._writer: BlobWriter | None = None
 
     async def run(self, open_body: Callable[[], Awaitable[UpstreamBody]]) -> None:
         body: UpstreamBody | None = None
@@ -96,9 +137,7 @@ class Fill:
             if not isinstance(exc, Exception):
                 raise
         finally:
-            if self._tail_fd is not None:
-                os.close(self._tail_fd)
-                self._tail_fd = None
+            self._close_tail()
             self._notify()
             if body is not None:
                 await body.close()
@@ -138,33 +177,67 @@ class Fill:
                 with contextlib.suppress(BaseException):
                     await worker
 
-    async def wait_started(self) -> None:
-        """Wait until the upstream answered (raising its error) or the fill ended."""
-        while self.state is FillState.STARTING:
-            await self._changed.wait()
-        if self.state is FillState.FAILED:
-            assert self.error is not None
-            raise self.error
 
-    async def wait_done(self) -> None:
-        """Wait until the blob is committed (raising the fill's error if it was not)."""
-        while self.state in (FillState.STARTING, FillState.STREAMING):
-            await self._changed.wait()
-        if self.state is FillState.FAILED:
-            assert self.error is not None
-            raise self.error
+class RemoteFill(FillBase):
+    """Another process holds the digest's fill lock: follow its temp file instead of fetching.
 
-    def open_reader(self) -> TailReader | None:
-        """A reader over the bytes so far, or None if the fill already ended (then read the store).
+    Progress is the temp file's length (its space is reserved without changing the length);
+    the fill is committed when the final file appears as the same inode we are reading, and has
+    failed when the lock is free and no final file appeared.
+    """
 
-        Call after `wait_started`; it takes its own descriptor, so the fill may finish freely.
-        """
+    POLL_SECONDS = 0.01
+
+    def __init__(self, digest: Digest, store: FilesystemBlobStore, locks: FileLocks) -> None:
+        super().__init__(digest)
+        self.store = store
+        self.locks = locks
+
+    async def run(self) -> None:
+        try:
+            while True:
+                before = (self.state, self.written)
+                ended = await asyncio.to_thread(self._step)
+                if (self.state, self.written) != before:
+                    self._notify()
+                if ended:
+                    return
+                await asyncio.sleep(self.POLL_SECONDS)
+        except BaseException as exc:
+            self.error = exc
+            self.state = FillState.FAILED
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._close_tail()
+            self._notify()
+
+    def _step(self) -> bool:
+        """One look at the other process's progress (blocking); True once it ended."""
+        final = self.store.path_for(self.digest)
         if self._tail_fd is None:
-            if self.state is FillState.FAILED:
-                assert self.error is not None
-                raise self.error
-            return None
-        return TailReader(self, os.dup(self._tail_fd))
+            found = self.store.find_partial(self.digest)
+            if found is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    self._tail_fd = os.open(found[0], os.O_RDONLY)
+                    self.size = found[1]
+                    self.state = FillState.STREAMING
+        try:
+            final_ino = os.stat(final).st_ino
+        except FileNotFoundError:
+            final_ino = None
+        if final_ino is not None:
+            if self._tail_fd is not None and os.fstat(self._tail_fd).st_ino != final_ino:
+                raise UpstreamError("the fill this request followed was not the one committed")
+            self.written = os.stat(final).st_size
+            self.size = self.written
+            self.state = FillState.COMMITTED
+            return True
+        if self._tail_fd is not None:
+            self.written = os.fstat(self._tail_fd).st_size
+        if not self.locks.is_held(self.digest) and not final.exists():
+            raise UpstreamError("the worker fetching this blob gave up", {"digest": self.digest})
+        return False
 
 
 class TailReader:
@@ -174,7 +247,7 @@ class TailReader:
     Python. The last byte is held back until the digest verified; a failed fill raises.
     """
 
-    def __init__(self, fill: Fill, fd: int) -> None:
+    def __init__(self, fill: FillBase, fd: int) -> None:
         self.fill = fill
         self.file: BinaryIO = open(fd, "rb", buffering=0, closefd=True)  # noqa: SIM115
 
@@ -208,35 +281,60 @@ class TailReader:
 
 
 class FillManager:
-    """At most one fill per digest in this process; later callers join the running one."""
+    """At most one fill per digest across every process sharing the cache directory.
+
+    In this process, later callers join the running fill. Across processes, the digest's lock
+    file decides who fetches; the others follow its temp file (`RemoteFill`).
+    """
 
     def __init__(
-        self, store: BlobStore, on_commit: Callable[[Digest, int], None] | None = None
+        self,
+        store: FilesystemBlobStore,
+        locks: FileLocks,
+        on_commit: Callable[[Digest, int], None] | None = None,
     ) -> None:
         self.store = store
+        self.locks = locks
         self.on_commit = on_commit
-        self._fills: dict[Digest, Fill] = {}
+        self._fills: dict[Digest, FillBase] = {}
 
     def __len__(self) -> int:
         return len(self._fills)
 
-    def in_flight(self) -> list[Fill]:
+    def in_flight(self) -> list[FillBase]:
         return list(self._fills.values())
 
     def join(
         self, digest: Digest, open_body: Callable[[], Awaitable[UpstreamBody]]
-    ) -> tuple[Fill, bool]:
-        """The running fill for `digest`, or a new one started with `open_body`; and if new."""
+    ) -> tuple[FillBase, bool]:
+        """The running fill for `digest`, or a new one started with `open_body`; and if new
+        (False also when another process is fetching it and we follow)."""
         fill = self._fills.get(digest)
         if fill is not None:
             return fill, False
-        fill = Fill(digest, self.store)
+        lock = self.locks.try_acquire(digest)
+        if lock is None:
+            remote = RemoteFill(digest, self.store, self.locks)
+            remote.task = asyncio.ensure_future(remote.run())
+            fill = remote
+        else:
+            local = Fill(digest, self.store)
+            local.task = asyncio.ensure_future(self._run_locked(local, open_body, lock))
+            fill = local
         self._fills[digest] = fill
-        fill.task = asyncio.ensure_future(fill.run(open_body))
+        assert fill.task is not None
         fill.task.add_done_callback(lambda _t: self._finished(fill))
-        return fill, True
+        return fill, lock is not None
 
-    def _finished(self, fill: Fill) -> None:
+    async def _run_locked(
+        self, fill: Fill, open_body: Callable[[], Awaitable[UpstreamBody]], lock: int
+    ) -> None:
+        try:
+            await fill.run(open_body)
+        finally:
+            self.locks.release(fill.digest, lock)
+
+    def _finished(self, fill: FillBase) -> None:
         self._fills.pop(fill.digest, None)
         if fill.fetched and self.on_commit is not None:
             self.on_commit(fill.digest, fill.written)

@@ -128,6 +128,8 @@ class CacheIndex:
         with self._lock, self._entries.transact():
             size, count = self._meta.get(TOTALS_KEY, (0, 0))
             for digest in sorted(missing, key=lambda d: on_disk[d].st_mtime):
+                if digest in self._entries:
+                    continue  # another process added it meanwhile
                 st = on_disk[digest]
                 self._entries[digest] = Entry(st.st_size, kind_of(digest), st.st_mtime, st.st_mtime)
                 size, count = size + st.st_size, count + 1

@@ -102,10 +102,15 @@ class Authenticator:
         """Remember how this upstream wants to be authenticated (from a 401)."""
         self.challenge = challenge
 
-    def forget(self, scope: str) -> None:
-        """Drop a token the upstream refused (expired or revoked mid-pull)."""
-        if self.challenge is not None:
-            self._tokens.pop(self._key(self.challenge, scope), None)
+    def forget(self, scope: str, rejected: str | None) -> None:
+        """Drop the token the upstream just refused (expired or revoked mid-pull) - only that
+        one: a late 401 to a request sent before the token existed must not evict it."""
+        if self.challenge is None or rejected is None:
+            return
+        key = self._key(self.challenge, scope)
+        token = self._tokens.get(key)
+        if token is not None and rejected == f"Bearer {token.value}":
+            del self._tokens[key]
 
     @staticmethod
     def _key(challenge: Challenge, scope: str) -> tuple[str, str | None, str]:

@@ -165,7 +165,7 @@ class UpstreamClient:
                     )
                 reauthed = True
                 self.auth.learn(challenge)
-                self.auth.forget(scope)
+                self.auth.forget(scope, rejected=auth)
                 continue
             if resp.status in RETRY_STATUSES and attempt < self.config.retries:
                 resp.release()

@@ -156,8 +156,6 @@ async def _lifecycle(app: web.Application, *, clock: Callable[[], float]) -> Asy
     router = Router(UpstreamClient("default", config.upstream, metrics=metrics))
     await router.start()
     mirror = app[MIRROR] = Mirror(store, metadata, index, router, metrics=metrics, clock=clock)
-    metrics.track(metrics.cache_size, lambda: index.totals()[0])
-    metrics.track(metrics.cache_entries, lambda: index.totals()[1])
     evictor = app[EVICTOR] = Evictor(store, index, config.cache, clock)
     housekeeping = asyncio.ensure_future(_housekeeping(mirror, evictor, config))
     log.info("mirror_started", cache_dir=str(config.cache.dir), upstream=config.upstream.url)
@@ -186,6 +184,7 @@ async def _housekeeping(mirror: Mirror, evictor: Evictor, config: Config) -> Non
         await asyncio.sleep(FLUSH_INTERVAL)
         try:
             await index.flush()
+            mirror.refresh_gauges()
             due = time.monotonic() - last_pass >= config.cache.gc_interval
             if due or await asyncio.to_thread(evictor.over_high_watermark):
                 last_pass = time.monotonic()

@@ -11,14 +11,15 @@ import os
 import time
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from mirror.web.keys import MIRROR
 
 
 async def metrics(request: web.Request) -> web.Response:
     mirror = request.app[MIRROR]
-    body = await asyncio.to_thread(generate_latest, mirror.metrics.registry)
+    mirror.refresh_gauges()
+    body = await asyncio.to_thread(mirror.metrics.scrape)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from mirror.cache.blobs import FilesystemBlobStore
-from mirror.cache.fill import FillManager, TailReader, UpstreamBody
+from mirror.cache.fill import FillManager, RemoteFill, TailReader, UpstreamBody
+from mirror.cache.locks import FileLocks
 from mirror.errors import DigestMismatch, UpstreamError
 from mirror.reference import Digest
 
@@ -56,6 +57,7 @@ async def collect(reader: TailReader, into: bytearray) -> bytes:
 def store(tmp_path: Path) -> FilesystemBlobStore:
     s = FilesystemBlobStore(tmp_path)
     s.setup()
+    FileLocks(tmp_path / "locks").setup()
     return s
 
 
@@ -69,7 +71,7 @@ async def wait_for(predicate, limit: float = 5.0) -> None:  # type: ignore[no-un
 async def test_readers_tail_but_hold_the_last_byte_until_commit(
     store: FilesystemBlobStore, declared_size: int | None
 ) -> None:
-    fills = FillManager(store)
+    fills = FillManager(store, FileLocks(store.root / "locks"))
     body = ControlledBody(declared_size)
     fill, started = fills.join(DIGEST, body.open)
     again, started_again = fills.join(DIGEST, body.open)
@@ -98,7 +100,7 @@ async def test_readers_tail_but_hold_the_last_byte_until_commit(
 
 
 async def test_wrong_bytes_fail_every_reader_and_leave_nothing(store: FilesystemBlobStore) -> None:
-    fills = FillManager(store)
+    fills = FillManager(store, FileLocks(store.root / "locks"))
     body = ControlledBody(len(DATA))
     fill, _ = fills.join(DIGEST, body.open)
     await fill.wait_started()
@@ -117,7 +119,7 @@ async def test_wrong_bytes_fail_every_reader_and_leave_nothing(store: Filesystem
 
 
 async def test_short_body_fails(store: FilesystemBlobStore) -> None:
-    fills = FillManager(store)
+    fills = FillManager(store, FileLocks(store.root / "locks"))
     body = ControlledBody(len(DATA))
     fill, _ = fills.join(DIGEST, body.open)
     body.feed(DATA[:-10])
@@ -128,7 +130,7 @@ async def test_short_body_fails(store: FilesystemBlobStore) -> None:
 
 
 async def test_a_reader_leaving_does_not_cancel_the_fill(store: FilesystemBlobStore) -> None:
-    fills = FillManager(store)
+    fills = FillManager(store, FileLocks(store.root / "locks"))
     body = ControlledBody(len(DATA))
     fill, _ = fills.join(DIGEST, body.open)
     await fill.wait_started()
@@ -146,7 +148,7 @@ async def test_a_reader_leaving_does_not_cancel_the_fill(store: FilesystemBlobSt
 
 async def test_joining_after_commit_reads_the_store(store: FilesystemBlobStore) -> None:
     await store.put_bytes(DIGEST, DATA)
-    fills = FillManager(store)
+    fills = FillManager(store, FileLocks(store.root / "locks"))
     body = ControlledBody(len(DATA))
     fill, _ = fills.join(DIGEST, body.open)
     await fill.wait_done()
@@ -162,3 +164,48 @@ async def test_stale_temp_files_are_swept_but_live_ones_kept(store: FilesystemBl
     assert not stale.exists()
     assert writer.tmp_path.exists()
     await writer.abort()
+
+
+async def test_a_second_process_follows_the_first_instead_of_fetching(
+    store: FilesystemBlobStore,
+) -> None:
+    """Two managers with their own lock descriptors behave like two worker processes."""
+    first = FillManager(store, FileLocks(store.root / "locks"))
+    second = FillManager(store, FileLocks(store.root / "locks"))
+    body = ControlledBody(len(DATA))
+    fill, started = first.join(DIGEST, body.open)
+    assert started
+    await fill.wait_started()
+    follower, started_here = second.join(DIGEST, ControlledBody(len(DATA)).open)
+    assert isinstance(follower, RemoteFill) and not started_here
+
+    body.feed(DATA[: len(DATA) // 2])
+    await follower.wait_started()
+    reader = follower.open_reader()
+    assert reader is not None
+    got = bytearray()
+    task = asyncio.ensure_future(collect(reader, got))
+    await wait_for(lambda: len(got) > 0)  # bytes flow before the fill completes
+    assert fill.state.value == "streaming"
+    body.feed(DATA[len(DATA) // 2 :])
+    body.queue.put_nowait(None)
+    assert await task == DATA
+    assert body.opened == 1
+
+
+async def test_a_follower_fails_when_the_filler_gives_up(store: FilesystemBlobStore) -> None:
+    first = FillManager(store, FileLocks(store.root / "locks"))
+    second = FillManager(store, FileLocks(store.root / "locks"))
+    body = ControlledBody(len(DATA))
+    fill, _ = first.join(DIGEST, body.open)
+    await fill.wait_started()
+    follower, _ = second.join(DIGEST, ControlledBody(len(DATA)).open)
+    await follower.wait_started()
+    reader = follower.open_reader()
+    assert reader is not None
+    task = asyncio.ensure_future(collect(reader, bytearray()))
+    body.feed(b"X" + DATA[1:])  # wrong bytes: the filler discards them
+    body.queue.put_nowait(None)
+    with pytest.raises(UpstreamError):
+        await task
+    assert not store.path_for(DIGEST).exists()
