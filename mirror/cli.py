@@ -36,6 +36,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--tag-ttl", help="how long a tag is answered without asking upstream")
     p.add_argument("--log-level", help="debug, info, warning or error")
     p.add_argument("--workers", help="worker processes on the port (0: one per core)")
+    p.add_argument("--offline", action="store_const", const=True, help="never contact any upstream")
     p.add_argument(workers.WORKER_FLAG, action="store_true", help=argparse.SUPPRESS)
 
 
@@ -51,6 +52,7 @@ def build_config(args: argparse.Namespace) -> Config:
             "upstream.tag_ttl": args.tag_ttl,
             "log.level": args.log_level,
             "workers": args.workers,
+            "offline": args.offline,
         },
     )
 

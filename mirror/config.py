@@ -197,6 +197,8 @@ class MetricsConfig:
 @dataclass
 class Config:
     listen: str = opt("0.0.0.0:5000", "str")
+    # Never contact any upstream: serve only what the cache holds (tags whatever their age).
+    offline: bool = opt(False, "bool")
     # Processes serving the port together (SO_REUSEPORT); 0 = one per CPU core.
     workers: int = opt(0, "int")
     # On SIGTERM/SIGINT: stop accepting, give responses in flight this long, then exit 0.

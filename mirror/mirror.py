@@ -8,6 +8,7 @@ moved. Misses are single-flight: one upstream fetch per manifest or blob however
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import time
@@ -23,7 +24,7 @@ from mirror.cache.fill import FillBase, FillManager, TailReader, UpstreamBody
 from mirror.cache.index import CacheIndex
 from mirror.cache.locks import FileLocks
 from mirror.cache.metadata import MetadataStore, TagKey, TagRecord
-from mirror.errors import DigestMismatch, RegistryError
+from mirror.errors import DigestMismatch, RegistryError, UpstreamError
 from mirror.mediatypes import ALL_MANIFESTS, accepts, sniff_media_type
 from mirror.metrics import Metrics
 from mirror.reference import SHA256_RE, Digest, Name, Tag, is_digest, parse_image
@@ -33,7 +34,7 @@ from mirror.upstream.routing import Router
 
 log = structlog.get_logger(__name__)
 
-CacheResult = Literal["hit", "miss", "revalidated", "joined", "bypass"]
+CacheResult = Literal["hit", "miss", "revalidated", "joined", "bypass", "stale"]
 MANIFEST_MEMORY_BYTES = 64 * 1024 * 1024
 FULL_RETRY_SECONDS = 30.0  # while the disk is full, try caching again this often
 
@@ -64,6 +65,18 @@ class BlobAnswer:
     stream: AsyncIterator[bytes] | None = None
 
 
+def upstream_trouble(exc: BaseException) -> bool:
+    """Failures that say nothing about the content (unreachable, 5xx, rate limit), as opposed
+    to real answers such as 404: a cached tag may be served stale through these."""
+    return isinstance(exc, UpstreamError) or (
+        isinstance(exc, RegistryError) and exc.code == "TOOMANYREQUESTS"
+    )
+
+
+def offline_miss(code: str, what: str) -> RegistryError:
+    return RegistryError(code, f"the mirror is offline and has no cached copy of this {what}")
+
+
 def _takes_everything(accept: list[str]) -> bool:
     """A client that accepts every manifest type sees what the tag record describes."""
     return all(accepts(accept, media_type) for media_type in ALL_MANIFESTS)
@@ -78,9 +91,11 @@ class Mirror:
         router: Router,
         *,
         metrics: Metrics | None = None,
+        offline: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.metrics = metrics or Metrics()
+        self.offline = offline  # never contact an upstream
         locks = FileLocks(store.root / "locks")
         locks.setup()
         self.store = store
@@ -107,6 +122,8 @@ class Mirror:
             cached = await self._cached_manifest(digest)
             if cached is not None:
                 return ManifestAnswer(cached, "hit")
+            if self.offline:
+                raise offline_miss("MANIFEST_UNKNOWN", "manifest")
             fetched = await self._fetch_manifest(upstream, name, digest, accept)
             return ManifestAnswer(fetched, "miss")
         return await self._manifest_by_tag(upstream, name, Tag(reference), accept)
@@ -117,24 +134,48 @@ class Mirror:
         key: TagKey = (upstream.name, upstream.repository(name), tag)
         broad = _takes_everything(accept)
         record = await self.metadata.get_tag(key)
+        cached = None
         if record is not None and accepts(accept, record.media_type):
             cached = await self._cached_manifest(record.digest)
-            if cached is not None:
-                if self.clock() - record.fetched_at < upstream.config.tag_ttl:
-                    return ManifestAnswer(cached, "hit")
+        if cached is not None and record is not None:
+            if self.offline or self.clock() - record.fetched_at < upstream.config.tag_ttl:
+                return ManifestAnswer(cached, "hit")
+            try:
                 if await self._revalidate_flight.do(
                     key, lambda: self._revalidate(upstream, name, key, record)
                 ):
                     return ManifestAnswer(cached, "revalidated")
+            except Exception as exc:
+                if not upstream_trouble(exc):
+                    raise
+                return self._stale(cached, key, exc)
+        if self.offline:
+            raise offline_miss("MANIFEST_UNKNOWN", "tag")
+        try:
+            fetched = await self._fetch_manifest(upstream, name, tag, accept)
+        except Exception as exc:
+            if cached is None or not upstream_trouble(exc):
+                raise
+            return self._stale(cached, key, exc)
         if not broad:
             # A narrow client may get another manifest (e.g. one platform): don't record it.
-            fetched = await self._fetch_manifest(upstream, name, tag, accept)
             return ManifestAnswer(fetched, "bypass")
-        fetched = await self._fetch_manifest(upstream, name, tag, accept)
         await self.metadata.put_tag(
             key, TagRecord(fetched.digest, fetched.media_type, self.clock())
         )
         return ManifestAnswer(fetched, "miss")
+
+    def _stale(self, cached: Manifest, key: TagKey, exc: BaseException) -> ManifestAnswer:
+        """Stale-if-error: the upstream is in trouble, the cache still has the tag."""
+        self.metrics.stale_answers.inc()
+        log.warning(
+            "tag_served_stale",
+            upstream=key[0],
+            repository=key[1],
+            tag=key[2],
+            error=getattr(exc, "message", str(exc)),
+        )
+        return ManifestAnswer(cached, "stale")
 
     async def _revalidate(
         self, upstream: UpstreamClient, name: Name, key: TagKey, record: TagRecord
@@ -199,6 +240,8 @@ class Mirror:
         if cached is not None:
             self.index.touch(digest)
             return BlobAnswer(cached.size, "hit", file=cached)
+        if self.offline:
+            raise offline_miss("BLOB_UNKNOWN", "blob")
         upstream = self.router.route(name, namespace)
         if self.clock() < self.full_until:
             return await self._pass_through(upstream, name, digest)
@@ -312,6 +355,8 @@ class Mirror:
         size = await self.store.stat(digest)
         if size is not None:
             return size, "hit"
+        if self.offline:
+            raise offline_miss("BLOB_UNKNOWN", "blob")
         upstream = self.router.route(name, namespace)
         return await upstream.head_blob(name, digest), "bypass"
 
@@ -320,14 +365,34 @@ class Mirror:
     async def tags(
         self, name: Name, params: dict[str, str], namespace: str | None = None
     ) -> TagList:
-        """The upstream's tag list, passed through, with its `Link` pointing back at us."""
+        """The upstream's tag list, passed through, with its `Link` pointing back at us.
+        Offline, the tags the cache holds for the repository."""
         upstream = self.router.route(name, namespace)
+        if self.offline:
+            return await self._cached_tags(upstream, name, params)
         listing = await upstream.list_tags(name, params)
         upstream_path = f"/v2/{upstream.repository(name)}/tags/list"
         link = listing.link
         if link and upstream_path != f"/v2/{name}/tags/list":
             link = link.replace(upstream_path, f"/v2/{name}/tags/list")
         return TagList(listing.body, listing.content_type, link)
+
+    async def _cached_tags(
+        self, upstream: UpstreamClient, name: Name, params: dict[str, str]
+    ) -> TagList:
+        repo = upstream.repository(name)
+        records = await asyncio.to_thread(lambda: list(self.metadata.iter_tags()))
+        tags = sorted(t for (up, r, t), _ in records if up == upstream.name and r == repo)
+        if not tags:
+            raise RegistryError("NAME_UNKNOWN", "the mirror is offline and has no tags cached")
+        if "last" in params:
+            tags = [t for t in tags if t > params["last"]]
+        link = None
+        if "n" in params and len(tags) > int(params["n"]):
+            tags = tags[: int(params["n"])]
+            link = f'</v2/{name}/tags/list?n={params["n"]}&last={tags[-1]}>; rel="next"'
+        body = json.dumps({"name": repo, "tags": tags}).encode()
+        return TagList(body, "application/json", link)
 
 
 async def verified(

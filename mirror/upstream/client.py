@@ -15,6 +15,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
@@ -35,6 +36,19 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 BACKOFF_BASE = 0.2  # seconds; doubled each attempt, with jitter
 BACKOFF_MAX = 5.0
+OUTAGE_BASE = 5.0  # after a failed request (retries spent): leave the upstream alone this long,
+OUTAGE_MAX = 300.0  # doubling per consecutive failure up to this, unless Retry-After says
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """`Retry-After` as seconds (it may be a number or an HTTP date)."""
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value)
+    with contextlib.suppress(TypeError, ValueError):
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    return None
 
 
 @dataclass(frozen=True)
@@ -79,6 +93,8 @@ class UpstreamClient:
         self.metrics = metrics or Metrics()
         self.last_success: float | None = None  # wall time of the last answer below 500
         self.last_failure: str | None = None
+        self.backoff_until = 0.0  # monotonic: no requests to this upstream before then
+        self._outages = 0
         self.base_url = config.url.rstrip("/")
         self._library = config.uses_library_prefix()
         self._sleep = sleep
@@ -127,6 +143,14 @@ class UpstreamClient:
     ) -> aiohttp.ClientResponse:
         """Send with auth, retries and (optionally) safe redirects; the caller releases it."""
         assert self._session is not None and self.auth is not None
+        wait = self.backoff_until - time.monotonic()
+        if wait > 0:
+            raise UpstreamError(
+                "upstream registry is failing; the mirror is leaving it alone for now",
+                {"upstream": self.name, "retry_in_seconds": round(wait, 1)},
+                status=503,
+                headers={"Retry-After": str(int(wait) + 1)},
+            )
         scope = f"repository:{repo}:pull"
         url = self.base_url + path
         attempt = 0
@@ -150,6 +174,7 @@ class UpstreamClient:
                     attempt += 1
                     await self._backoff(attempt, method, url, type(exc).__name__)
                     continue
+                self._outage(None)
                 raise UpstreamError(
                     "upstream registry unreachable",
                     {"upstream": self.name, "error": type(exc).__name__},
@@ -172,6 +197,10 @@ class UpstreamClient:
                 attempt += 1
                 await self._backoff(attempt, method, url, str(resp.status))
                 continue
+            if resp.status >= 500 or resp.status == 429:
+                self._outage(retry_after_seconds(resp.headers.get("Retry-After")))
+            else:
+                self._outages = 0
             return resp
 
     async def _follow(
@@ -199,6 +228,15 @@ class UpstreamClient:
                 return resp
         resp.release()
         raise UpstreamError("upstream redirected too many times", {"upstream": self.name})
+
+    def _outage(self, retry_after: float | None) -> None:
+        """The upstream failed us (retries spent, or 429): back off instead of hammering it."""
+        self._outages += 1
+        delay = retry_after
+        if delay is None:
+            delay = min(OUTAGE_MAX, OUTAGE_BASE * 2 ** (self._outages - 1))
+        self.backoff_until = time.monotonic() + delay
+        log.warning("upstream_backoff", upstream=self.name, seconds=round(delay, 1))
 
     def _observe(self, method: str, status: str, started: float) -> None:
         elapsed = time.perf_counter() - started

@@ -155,7 +155,9 @@ async def _lifecycle(app: web.Application, *, clock: Callable[[], float]) -> Asy
     metrics = Metrics()
     router = Router(UpstreamClient("default", config.upstream, metrics=metrics))
     await router.start()
-    mirror = app[MIRROR] = Mirror(store, metadata, index, router, metrics=metrics, clock=clock)
+    mirror = app[MIRROR] = Mirror(
+        store, metadata, index, router, metrics=metrics, offline=config.offline, clock=clock
+    )
     evictor = app[EVICTOR] = Evictor(store, index, config.cache, clock)
     housekeeping = asyncio.ensure_future(_housekeeping(mirror, evictor, config))
     log.info("mirror_started", cache_dir=str(config.cache.dir), upstream=config.upstream.url)

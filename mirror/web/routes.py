@@ -84,6 +84,8 @@ async def manifest(request: web.Request, route: Route) -> web.StreamResponse:
     request[CACHE_RESULT] = answer.cache
     m = answer.manifest
     headers = {"Content-Type": m.media_type, **_digest_headers(m.digest)}
+    if answer.cache == "stale":
+        headers["Warning"] = '110 registry-mirror "Response is Stale"'
     if _not_modified(request, m.digest):
         return web.Response(status=304, headers=headers)
     return web.Response(body=m.data, headers=headers)
