@@ -12,10 +12,13 @@ from pathlib import Path
 
 from aiohttp import web
 
-from mirror import __version__, maintenance, workers
+from mirror import __version__, bundle, maintenance, workers
 from mirror.config import Config, ConfigError, load_config
 from mirror.errors import RegistryError
 from mirror.logs import setup_logging
+from mirror.progress import Progress
+from mirror.reference import parse_image
+from mirror.warm import warm as warm_images
 
 GIL_SWITCH_INTERVAL = 0.001
 
@@ -107,7 +110,46 @@ def _cache_parser(sub: argparse._SubParsersAction, name: str, help: str) -> argp
 
 
 def _cache_config(args: argparse.Namespace) -> Config:
-    return load_config(args.config, overrides={"cache.dir": args.cache_dir})
+    overrides = {"cache.dir": args.cache_dir, "upstream.url": getattr(args, "upstream", None)}
+    return load_config(args.config, overrides=overrides)
+
+
+async def _warm(config: Config, args: argparse.Namespace) -> int:
+    images = list(args.images)
+    if args.file is not None:
+        try:
+            lines = args.file.read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError("--file", f"cannot read {args.file}: {exc.strerror}") from None
+        images += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    if not images:
+        raise ConfigError("warm", "name at least one IMAGE or give -f FILE")
+    for image in images:
+        parse_image(image)
+    platforms = set(args.platform.split(",")) if args.platform else None
+    async with maintenance.open_cache(config) as cache:
+        await cache.mirror.router.start()
+        try:
+            summary = await warm_images(
+                cache.mirror,
+                images,
+                platforms=platforms,
+                concurrency=max(1, args.concurrency),
+                progress=Progress("warm"),
+            )
+        finally:
+            await cache.mirror.router.close()
+        if args.pin:
+            await maintenance.set_pins(cache, images, pin=True)
+    for failure in summary.failures:
+        print(f"failed: {failure}", file=sys.stderr)
+    print(
+        f"warmed {summary.images} images: fetched {summary.fetched_blobs} blobs "
+        f"({_size(summary.fetched_bytes)}), {summary.present_blobs} already present "
+        f"({_size(summary.present_bytes)}), {len(summary.failures)} failures"
+        + ("; pinned" if args.pin else "")
+    )
+    return 1 if summary.failures else 0
 
 
 def _size(n: float) -> str:
@@ -166,6 +208,33 @@ async def _pins(config: Config, images: list[str], pin: bool) -> int:
     return 0
 
 
+async def _export(config: Config, args: argparse.Namespace) -> int:
+    for image in args.images:
+        parse_image(image)
+    async with maintenance.open_cache(config) as cache:
+        try:
+            size = await bundle.export(cache, args.images, args.output, args.format)
+        except bundle.BundleError as exc:
+            print(f"registry-mirror: export: {exc}", file=sys.stderr)
+            return 1
+    print(f"exported {len(args.images)} images ({_size(size)}) to {args.output}")
+    return 0
+
+
+async def _import(config: Config, args: argparse.Namespace) -> int:
+    async with maintenance.open_cache(config) as cache:
+        try:
+            plan = await bundle.import_bundle(
+                cache, args.bundle, args.repository, Progress("import")
+            )
+        except bundle.BundleError as exc:
+            print(f"registry-mirror: import: {exc}; nothing was imported", file=sys.stderr)
+            return 1
+    tags = ", ".join(f"{name}:{tag}" for _, name, tag, _, _ in plan.tags) or "no tags"
+    print(f"imported {len(plan.blobs)} blobs ({_size(sum(plan.blobs.values()))}); {tags}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="registry-mirror", description="Pull-through caching mirror for OCI registries."
@@ -182,12 +251,27 @@ def main(argv: list[str] | None = None) -> int:
         p = _cache_parser(sub, name, help)
         p.add_argument("images", nargs="+", metavar="IMAGE", help="repo:tag or repo@digest")
     _cache_parser(sub, "check-config", "validate the configuration and exit")
+    w = _cache_parser(sub, "warm", "fetch images into the cache ahead of need")
+    w.add_argument("images", nargs="*", metavar="IMAGE", help="repo:tag or repo@digest")
+    w.add_argument("-f", "--file", type=Path, help="read images from FILE, one per line")
+    w.add_argument("--platform", help="only these platforms of an index: linux/amd64,...")
+    w.add_argument("--pin", action="store_true", help="pin what was warmed")
+    w.add_argument("--concurrency", type=int, default=4, help="blobs fetched at a time (4)")
+    w.add_argument("--upstream", help="upstream registry URL (default: from the config)")
+    e = _cache_parser(sub, "export", "write cached images as an OCI image layout")
+    e.add_argument("images", nargs="+", metavar="IMAGE", help="repo:tag or repo@digest")
+    e.add_argument("-o", "--output", type=Path, required=True, help="the tar (or directory)")
+    e.add_argument("--format", choices=("tar", "dir"), default="tar", help="tar (default) or dir")
+    i = _cache_parser(sub, "import", "load an OCI image layout (tar or directory) into the cache")
+    i.add_argument("bundle", type=Path, metavar="FILE", help="an OCI layout tar or directory")
+    i.add_argument("--repository", help="repository for images the layout names by tag only")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
             return serve(build_config(args), argv, reuse_port=args.reuse_port)
         config = _cache_config(args)
+        setup_logging("warning", config.log.format)  # commands print their own results
         if args.command == "check-config":
             _check_cache_dir(config)
             print("configuration OK")
@@ -198,6 +282,12 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_ls(config))
         if args.command == "verify":
             return asyncio.run(_verify(config, args.repair))
+        if args.command == "export":
+            return asyncio.run(_export(config, args))
+        if args.command == "import":
+            return asyncio.run(_import(config, args))
+        if args.command == "warm":
+            return asyncio.run(_warm(config, args))
         if args.command in ("pin", "unpin"):
             return asyncio.run(_pins(config, args.images, args.command == "pin"))
     except ConfigError as exc:

@@ -119,7 +119,7 @@ class Mirror:
         upstream = self.router.route(name, namespace)
         if is_digest(reference):
             digest = Digest(reference)
-            cached = await self._cached_manifest(digest)
+            cached = await self.cached_manifest(digest)
             if cached is not None:
                 return ManifestAnswer(cached, "hit")
             if self.offline:
@@ -136,7 +136,7 @@ class Mirror:
         record = await self.metadata.get_tag(key)
         cached = None
         if record is not None and accepts(accept, record.media_type):
-            cached = await self._cached_manifest(record.digest)
+            cached = await self.cached_manifest(record.digest)
         if cached is not None and record is not None:
             if self.offline or self.clock() - record.fetched_at < upstream.config.tag_ttl:
                 return ManifestAnswer(cached, "hit")
@@ -188,7 +188,7 @@ class Mirror:
         await self.metadata.put_tag(key, TagRecord(record.digest, record.media_type, self.clock()))
         return True
 
-    async def _cached_manifest(self, digest: Digest) -> Manifest | None:
+    async def cached_manifest(self, digest: Digest) -> Manifest | None:
         manifest = self._manifests.get(digest)
         if manifest is not None:
             self.index.touch(digest)

@@ -1,0 +1,129 @@
+"""`registry-mirror warm`: fetch named images into the cache ahead of need.
+
+It drives the same `Mirror` the server uses, so what it fetches is verified, recorded and
+single-flight with a mirror serving the same cache directory (the fill locks are shared).
+Blobs already cached are skipped, which also makes an interrupted warm resumable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from dataclasses import dataclass, field
+
+from mirror.errors import RegistryError
+from mirror.mediatypes import ALL_MANIFESTS
+from mirror.mirror import Mirror
+from mirror.progress import Progress
+from mirror.reference import SHA256_RE, Digest, Name, Tag, parse_image
+
+
+@dataclass
+class WarmSummary:
+    images: int = 0
+    fetched_blobs: int = 0
+    fetched_bytes: int = 0
+    present_blobs: int = 0
+    present_bytes: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+def _platform_of(descriptor: dict[str, object]) -> str:
+    platform = descriptor.get("platform")
+    if not isinstance(platform, dict):
+        return ""
+    parts = [str(platform.get("os", "")), str(platform.get("architecture", ""))]
+    if platform.get("variant"):
+        parts.append(str(platform["variant"]))
+    return "/".join(parts)
+
+
+def _wanted(platform: str, platforms: set[str] | None) -> bool:
+    if platforms is None:
+        return True
+    return platform in platforms or "/".join(platform.split("/")[:2]) in platforms
+
+
+async def _image_blobs(
+    mirror: Mirror, name: Name, reference: Tag | Digest, platforms: set[str] | None
+) -> list[tuple[Digest, int]]:
+    """Fetch the image's manifests (recording its tag) and list its blobs."""
+    answer = await mirror.manifest(name, reference, list(ALL_MANIFESTS))
+    manifests = [json.loads(answer.manifest.data)]
+    for child in manifests[0].get("manifests") or []:
+        if not isinstance(child, dict) or not SHA256_RE.fullmatch(str(child.get("digest"))):
+            continue
+        if _wanted(_platform_of(child), platforms):
+            sub = await mirror.manifest(name, Digest(child["digest"]), list(ALL_MANIFESTS))
+            manifests.append(json.loads(sub.manifest.data))
+    blobs: list[tuple[Digest, int]] = []
+    for doc in manifests:
+        for desc in [doc.get("config"), *(doc.get("layers") or [])]:
+            if isinstance(desc, dict) and SHA256_RE.fullmatch(str(desc.get("digest"))):
+                entry = (Digest(desc["digest"]), int(desc.get("size") or 0))
+                if entry not in blobs:
+                    blobs.append(entry)
+    return blobs
+
+
+async def warm(
+    mirror: Mirror,
+    images: list[str],
+    *,
+    platforms: set[str] | None,
+    concurrency: int,
+    progress: Progress,
+) -> WarmSummary:
+    summary = WarmSummary()
+    todo: list[tuple[str, Name, Digest, int]] = []
+    for image in images:
+        try:
+            name, reference = parse_image(image)
+            blobs = await _image_blobs(mirror, name, reference, platforms)
+        except RegistryError as exc:
+            summary.failures.append(f"{image}: {exc.message}")
+            continue
+        summary.images += 1
+        for digest, size in blobs:
+            if await mirror.store.stat(digest) is not None:
+                summary.present_blobs += 1
+                summary.present_bytes += size
+            elif all(d != digest for _, _, d, _ in todo):
+                todo.append((image, name, digest, size))
+                progress.add(size)
+
+    gate = asyncio.Semaphore(concurrency)
+
+    async def fetch(image: str, name: Name, digest: Digest, size: int) -> None:
+        async with gate:
+            try:
+                answer = await mirror.blob(name, digest, whole=True)
+            except RegistryError as exc:
+                summary.failures.append(f"{image}: {digest}: {exc.message}")
+                return
+            if answer.file is not None:
+                answer.file.close()
+            if answer.stream is not None:  # the cache could not take it (disk full)
+                with contextlib.suppress(Exception):
+                    await answer.stream.aclose()  # type: ignore[attr-defined]
+                summary.failures.append(f"{image}: {digest}: the cache is full")
+                return
+            summary.fetched_blobs += 1
+            summary.fetched_bytes += size
+            progress.finished(size, digest)
+
+    async def ticker() -> None:
+        while True:
+            progress.partial_bytes = sum(f.written for f in mirror.fills.in_flight())
+            progress.tick()
+            await asyncio.sleep(0.5)
+
+    tick = asyncio.ensure_future(ticker())
+    try:
+        await asyncio.gather(*(fetch(*item) for item in todo))
+    finally:
+        tick.cancel()
+        progress.partial_bytes = 0
+        progress.close()
+    return summary
