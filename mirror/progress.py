@@ -47,8 +47,8 @@ class Progress:
         rate = done / elapsed
         eta = (self.total_bytes - done) / rate if rate > 0 else 0
         return (
-            f"{human(done)}/{human(self.total_bytes)}, {self.done_items}/{self.total_items} "
-            f"{'layers' if self.what == 'warm' else 'blobs'}, {human(rate)}/s, ETA {eta:.0f}s"
+            f"{human(done)}/{human(self.total_bytes)}, {self.done_items}/{self.total_items} blobs, "
+            f"{human(rate)}/s, ETA {eta:.0f}s"
         )
 
     def tick(self) -> None:

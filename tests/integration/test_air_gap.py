@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -159,3 +165,75 @@ def test_import_a_layout_made_by_skopeo(
         mirror.stop()
     index = json.loads((layout / "index.json").read_text())
     assert index["manifests"][0]["digest"] == image.digest
+
+
+def test_warm_into_the_cache_of_a_running_mirror(upstream: Upstream, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    image = upstream.images["ocismall"]
+    mirror = MirrorProcess(cache, upstream.url, log_path=tmp_path / "mirror.log")
+    mirror.start()
+    try:
+        assert warm(cache, upstream, image.ref) == 0
+        gets = {b.digest: upstream.registry.blob_gets(b.digest) for b in image.blobs}
+        copy_through(mirror, image.ref, tmp_path / "out")
+        assert_dir_matches(tmp_path / "out", image)
+        for blob in image.blobs:
+            assert upstream.registry.blob_gets(blob.digest) == gets[blob.digest]
+        served = [
+            e["cache"]
+            for e in mirror.log_events()
+            if e.get("event") == "request" and "/blobs/" in str(e.get("path"))
+        ]
+        assert served and set(served) == {"hit"}
+    finally:
+        mirror.stop()
+
+
+def test_warm_draws_a_progress_bar_on_a_terminal(upstream: Upstream, tmp_path: Path) -> None:
+    image = upstream.images["team"]
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mirror", "warm", "--cache-dir", str(tmp_path / "c"),
+         "--upstream", upstream.url, image.ref],
+        stdout=follower, stderr=follower,
+    )  # fmt: skip
+    os.close(follower)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        output += chunk
+    assert proc.wait(60) == 0
+    os.close(leader)
+    text = output.decode()
+    assert "\rwarm [" in text and "100%" in text and "3/3 blobs" in text
+    assert "warmed 1 images" in text
+
+
+def test_an_interrupted_import_leaves_a_consistent_cache(
+    upstream: Upstream, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    image = upstream.images["big"]
+    assert warm(a, upstream, image.ref) == 0
+    bundle = tmp_path / "big.tar"
+    assert main(["export", "--cache-dir", str(a), "-o", str(bundle), image.ref]) == 0
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mirror", "import", "--cache-dir", str(b), str(bundle)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not list((b / "tmp").glob("*.part")):
+        time.sleep(0.01)  # wait until it is writing blobs, then cut it down
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    capsys.readouterr()
+    assert main(["verify", "--cache-dir", str(b)]) == 0  # whatever is there is whole
+    assert main(["ls", "--cache-dir", str(b)]) == 0
+    assert capsys.readouterr().out.count("\n") == 2  # the verify line and the ls header: no tags
+    assert list((b / "tmp").iterdir()) == []  # the dead writer's temp file was swept
+    assert main(["import", "--cache-dir", str(b), str(bundle)]) == 0  # and it can be redone
