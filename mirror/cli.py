@@ -16,7 +16,7 @@ from mirror import __version__, bundle, maintenance, workers
 from mirror.config import Config, ConfigError, load_config
 from mirror.errors import RegistryError
 from mirror.logs import setup_logging
-from mirror.progress import Progress
+from mirror.progress import Progress, human
 from mirror.reference import parse_image
 from mirror.warm import warm as warm_images
 
@@ -145,19 +145,11 @@ async def _warm(config: Config, args: argparse.Namespace) -> int:
         print(f"failed: {failure}", file=sys.stderr)
     print(
         f"warmed {summary.images} images: fetched {summary.fetched_blobs} blobs "
-        f"({_size(summary.fetched_bytes)}), {summary.present_blobs} already present "
-        f"({_size(summary.present_bytes)}), {len(summary.failures)} failures"
+        f"({human(summary.fetched_bytes)}), {summary.present_blobs} already present "
+        f"({human(summary.present_bytes)}), {len(summary.failures)} failures"
         + ("; pinned" if args.pin else "")
     )
     return 1 if summary.failures else 0
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _when(ts: float) -> str:
@@ -172,11 +164,11 @@ async def _gc(config: Config, dry_run: bool) -> int:
     verb = "would remove" if dry_run else "removed"
     for digest, entry, reason in plan.victims:
         served = _when(entry.last_served)
-        print(f"{verb} {digest} {_size(entry.size)} ({reason}, last served {served})")
-    budget = _size(plan.budget) if plan.budget else "none"
+        print(f"{verb} {digest} {human(entry.size)} ({reason}, last served {served})")
+    budget = human(plan.budget) if plan.budget else "none"
     print(
-        f"{verb} {len(plan.victims)} entries, {_size(plan.freed)}; "
-        f"cache was {_size(plan.size_before)}, budget {budget}"
+        f"{verb} {len(plan.victims)} entries, {human(plan.freed)}; "
+        f"cache was {human(plan.size_before)}, budget {budget}"
     )
     return 0
 
@@ -187,7 +179,7 @@ async def _ls(config: Config) -> int:
     print(f"{'REPOSITORY':40} {'TAG':20} {'SIZE':>10}  {'LAST USED':19}  FLAGS")
     for r in rows:
         flags = ",".join(f for f, on in (("pinned", r.pinned), ("partial", not r.complete)) if on)
-        print(f"{r.repository:40} {r.tag:20} {_size(r.size):>10}  {_when(r.last_used):19}  {flags}")
+        print(f"{r.repository:40} {r.tag:20} {human(r.size):>10}  {_when(r.last_used):19}  {flags}")
     return 0
 
 
@@ -217,7 +209,7 @@ async def _export(config: Config, args: argparse.Namespace) -> int:
         except bundle.BundleError as exc:
             print(f"registry-mirror: export: {exc}", file=sys.stderr)
             return 1
-    print(f"exported {len(args.images)} images ({_size(size)}) to {args.output}")
+    print(f"exported {len(args.images)} images ({human(size)}) to {args.output}")
     return 0
 
 
@@ -231,7 +223,7 @@ async def _import(config: Config, args: argparse.Namespace) -> int:
             print(f"registry-mirror: import: {exc}; nothing was imported", file=sys.stderr)
             return 1
     tags = ", ".join(f"{name}:{tag}" for _, name, tag, _, _ in plan.tags) or "no tags"
-    print(f"imported {len(plan.blobs)} blobs ({_size(sum(plan.blobs.values()))}); {tags}")
+    print(f"imported {len(plan.blobs)} blobs ({human(sum(plan.blobs.values()))}); {tags}")
     return 0
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 from aiohttp import web
 
@@ -63,23 +64,36 @@ class SendfileResponse(web.StreamResponse):
             pos += len(data)
 
 
-async def stream_bytes(
-    request: web.Request, chunks: AsyncIterator[bytes], size: int | None, headers: dict[str, str]
-) -> web.StreamResponse:
-    """Send bytes from an iterator (the disk-full pass-through); abort if it raises."""
+def _streaming(size: int | None, headers: dict[str, str]) -> web.StreamResponse:
     response = web.StreamResponse(status=200, headers=headers)
     if size is not None:
         response.content_length = size
     else:
         response.enable_chunked_encoding()
+    return response
+
+
+@contextlib.contextmanager
+def _abort_on_failure(request: web.Request) -> Iterator[None]:
+    """A body that fails half-way cuts the connection: the client sees a broken transfer,
+    never a complete-looking one."""
     try:
-        await response.prepare(request)
-        async for chunk in chunks:
-            await response.write(chunk)
+        yield
     except Exception as exc:
         if request.transport is not None:
             request.transport.abort()
         raise StreamAborted(str(exc)) from exc
+
+
+async def stream_bytes(
+    request: web.Request, chunks: AsyncIterator[bytes], size: int | None, headers: dict[str, str]
+) -> web.StreamResponse:
+    """Send bytes from an iterator (the disk-full pass-through)."""
+    response = _streaming(size, headers)
+    with _abort_on_failure(request):
+        await response.prepare(request)
+        async for chunk in chunks:
+            await response.write(chunk)
     await response.write_eof()
     return response
 
@@ -87,37 +101,27 @@ async def stream_bytes(
 async def stream_fill(
     request: web.Request, reader: TailReader, size: int | None, headers: dict[str, str]
 ) -> web.StreamResponse:
-    """Send a fill to the client as it arrives, each new range by sendfile.
-
-    If the fill fails (wrong digest, truncation) the connection is aborted, so the client sees
-    a broken transfer, never a complete-looking body.
-    """
-    response = web.StreamResponse(status=200, headers=headers)
-    if size is not None:
-        response.content_length = size
-    else:
-        response.enable_chunked_encoding()
+    """Send a fill to the client as it arrives, each new range by sendfile; a failed fill
+    (wrong digest, truncation) aborts the connection."""
+    response = _streaming(size, headers)
     ranges = reader.ranges()
     try:
-        await response.prepare(request)
-        loop = asyncio.get_running_loop()
-        sendfile = size is not None  # chunked framing needs the writer to see every byte
-        async for offset, count in ranges:
-            if sendfile and request.transport is not None:
-                try:
-                    await loop.sendfile(request.transport, reader.file, offset, count)
-                    continue
-                except NotImplementedError:
-                    sendfile = False
-            end = offset + count
-            while offset < end:
-                data = await reader.read(offset, min(FALLBACK_CHUNK, end - offset))
-                await response.write(data)
-                offset += len(data)
-    except Exception as exc:
-        if request.transport is not None:
-            request.transport.abort()
-        raise StreamAborted(str(exc)) from exc
+        with _abort_on_failure(request):
+            await response.prepare(request)
+            loop = asyncio.get_running_loop()
+            sendfile = size is not None  # chunked framing needs the writer to see every byte
+            async for offset, count in ranges:
+                if sendfile and request.transport is not None:
+                    try:
+                        await loop.sendfile(request.transport, reader.file, offset, count)
+                        continue
+                    except NotImplementedError:
+                        sendfile = False
+                end = offset + count
+                while offset < end:
+                    data = await reader.read(offset, min(FALLBACK_CHUNK, end - offset))
+                    await response.write(data)
+                    offset += len(data)
     finally:
         await ranges.aclose()
         reader.close()

@@ -8,9 +8,9 @@ from pathlib import Path
 import aiohttp
 
 from mirror.web.keys import MIRROR
+from tests.fixtures.clock import Clock
 from tests.fixtures.fake_upstream import FakeUpstream, Fault
 from tests.fixtures.mirror_server import mirror_config, running_app, sha256_digest
-from tests.integration.test_manifests import Clock
 
 STALE = "registry_mirror_stale_answers_total"
 

@@ -16,10 +16,11 @@ from structlog.testing import capture_logs
 from mirror.cache.index import CacheIndex
 from mirror.web.app import run_policy
 from mirror.web.keys import CONFIG, EVICTOR, MIRROR
+from tests.fixtures.clock import Clock
 from tests.fixtures.mirror_server import mirror_config, running_app, sha256_digest
 from tests.fixtures.real_upstream import Upstream
 from tests.fixtures.synthetic_images import Image
-from tests.integration.test_manifests import ACCEPT_ALL, Clock
+from tests.integration.test_manifests import ACCEPT_ALL
 
 
 async def pull(s: aiohttp.ClientSession, base: str, image: Image) -> None:

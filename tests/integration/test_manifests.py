@@ -10,20 +10,13 @@ import aiohttp
 import pytest
 
 from mirror.mediatypes import ALL_MANIFESTS
+from tests.fixtures.clock import Clock
 from tests.fixtures.mirror_server import mirror_config, running_mirror
 from tests.fixtures.real_upstream import Upstream
 from tests.fixtures.synthetic_images import Builder, Pusher
 from tests.integration.test_single_flight import settled
 
 ACCEPT_ALL = [("Accept", t) for t in ALL_MANIFESTS]  # as dockerd and skopeo send: one per header
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def sha(data: bytes) -> str:

@@ -12,14 +12,7 @@ from mirror.cache.eviction import Evictor
 from mirror.cache.index import CacheIndex
 from mirror.config import CacheConfig
 from mirror.reference import Digest
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fixtures.clock import Clock
 
 
 def d(n: int) -> Digest:
