@@ -193,7 +193,8 @@ class Mirror:
         if manifest is not None:
             self.index.touch(digest)
             return manifest
-        data = await self.store.read_bytes(digest, MANIFEST_MEMORY_BYTES)
+        # Bounded by the manifest limit: a layer's digest asked for as a manifest is not read.
+        data = await self.store.read_bytes(digest, self.router.default.config.manifest_max_size)
         if data is None:
             return None
         media_type = await self.metadata.get_media_type(digest) or sniff_media_type(data)
@@ -327,12 +328,9 @@ class Mirror:
         if digest in out:
             return
         out.add(digest)
-        manifest = self._manifests.get(digest)
-        data = (
-            manifest.data
-            if manifest
-            else await self.store.read_bytes(digest, MANIFEST_MEMORY_BYTES)
-        )
+        manifest = self._manifests.get(digest)  # not cached_manifest: no recency for pins
+        limit = self.router.default.config.manifest_max_size
+        data = manifest.data if manifest else await self.store.read_bytes(digest, limit)
         if data is None:
             return
         try:
