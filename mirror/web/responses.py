@@ -36,6 +36,8 @@ class SendfileResponse(web.StreamResponse):
         self.content_length = count
 
     async def prepare(self, request: web.BaseRequest):  # type: ignore[override]
+        if self.prepared:  # aiohttp prepares once more after the handler: nothing to resend
+            return await super().prepare(request)
         try:
             writer = await super().prepare(request)
             if request.method == "HEAD" or self._count == 0 or writer is None:
