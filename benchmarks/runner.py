@@ -1,0 +1,564 @@
+"""registry-mirror side by side with the reference pull-through cache and nginx, same machine.
+
+Usage: bash benchmarks/run [--smoke] [--out DIR]
+
+On loopback it starts: a real upstream (Debian's docker-registry, distribution v2.8), the
+reference pull-through cache (the same docker-registry with `proxy: remoteurl:`), nginx serving
+the same blob file with sendfile, and registry-mirror with its default settings. It loads the
+same synthetic images into the upstream, runs every scenario against both caches, prints a
+table, and writes results.json and results.png (matplotlib) to --out.
+
+Scenario 3 puts a throttle between each cache and the upstream that shares one link rate
+across all connections (a branch office's WAN), so that single flight shows as users feel it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.fixtures.distribution import Registry  # noqa: E402
+from tests.fixtures.mirror_server import free_port  # noqa: E402
+from tests.fixtures.synthetic_images import Builder, Image, Pusher  # noqa: E402
+
+MiB = 1024 * 1024
+ACCEPT = ", ".join(
+    [
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+    ]
+)
+
+
+@dataclass
+class Sizes:
+    big: int
+    fanout: int
+    link_rate: float  # bytes/s shared by all connections through the throttle
+    wrk_seconds: int
+    pulls: int
+    layers: list[int] = field(default_factory=list)
+
+
+FULL = Sizes(512 * MiB, 64 * MiB, 100e6, 10, 50, [4 * MiB, 8 * MiB, 16 * MiB, 2 * MiB])
+SMOKE = Sizes(4 * MiB, 2 * MiB, 50e6, 1, 5, [256 * 1024, 128 * 1024])
+
+
+class NoTokens:
+    """The benchmark upstream runs without auth: the pusher's token is never checked."""
+
+    def issue(self, user: str | None, scopes: list[str]) -> str:
+        return "unused"
+
+
+# -- processes ------------------------------------------------------------------------------
+
+
+class Proc:
+    def __init__(self, name: str, cmd: list[str], log: Path, env: dict[str, str] | None = None):
+        self.name = name
+        self.log = log
+        with open(log, "ab") as out:
+            self.popen = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            )
+
+    def pids(self) -> list[int]:
+        out = subprocess.run(
+            ["pgrep", "-P", str(self.popen.pid)], capture_output=True, text=True, check=False
+        ).stdout.split()
+        return [self.popen.pid, *map(int, out)]
+
+    def peak_rss(self) -> int:
+        """The largest VmHWM among the process and its children (workers)."""
+        peak = 0
+        for pid in self.pids():
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]) * 1024)
+            except OSError:
+                continue
+        return peak
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            os.kill(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(30)
+            except subprocess.TimeoutExpired:
+                os.kill(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(10)
+
+
+async def wait_http(url: str, limit: float = 30) -> None:
+    deadline = time.monotonic() + limit
+    async with aiohttp.ClientSession() as s:
+        while time.monotonic() < deadline:
+            try:
+                async with s.get(url) as r:
+                    if r.status < 500:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer in {limit}s")
+
+
+def reference_proxy(work: Path, upstream: str) -> tuple[Proc, str]:
+    port = free_port()
+    config = {
+        "version": 0.1,
+        "log": {"level": "error", "accesslog": {"disabled": True}},
+        "storage": {"filesystem": {"rootdirectory": str(work / "data")}},
+        "http": {"addr": f"127.0.0.1:{port}"},
+        "proxy": {"remoteurl": upstream},
+    }
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "config.yml").write_text(yaml.safe_dump(config))
+    binary = shutil.which("docker-registry") or "docker-registry"
+    proc = Proc("reference", [binary, "serve", str(work / "config.yml")], work / "log")
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def mirror(work: Path, upstream: str) -> tuple[Proc, str]:
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "mirror", "serve",
+        "--listen", f"127.0.0.1:{port}", "--cache-dir", str(work / "cache"),
+        "--upstream", upstream, "--log-level", "warning",
+    ]  # fmt: skip
+    work.mkdir(parents=True, exist_ok=True)
+    return Proc("mirror", cmd, work / "log"), f"http://127.0.0.1:{port}"
+
+
+def nginx(work: Path, blob: Path) -> tuple[Proc, str]:
+    port = free_port()
+    work.mkdir(parents=True, exist_ok=True)
+    conf = work / "nginx.conf"
+    conf.write_text(
+        f"daemon off; worker_processes auto; pid {work}/nginx.pid; error_log {work}/error.log;\n"
+        "events { worker_connections 1024; }\n"
+        "http { access_log off; sendfile on; tcp_nopush on;\n"
+        f"  client_body_temp_path {work}; proxy_temp_path {work}; fastcgi_temp_path {work};\n"
+        f"  uwsgi_temp_path {work}; scgi_temp_path {work};\n"
+        f"  server {{ listen 127.0.0.1:{port}; location /blob {{ alias {blob}; }} }} }}\n"
+    )
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    return Proc("nginx", [binary, "-c", str(conf), "-e", str(work / "error.log")], work / "log"), (
+        f"http://127.0.0.1:{port}/blob"
+    )
+
+
+# -- the WAN-like throttle -----------------------------------------------------------------
+
+
+class Throttle:
+    """A TCP proxy whose connections share one token bucket (the office's WAN link)."""
+
+    def __init__(self, target_port: int, rate: float) -> None:
+        self.target_port = target_port
+        self.rate = rate
+        self.port = free_port()
+        self._tokens = 0.0
+        self._last = time.monotonic()
+        self._lock = asyncio.Lock()
+        self.server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+
+    async def _take(self, n: int) -> None:
+        async with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.rate * 0.05, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            self._tokens -= n
+            if self._tokens < 0:
+                await asyncio.sleep(-self._tokens / self.rate)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, slow: bool):
+        try:
+            while data := await reader.read(64 * 1024):
+                if slow:
+                    await self._take(len(data))
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+            await asyncio.gather(
+                self._pipe(reader, up_writer, False), self._pipe(up_reader, writer, True)
+            )
+        except (OSError, asyncio.CancelledError):
+            writer.close()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+# -- clients --------------------------------------------------------------------------------
+
+
+async def get_all(session: aiohttp.ClientSession, url: str) -> int:
+    n = 0
+    async with session.get(url, headers={"Accept": ACCEPT}) as r:
+        if r.status != 200:
+            raise RuntimeError(f"GET {url}: {r.status}")
+        async for chunk in r.content.iter_chunked(1 << 20):
+            n += len(chunk)
+    return n
+
+
+async def timed_get(url: str) -> tuple[float, int]:
+    async with aiohttp.ClientSession() as s:
+        start = time.perf_counter()
+        n = await get_all(s, url)
+        return time.perf_counter() - start, n
+
+
+def curl_speed(url: str, runs: int = 3) -> float:
+    """Best of `runs` downloads by curl (a C client, so the client is not the bottleneck)."""
+    best = 0.0
+    for _ in range(runs):
+        out = subprocess.run(
+            ["curl", "-sf", "-o", "/dev/null", "-w", "%{speed_download}", url],
+            capture_output=True, text=True, check=True, timeout=300,
+        ).stdout  # fmt: skip
+        best = max(best, float(out))
+    return best
+
+
+def wrk(url: str, seconds: int, connections: int = 32) -> tuple[float, float]:
+    """(requests/s, p99 latency in ms) by wrk."""
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency",
+         "-H", f"Accept: {ACCEPT}", url],
+        capture_output=True, text=True, check=True, timeout=seconds + 60,
+    ).stdout  # fmt: skip
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    assert p99 is not None, out
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors:
+        raise RuntimeError(f"wrk saw {errors.group(1)} errors from {url}")
+    return rps, float(p99.group(1)) * scale
+
+
+async def pull_image(session: aiohttp.ClientSession, base: str, image: Image) -> None:
+    await get_all(session, f"{base}/v2/{image.repo}/manifests/{image.tag}")
+    for blob in image.blobs:
+        await get_all(session, f"{base}/v2/{image.repo}/blobs/{blob.digest}")
+
+
+async def many_pulls(base: str, image: Image, clients: int) -> float:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients)) as s:
+        start = time.perf_counter()
+        await asyncio.gather(*(pull_image(s, base, image) for _ in range(clients)))
+        return time.perf_counter() - start
+
+
+# -- the run --------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    scenario: str
+    unit: str
+    baseline_name: str
+    baseline: float | None
+    reference: float | None
+    mirror: float
+    ratio: float | None  # mirror vs what the target compares with
+    target: str
+    met: bool | None
+
+
+async def run(sizes: Sizes, out: Path, work: Path) -> list[Row]:
+    rows: list[Row] = []
+    procs: list[Proc] = []
+
+    def started(pair: tuple[Proc, str]) -> tuple[Proc, str]:
+        procs.append(pair[0])
+        return pair
+
+    try:
+        (work / "upstream").mkdir(parents=True)
+        upstream = Registry(work / "upstream", None)
+        upstream.start()
+        builder = Builder(work / "images")
+        big = builder.image("bench/big", "1", [sizes.big], oci=True)
+        fan = builder.image("bench/fanout", "1", [sizes.fanout], oci=True)
+        app = builder.image("bench/app", "1", sizes.layers, oci=True)
+        pusher = Pusher(upstream.url, NoTokens())  # type: ignore[arg-type]
+        for image in (big, fan, app):
+            pusher.push(image)
+        pusher.close()
+        big_blob = big.layers()[0]
+
+        ref, ref_url = started(reference_proxy(work / "reference", upstream.url))
+        mir, mir_url = started(mirror(work / "mirror", upstream.url))
+        ngx, ngx_url = started(nginx(work / "nginx", big_blob.path))
+        for url in (f"{ref_url}/v2/", f"{mir_url}/v2/", ngx_url):
+            await wait_http(url)
+
+        # 2. cold GET of the big blob (first fetch through each cache), 1. then warm.
+        path = f"/v2/{big.repo}/blobs/{big_blob.digest}"
+        direct = curl_speed(upstream.url + path, runs=1)
+        ref_cold = curl_speed(ref_url + path, runs=1)
+        mir_cold = curl_speed(mir_url + path, runs=1)
+        rows.append(
+            Row(
+                "2. cold GET big blob",
+                "MB/s",
+                "direct upstream",
+                direct / 1e6,
+                ref_cold / 1e6,
+                mir_cold / 1e6,
+                mir_cold / direct,
+                ">= 0.8 x direct",
+                mir_cold >= 0.8 * direct,
+            )
+        )
+        await asyncio.sleep(1)  # the reference proxy stores what it streamed in the background
+        os.sync()  # let the cold runs' writeback finish before timing warm reads
+        nginx_speed = curl_speed(ngx_url)
+        ref_warm = curl_speed(ref_url + path)
+        mir_warm = curl_speed(mir_url + path)
+        rows.append(
+            Row(
+                "1. warm GET big blob",
+                "MB/s",
+                "nginx sendfile",
+                nginx_speed / 1e6,
+                ref_warm / 1e6,
+                mir_warm / 1e6,
+                mir_warm / nginx_speed,
+                ">= 0.9 x nginx",
+                mir_warm >= 0.9 * nginx_speed,
+            )
+        )
+
+        # 4./5. manifests by tag (within TTL) and by digest, 32 connections.
+        async with aiohttp.ClientSession() as s:
+            for base in (ref_url, mir_url):
+                await pull_image(s, base, app)
+        tag_path = f"/v2/{app.repo}/manifests/{app.tag}"
+        digest_path = f"/v2/{app.repo}/manifests/{app.digest}"
+        ref_tag, ref_tag_p99 = wrk(ref_url + tag_path, sizes.wrk_seconds)
+        mir_tag, mir_tag_p99 = wrk(mir_url + tag_path, sizes.wrk_seconds)
+        rows.append(
+            Row(
+                "4. manifest by tag, 32 conns",
+                "req/s",
+                "",
+                None,
+                ref_tag,
+                mir_tag,
+                mir_tag / ref_tag,
+                ">= 10 x reference",
+                mir_tag >= 10 * ref_tag,
+            )
+        )
+        rows.append(
+            Row(
+                "4. manifest by tag p99",
+                "ms",
+                "",
+                None,
+                ref_tag_p99,
+                mir_tag_p99,
+                None,
+                "<= 10 ms",
+                mir_tag_p99 <= 10,
+            )
+        )
+        ref_dig, _ = wrk(ref_url + digest_path, sizes.wrk_seconds)
+        mir_dig, _ = wrk(mir_url + digest_path, sizes.wrk_seconds)
+        rows.append(
+            Row(
+                "5. manifest by digest, 32 conns",
+                "req/s",
+                "",
+                None,
+                ref_dig,
+                mir_dig,
+                mir_dig / ref_dig,
+                ">= 5 x reference",
+                mir_dig >= 5 * ref_dig,
+            )
+        )
+
+        # 6. whole-image pulls by many clients on a warm cache.
+        ref_pull = await many_pulls(ref_url, app, sizes.pulls)
+        mir_pull = await many_pulls(mir_url, app, sizes.pulls)
+        rows.append(
+            Row(
+                f"6. {sizes.pulls} whole-image pulls, warm",
+                "s",
+                "",
+                None,
+                ref_pull,
+                mir_pull,
+                mir_pull / ref_pull,
+                "<= reference",
+                mir_pull <= ref_pull,
+            )
+        )
+        mirror_rss = mir.peak_rss()
+
+        # 3. fan-out on a cold blob through a shared WAN-like link.
+        fan_blob = fan.layers()[0]
+        fan_path = f"/v2/{fan.repo}/blobs/{fan_blob.digest}"
+        results: dict[str, tuple[float, float, int]] = {}
+        for name, factory in (("reference", reference_proxy), ("mirror", mirror)):
+            times = []
+            fetches = 0
+            for clients in (1, 20):
+                throttle = Throttle(upstream.port, sizes.link_rate)
+                await throttle.start()
+                proc, url = factory(
+                    work / f"fan-{name}-{clients}", f"http://127.0.0.1:{throttle.port}"
+                )
+                try:
+                    await wait_http(f"{url}/v2/")
+                    before = upstream.blob_gets(fan_blob.digest)
+                    start = time.perf_counter()
+                    await asyncio.gather(*(timed_get(url + fan_path) for _ in range(clients)))
+                    times.append(time.perf_counter() - start)
+                    await asyncio.sleep(1.0)
+                    if clients == 20:
+                        fetches = upstream.blob_gets(fan_blob.digest) - before
+                        if name == "mirror":
+                            mirror_rss = max(mirror_rss, proc.peak_rss())
+                finally:
+                    proc.stop()
+                    await throttle.close()
+            results[name] = (times[0], times[1], fetches)
+        ref1, ref20, ref_fetches = results["reference"]
+        mir1, mir20, mir_fetches = results["mirror"]
+        rows.append(
+            Row(
+                "3. 20 clients, cold blob: upstream copies",
+                "copies",
+                "",
+                None,
+                ref_fetches,
+                mir_fetches,
+                None,
+                "== 1",
+                mir_fetches == 1,
+            )
+        )
+        rows.append(
+            Row(
+                "3. 20 clients vs 1 client (time)",
+                "x one",
+                "",
+                None,
+                ref20 / ref1,
+                mir20 / mir1,
+                None,
+                "<= 1.5 x one client",
+                mir20 <= 1.5 * mir1,
+            )
+        )
+
+        rows.append(
+            Row(
+                "7. mirror peak RSS",
+                "MiB",
+                "",
+                None,
+                None,
+                mirror_rss / MiB,
+                None,
+                "<= 150 MB",
+                mirror_rss <= 150e6,
+            )
+        )
+    finally:
+        for proc in procs:
+            proc.stop()
+        if "upstream" in locals():
+            upstream.stop()
+    report(rows, out)
+    return rows
+
+
+def report(rows: list[Row], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    columns = ("scenario", "unit", "baseline", "reference", "mirror", "ratio")
+    print("{:42} {:7} {:>18} {:>11} {:>11} {:>7}  target".format(*columns))
+    for r in rows:
+        base = f"{r.baseline:.1f} {r.baseline_name}" if r.baseline is not None else ""
+        ref = f"{r.reference:.1f}" if r.reference is not None else ""
+        ratio = f"{r.ratio:.2f}" if r.ratio is not None else ""
+        met = {True: "met", False: "MISSED", None: ""}[r.met]
+        cells = (r.scenario, r.unit, base, ref, f"{r.mirror:.1f}", ratio)
+        print("{:42} {:7} {:>18} {:>11} {:>11} {:>7}  ".format(*cells) + f"{r.target} {met}")
+    (out / "results.json").write_text(json.dumps([r.__dict__ for r in rows], indent=2))
+    chart(rows, out / "results.png")
+
+
+def chart(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if r.reference is not None]
+    columns = (len(shown) + 1) // 2
+    fig, grid = plt.subplots(2, columns, figsize=(3.4 * columns, 6.4), squeeze=False)
+    axes = list(grid.flat)
+    for ax in axes[len(shown) :]:
+        ax.axis("off")
+    for ax, r in zip(axes, shown, strict=False):
+        names = ["reference", "mirror"] + ([r.baseline_name] if r.baseline is not None else [])
+        values = [r.reference or 0, r.mirror] + ([r.baseline] if r.baseline is not None else [])
+        ax.bar(names, values, color=["#999999", "#2a7ab0", "#66a060"][: len(names)])
+        ax.set_title(f"{r.scenario}\n({r.unit})", fontsize=8)
+        ax.tick_params(axis="x", labelsize=7, rotation=20)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="rm-bench-") as tmp:
+        os.chmod(tmp, 0o755)  # nginx's workers run as an unprivileged user
+        rows = asyncio.run(run(SMOKE if args.smoke else FULL, args.out, Path(tmp)))
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,28 @@
+"""The benchmark runner, at tiny sizes, so it cannot rot (figures are not judged here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+RUNNER = Path(__file__).parents[2] / "benchmarks" / "runner.py"
+
+
+def test_benchmark_runner_smoke(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(RUNNER), "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads((tmp_path / "results.json").read_text())
+    scenarios = {row["scenario"].split(".")[0] for row in rows}
+    assert scenarios == {"1", "2", "3", "4", "5", "6", "7"}
+    copies = next(r for r in rows if "upstream copies" in r["scenario"])
+    assert copies["mirror"] == 1, "single flight: one upstream copy for 20 clients"
+    assert (tmp_path / "results.png").stat().st_size > 10_000
+    assert "scenario" in result.stdout
