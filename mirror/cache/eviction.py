@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,6 +23,7 @@ from mirror.config import CacheConfig
 from mirror.reference import Digest
 
 log = structlog.get_logger(__name__)
+YIELD_EVERY = 500  # index entries walked between GIL hand-overs
 
 
 @dataclass
@@ -67,7 +69,9 @@ class Evictor:
         shortest_ttl = min((t for t in ttls.values() if t > 0), default=0.0)
         now = self.clock()
         remaining = size
-        for digest, entry in self.index.lru():
+        for n, (digest, entry) in enumerate(self.index.lru()):
+            if n % YIELD_EVERY == 0:
+                time.sleep(0)  # hand the GIL to the event loop now and then
             shrinking = over and remaining > target
             idle = now - entry.last_served
             if not shrinking and (shortest_ttl == 0 or idle <= shortest_ttl):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,7 @@ class CacheIndex:
         items = sorted(batch.items(), key=lambda item: item[1][0])
         # Short transactions: the event loop's GIL and SQLite's write lock are never held long.
         for start in range(0, len(items), WRITE_CHUNK):
+            time.sleep(0)  # hand the GIL to the event loop between transactions
             with self._lock, self._entries.transact():
                 size, count = self._meta.get(TOTALS_KEY, (0, 0))
                 for digest, (when, new) in items[start : start + WRITE_CHUNK]:
@@ -103,6 +105,7 @@ class CacheIndex:
 
     def remove(self, digests: list[Digest]) -> None:
         for start in range(0, len(digests), WRITE_CHUNK):
+            time.sleep(0)  # hand the GIL to the event loop between transactions
             with self._lock, self._entries.transact():
                 size, count = self._meta.get(TOTALS_KEY, (0, 0))
                 for digest in digests[start : start + WRITE_CHUNK]:
