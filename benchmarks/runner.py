@@ -242,14 +242,17 @@ async def timed_get(url: str) -> tuple[float, int]:
         return time.perf_counter() - start, n
 
 
-def curl_speed(url: str, runs: int = 3) -> float:
-    """Best of `runs` downloads by curl (a C client, so the client is not the bottleneck)."""
+async def curl_speed(url: str, runs: int = 3) -> float:
+    """Best of `runs` downloads by curl (a C client, so the client is not the bottleneck).
+    Run from a thread: the throttle lives on this event loop."""
     best = 0.0
     for _ in range(runs):
-        out = subprocess.run(
+        out = await asyncio.to_thread(
+            subprocess.run,
             ["curl", "-sf", "-o", "/dev/null", "-w", "%{speed_download}", url],
             capture_output=True, text=True, check=True, timeout=300,
-        ).stdout  # fmt: skip
+        )  # fmt: skip
+        out = out.stdout
         best = max(best, float(out))
     return best
 
@@ -330,9 +333,9 @@ async def run(sizes: Sizes, out: Path, work: Path) -> list[Row]:
 
         # 2. cold GET of the big blob (first fetch through each cache), 1. then warm.
         path = f"/v2/{big.repo}/blobs/{big_blob.digest}"
-        direct = curl_speed(upstream.url + path, runs=1)
-        ref_cold = curl_speed(ref_url + path, runs=1)
-        mir_cold = curl_speed(mir_url + path, runs=1)
+        direct = await curl_speed(upstream.url + path, runs=1)
+        ref_cold = await curl_speed(ref_url + path, runs=1)
+        mir_cold = await curl_speed(mir_url + path, runs=1)
         rows.append(
             Row(
                 "2. cold GET big blob",
@@ -348,9 +351,9 @@ async def run(sizes: Sizes, out: Path, work: Path) -> list[Row]:
         )
         await asyncio.sleep(1)  # the reference proxy stores what it streamed in the background
         os.sync()  # let the cold runs' writeback finish before timing warm reads
-        nginx_speed = curl_speed(ngx_url)
-        ref_warm = curl_speed(ref_url + path)
-        mir_warm = curl_speed(mir_url + path)
+        nginx_speed = await curl_speed(ngx_url)
+        ref_warm = await curl_speed(ref_url + path)
+        mir_warm = await curl_speed(mir_url + path)
         rows.append(
             Row(
                 "1. warm GET big blob",
@@ -432,6 +435,32 @@ async def run(sizes: Sizes, out: Path, work: Path) -> list[Row]:
             )
         )
         mirror_rss = mir.peak_rss()
+
+        # 2b. cold GET through a WAN-like link: what a branch office sees.
+        throttle = Throttle(upstream.port, sizes.link_rate)
+        await throttle.start()
+        wan = f"http://127.0.0.1:{throttle.port}"
+        proc, url = mirror(work / "wan-mirror", wan)
+        try:
+            await wait_http(f"{url}/v2/")
+            wan_direct = await curl_speed(wan + path, runs=1)
+            wan_mirror = await curl_speed(url + path, runs=1)
+        finally:
+            proc.stop()
+            await throttle.close()
+        rows.append(
+            Row(
+                f"2b. cold GET via {sizes.link_rate / 1e6:.0f} MB/s link",
+                "MB/s",
+                "direct via link",
+                wan_direct / 1e6,
+                None,
+                wan_mirror / 1e6,
+                wan_mirror / wan_direct,
+                ">= 0.8 x direct",
+                wan_mirror >= 0.8 * wan_direct,
+            )
+        )
 
         # 3. fan-out on a cold blob through a shared WAN-like link.
         fan_blob = fan.layers()[0]

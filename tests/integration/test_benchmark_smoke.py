@@ -21,7 +21,7 @@ def test_benchmark_runner_smoke(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = json.loads((tmp_path / "results.json").read_text())
     scenarios = {row["scenario"].split(".")[0] for row in rows}
-    assert scenarios == {"1", "2", "3", "4", "5", "6", "7"}
+    assert scenarios == {"1", "2", "2b", "3", "4", "5", "6", "7"}
     copies = next(r for r in rows if "upstream copies" in r["scenario"])
     assert copies["mirror"] == 1, "single flight: one upstream copy for 20 clients"
     assert (tmp_path / "results.png").stat().st_size > 10_000
