@@ -215,17 +215,18 @@ class FileBlobWriter:
             raise
 
     async def write(self, data: bytes) -> None:
-        await asyncio.to_thread(self._write, data)
+        # Hash and write in two worker threads at once: hashlib and os.write both release the
+        # GIL on large buffers, so they overlap each other and the event loop's network reads.
+        await asyncio.gather(
+            asyncio.to_thread(self._hash.update, data), asyncio.to_thread(self._write_all, data)
+        )
+        self.written += len(data)
 
-    def _write(self, data: bytes) -> None:
-        # hashlib and os.write both release the GIL on large buffers, so this overlaps the
-        # event loop's network reads.
-        self._hash.update(data)
+    def _write_all(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
             n = os.write(self._fd, view)
             view = view[n:]
-        self.written += len(data)
 
     def open_tail(self) -> int:
         return os.open(self.tmp_path, os.O_RDONLY)

@@ -7,6 +7,7 @@ import functools
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import structlog
 from aiohttp import web
@@ -28,6 +29,7 @@ from mirror.web.routes import API_VERSION_HEADERS, dispatch
 
 log = structlog.get_logger("mirror.access")
 FLUSH_INTERVAL = 1.0  # seconds between index flushes (and policy checks)
+IO_THREADS = 64
 
 
 def _error_response(error: RegistryError) -> web.Response:
@@ -148,6 +150,10 @@ async def _metrics_listener(app: web.Application) -> AsyncIterator[None]:
 
 async def _lifecycle(app: web.Application, *, clock: Callable[[], float]) -> AsyncIterator[None]:
     config = app[CONFIG]
+    # Disk, hashing and SQLite work runs in threads; asyncio's default pool (cores + 4) would
+    # queue cache hits behind a few large fills.
+    executor = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="mirror-io")
+    asyncio.get_running_loop().set_default_executor(executor)
     store = FilesystemBlobStore(config.cache.dir)
     await asyncio.to_thread(store.setup)
     metadata = await asyncio.to_thread(LocalMetadataStore, config.cache.dir / "meta")
@@ -171,6 +177,7 @@ async def _lifecycle(app: web.Application, *, clock: Callable[[], float]) -> Asy
         await index.flush()
         index.close()
         metadata.close()
+        executor.shutdown(wait=False)
 
 
 async def _housekeeping(mirror: Mirror, evictor: Evictor, config: Config) -> None:
