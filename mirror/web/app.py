@@ -183,11 +183,14 @@ async def _lifecycle(app: web.Application, *, clock: Callable[[], float]) -> Asy
 async def _housekeeping(mirror: Mirror, evictor: Evictor, config: Config) -> None:
     """Reconcile the index with the files at start, then flush it and apply the policy."""
     index = mirror.index
-    added, dropped = await asyncio.to_thread(
-        index.reconcile, mirror.store.blob_dir, mirror.metadata.is_manifest
-    )
-    if added or dropped:
-        log.info("index_reconciled", added=added, dropped=dropped)
+    try:
+        added, dropped = await asyncio.to_thread(
+            index.reconcile, mirror.store.blob_dir, mirror.metadata.is_manifest
+        )
+        if added or dropped:
+            log.info("index_reconciled", added=added, dropped=dropped)
+    except Exception:
+        log.exception("index_reconcile_failed")  # serving never depended on the index
     last_pass = float("-inf")
     while True:
         await asyncio.sleep(FLUSH_INTERVAL)
