@@ -169,11 +169,25 @@ class UpstreamConfig:
     password_file: Path | None = opt(None, "path", optional=True)
     # auto: one-segment names mean library/<name> when the upstream is Docker Hub.
     library_prefix: str = opt("auto", "str")
+    # Registry hosts this upstream stands for, matched against containerd's `?ns=` (requests
+    # naming another registry are refused rather than answered with this one's content).
+    # Empty: docker.io and its aliases for Docker Hub, else the URL's host[:port].
+    names: list[str] = field(
+        default_factory=list, metadata={"kind": "list", "optional": False, "secret": False}
+    )
     tag_ttl: float = opt(600.0, "duration")
     connect_timeout: float = opt(10.0, "duration")
     read_timeout: float = opt(60.0, "duration")
     retries: int = opt(3, "int")
     manifest_max_size: int = opt(4 * 1024 * 1024, "size")
+
+    def registry_names(self) -> set[str]:
+        if self.names:
+            return set(self.names)
+        parts = urlsplit(self.url)
+        if (parts.hostname or "") in DOCKER_HUB_HOSTS:
+            return set(DOCKER_HUB_HOSTS)
+        return {parts.netloc}
 
     def uses_library_prefix(self) -> bool:
         if self.library_prefix == "auto":

@@ -87,3 +87,19 @@ async def test_base_endpoint_and_api_version_header(fake: FakeUpstream, tmp_path
             assert resp.status == 405
             assert resp.headers["Docker-Distribution-API-Version"] == "registry/2.0"
             assert resp.headers["Content-Type"].startswith("application/json")
+
+
+async def test_ns_for_another_registry_is_refused(fake: FakeUpstream, tmp_path: Path) -> None:
+    """containerd says which registry a request is for: never answer with another's content."""
+    fake.add_image("lib/app", "v1", [b"layer"])
+    host = fake.url.removeprefix("http://")
+    async with (
+        running_mirror(mirror_config(tmp_path, fake.url)) as base,
+        aiohttp.ClientSession() as s,
+    ):
+        async with s.get(f"{base}/v2/lib/app/manifests/v1?ns={host}") as r:
+            assert r.status == 200
+        async with s.get(f"{base}/v2/lib/app/manifests/v1?ns=ghcr.io") as r:
+            assert r.status == 404
+            assert (await r.json())["errors"][0]["code"] == "NAME_UNKNOWN"
+    assert fake.count("GET", "/manifests/v1") == 1

@@ -119,3 +119,18 @@ def test_cache_budget_as_size_or_share_of_the_disk() -> None:
     with pytest.raises(ConfigError) as err:
         load_config(None, env={"REGISTRY_MIRROR_CACHE_LOW_WATERMARK": "0.99"})
     assert err.value.key == "cache.low_watermark"
+
+
+def test_registry_names_for_containerd_ns() -> None:
+    hub = load_config(None, env={})
+    assert "docker.io" in hub.upstream.registry_names()
+    quay = load_config(None, env={"REGISTRY_MIRROR_UPSTREAM_URL": "https://quay.io"})
+    assert quay.upstream.registry_names() == {"quay.io"}
+    lab = load_config(
+        None,
+        env={
+            "REGISTRY_MIRROR_UPSTREAM_URL": "http://127.0.0.1:5000",
+            "REGISTRY_MIRROR_UPSTREAM_NAMES": "docker.io, registry.lab",
+        },
+    )
+    assert lab.upstream.registry_names() == {"docker.io", "registry.lab"}
