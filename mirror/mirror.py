@@ -19,6 +19,7 @@ from typing import Literal
 import structlog
 from cachetools import LRUCache
 
+from mirror.access import Policy, Principal
 from mirror.cache.blobs import FilesystemBlobStore, OpenBlob, is_disk_full
 from mirror.cache.fill import FillBase, FillManager, TailReader, UpstreamBody
 from mirror.cache.index import CacheIndex
@@ -93,8 +94,10 @@ class Mirror:
         metrics: Metrics | None = None,
         offline: bool = False,
         clock: Callable[[], float] = time.time,
+        policy: Policy | None = None,
     ) -> None:
         self.metrics = metrics or Metrics()
+        self.policy = policy or Policy()
         self.offline = offline  # never contact an upstream
         locks = FileLocks(store.root / "locks")
         locks.setup()
@@ -110,6 +113,10 @@ class Mirror:
         )
         self._manifest_flight: SingleFlight[tuple[str, ...], FetchedManifest] = SingleFlight()
         self._revalidate_flight: SingleFlight[TagKey, bool] = SingleFlight()
+
+    def may_pull(self, principal: Principal, upstream: str, repository: str) -> bool:
+        """Whether `principal` may pull `repository` (as `upstream` names it) here."""
+        return self.policy.allows(principal, upstream, repository)
 
     # -- manifests --------------------------------------------------------------------------
 
