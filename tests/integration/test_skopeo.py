@@ -114,9 +114,7 @@ def test_one_segment_names_mean_library_on_docker_hub_upstreams(
         mirror.stop()
 
 
-def test_private_repository_needs_upstream_credentials(
-    upstream: Upstream, tmp_path: Path
-) -> None:
+def test_private_repository_needs_upstream_credentials(upstream: Upstream, tmp_path: Path) -> None:
     image = upstream.images["private"]
     anonymous = MirrorProcess(tmp_path / "c1", upstream.url, log_path=tmp_path / "m1.log")
     anonymous.start()
