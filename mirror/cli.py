@@ -72,7 +72,7 @@ def _check_cache_dir(config: Config) -> None:
 
 
 def serve(config: Config, argv: list[str], *, reuse_port: bool = False) -> int:
-    from mirror.web.app import make_app  # the web layer is only for the serving command
+    from mirror.web.app import handler_options, make_app  # only the serving command needs it
 
     _check_cache_dir(config)
     setup_logging(config.log.level, config.log.format)
@@ -99,7 +99,6 @@ def serve(config: Config, argv: list[str], *, reuse_port: bool = False) -> int:
             tls.reload_on_sighup(ssl_context, config.tls)
 
         app.on_startup.append(_reload_on_sighup)
-    limit = config.limits.max_header_size
     web.run_app(
         app,
         host=host,
@@ -110,7 +109,7 @@ def serve(config: Config, argv: list[str], *, reuse_port: bool = False) -> int:
         keepalive_timeout=config.limits.idle_timeout,
         ssl_context=ssl_context,
         reuse_port=reuse_port,
-        handler_args={"max_line_size": limit, "max_field_size": limit},
+        handler_args=handler_options(config),
     )
     return 0
 
