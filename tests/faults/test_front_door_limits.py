@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from tests.fixtures.certs import CertAuthority
-from tests.fixtures.fake_upstream import Fault, FakeUpstream
+from tests.fixtures.fake_upstream import FakeUpstream, Fault
 from tests.fixtures.mirror_server import mirror_config, running_mirror, sha256_digest
 
 
