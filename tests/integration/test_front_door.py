@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from tests.fixtures.certs import CertAuthority
+from tests.fixtures.engines import Containerd, Dockerd
 from tests.fixtures.htpasswd import basic, write_htpasswd
 from tests.fixtures.mirror_server import MirrorProcess, sha256_digest
 from tests.fixtures.real_upstream import Upstream
@@ -373,3 +374,50 @@ def _served_serial(mirror: MirrorProcess, ca: CertAuthority) -> int:
         der = tls.getpeercert(binary_form=True)
     assert der is not None
     return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_engines_through_a_front_door_dockerd_anonymous_containerd_logged_in_by_ns(
+    upstream: Upstream, vendor_upstream: Upstream, tmp_path: Path
+) -> None:
+    """With client auth on, dockerd (no login) still pulls public images through the token
+    flow, and containerd logged in as alice reaches the vendor registry by `?ns=`."""
+    vendor = vendor_upstream
+    settings = two_upstreams(tmp_path, upstream, vendor)
+    mirror = start_mirror(tmp_path, settings, env={"DEFAULT_UPSTREAM_PW": upstream.reader[1]})
+    try:
+        small = upstream.images["small"]
+        dockerd = Dockerd(mirror.url)
+        dockerd.start()
+        try:
+            dockerd.pull("small")
+            assert small.digest in dockerd.repo_digests("small")
+        finally:
+            dockerd.stop()
+        app = vendor.images["app"]
+        containerd = Containerd(mirror.url, registries=("docker.io", "vendor.example"))
+        containerd.start()
+        try:
+            ref = f"vendor.example/{app.ref}"
+            containerd.pull(ref, "--user", f"alice:{USERS['alice']}")
+            assert containerd.image_digest(ref) == app.digest
+            with pytest.raises(AssertionError):  # bob may not pull the vendor's images
+                containerd.pull(ref.replace(":1", "@" + app.digest), "--user", "bob:bob-pw")
+        finally:
+            containerd.stop()
+    finally:
+        mirror.stop()
+    requests = [e for e in mirror.log_events() if e.get("event") == "request"]
+    assert any(e["user"] == "bob" and e["status"] == 403 for e in requests)
+    for blob in small.blobs:
+        assert any(
+            f"/blobs/{blob.digest}" in e["path"] and e["status"] == 200 and e["user"] is None
+            for e in requests
+        )
+    for blob in app.blobs:
+        assert any(
+            f"/blobs/{blob.digest}" in e["path"]
+            and "ns=vendor.example" in e["path"]
+            and e["status"] == 200
+            and e["user"] == "alice"
+            for e in requests
+        )
