@@ -421,3 +421,13 @@ def test_engines_through_a_front_door_dockerd_anonymous_containerd_logged_in_by_
             and e["user"] == "alice"
             for e in requests
         )
+
+
+def test_sighup_without_tls_keeps_serving(mirror: MirrorProcess) -> None:
+    """`systemctl reload` sends SIGHUP whatever the config: it must never stop the mirror."""
+    assert mirror.proc is not None
+    os.kill(mirror.proc.pid, signal.SIGHUP)
+    time.sleep(0.5)
+    assert mirror.proc.poll() is None
+    assert httpx.get(f"{mirror.url}/v2/").status_code == 200
+    assert any(e.get("event") == "reload_requested" for e in mirror.log_events())

@@ -178,3 +178,17 @@ def test_front_door_config_errors_name_the_key(tmp_path: Path, yaml_text: str, k
         load_config(conf, env={})
     assert err.value.key == key
     assert "\n" not in str(err.value)
+
+
+def test_four_upstreams_example_is_valid(tmp_path: Path) -> None:
+    """conf/upstreams.yaml, with its secrets and files supplied as an operator would."""
+    files = {}
+    for key in ("auth.htpasswd", "upstreams.vendor.password_file", "upstreams.vendor.ca_file",
+                "tls.cert", "tls.key"):  # fmt: skip
+        files[key] = tmp_path / key
+        files[key].write_text("x\n")
+    env = {"DOCKERHUB_USER": "u", "DOCKERHUB_TOKEN": "t", "GHCR_USER": "g", "GHCR_TOKEN": "t"}
+    config = load_config(SHIPPED.parent / "upstreams.yaml", env=env, overrides=files)
+    assert sorted(config.upstreams) == ["ghcr", "k8s", "quay", "vendor"]
+    assert config.upstreams["ghcr"].password == "t" and config.upstreams["vendor"].has_credentials
+    assert [r.action for r in config.access.rules] == ["allow", "deny"]
