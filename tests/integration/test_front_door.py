@@ -345,8 +345,13 @@ def test_tls_with_the_test_ca_client_certificates_and_reload_on_sighup(
         )  # fmt: skip
         assert result.returncode != 0
 
-        # SIGHUP: a renewed certificate is served to new connections, without a restart.
+        # SIGHUP: a renewed certificate is served to new connections, without a restart,
+        # and a connection opened before it keeps working.
         assert _served_serial(mirror, ca) == first_serial
+        context = ssl.create_default_context(cafile=str(ca.ca_path))
+        raw = socket.create_connection(("127.0.0.1", mirror.port), timeout=10)
+        kept = context.wrap_socket(raw, server_hostname="127.0.0.1")
+        assert _get_base(kept) == 401  # challenged: this mirror has logins
         new_cert, new_key, second_serial = ca.issue("127.0.0.1", "renewed", server=True)
         os.replace(new_key, key)
         os.replace(new_cert, cert)
@@ -358,9 +363,24 @@ def test_tls_with_the_test_ca_client_certificates_and_reload_on_sighup(
             time.sleep(0.1)
         assert _served_serial(mirror, ca) == second_serial
         assert mirror.proc.poll() is None and mirror.proc.pid == pid
+        assert _get_base(kept) == 401  # the old connection, still open, still served
+        kept.close()
     finally:
         mirror.stop()
     assert any(e.get("event") == "tls_reloaded" for e in mirror.log_events())
+
+
+def _get_base(conn: ssl.SSLSocket) -> int:
+    """GET /v2/ on an open keep-alive connection; the status code."""
+    conn.sendall(b"GET /v2/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+    while len(body) < length:
+        body += conn.recv(65536)
+    return int(head.split(b" ")[1])
 
 
 def _served_serial(mirror: MirrorProcess, ca: CertAuthority) -> int:
