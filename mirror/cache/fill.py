@@ -356,8 +356,11 @@ class FillManager:
             self.on_commit(fill.digest, fill.written)
 
     async def close(self) -> None:
-        """Cancel fills still running (shutdown); their temp files are discarded."""
+        """Shutdown: fills already verified finish their commit (clients have their bytes;
+        only the fsync and rename remain); the others are cancelled and their temp files
+        discarded."""
         tasks = [f.task for f in self._fills.values() if f.task is not None]
-        for task in tasks:
-            task.cancel()
+        for fill in self._fills.values():
+            if fill.task is not None and not fill.verified:
+                fill.task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
