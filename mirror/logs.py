@@ -1,4 +1,10 @@
-"""structlog set-up: JSON lines for machines, readable lines on a terminal."""
+"""structlog set-up: JSON lines for machines, readable lines on a terminal.
+
+The mirror's own events (one access line per request among them) go through structlog's own
+pipeline straight to stderr: no stdlib `LogRecord`, handler or formatter per line, which
+profiling showed to be about a third of the CPU of a cached manifest hit. Other libraries'
+stdlib loggers (aiohttp) are rendered the same way through a `ProcessorFormatter`.
+"""
 
 from __future__ import annotations
 
@@ -17,15 +23,24 @@ def setup_logging(level: str = "info", fmt: str = "auto") -> None:
         structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()
     )
     numeric = logging.getLevelName(level.upper())
+    pid = os.getpid()
+
+    def add_pid(
+        _logger: object, _name: str, event: structlog.types.EventDict
+    ) -> structlog.types.EventDict:
+        """Which process wrote the line (several workers share one log)."""
+        event["pid"] = pid
+        return event
+
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        _add_pid,
+        add_pid,
     ]
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
+        processors=[*shared, structlog.processors.format_exc_info, renderer],
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         cache_logger_on_first_use=True,
     )
@@ -40,11 +55,3 @@ def setup_logging(level: str = "info", fmt: str = "auto") -> None:
     root.handlers[:] = [handler]
     root.setLevel(numeric)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-
-
-def _add_pid(
-    _logger: object, _name: str, event: structlog.types.EventDict
-) -> structlog.types.EventDict:
-    """Which process wrote the line (several workers share one log)."""
-    event["pid"] = os.getpid()
-    return event
