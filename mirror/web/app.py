@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-import uuid
+import itertools
+import secrets
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -45,6 +46,14 @@ FLUSH_INTERVAL = 1.0  # seconds between index flushes (and policy checks)
 IO_THREADS = 64
 
 
+_ID_PREFIX = secrets.token_hex(6)  # unique per process; a counter after it (no syscall per id)
+_ID_COUNTER = itertools.count(1)
+
+
+def _new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):010x}"
+
+
 def _error_response(error: RegistryError) -> web.Response:
     return web.json_response(error.to_json(), status=error.status, headers=error.headers)
 
@@ -52,7 +61,7 @@ def _error_response(error: RegistryError) -> web.Response:
 @web.middleware
 async def access_and_errors(request: web.Request, handler) -> web.StreamResponse:  # type: ignore[no-untyped-def]
     """Render `RegistryError` as OCI JSON; count and log one access line per request."""
-    request_id = request.headers.get("X-Request-ID", "")[:128] or uuid.uuid4().hex
+    request_id = request.headers.get("X-Request-ID", "")[:128] or _new_request_id()
     request[REQUEST_ID] = request_id
     upstream_time: list[float] = []
     UPSTREAM_SECONDS.set(upstream_time)
