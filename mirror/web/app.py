@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import time
 import itertools
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
