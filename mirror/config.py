@@ -329,6 +329,56 @@ class LogConfig:
 
 
 @dataclass
+class S3Config:
+    # S3-compatible endpoint (http://127.0.0.1:8333 for SeaweedFS, MinIO...); empty = AWS.
+    endpoint: str = opt("", "str")
+    region: str = opt("us-east-1", "str")
+    bucket: str = opt("registry-mirror", "str")
+    # Keys are <prefix>blobs/sha256/<2 hex>/<hex>, like the disk layout.
+    prefix: str = opt("", "str")
+    access_key: str | None = opt(None, "str", optional=True)
+    secret_key: str | None = opt(None, "str", optional=True, secret=True)
+    access_key_env: str | None = opt(None, "str", optional=True)
+    secret_key_env: str | None = opt(None, "str", optional=True)
+    secret_key_file: Path | None = opt(None, "path", optional=True)
+    # Multipart upload part size (S3's minimum is 5MiB).
+    part_size: int = opt(8 * 1024 * 1024, "size")
+    # Answer cached blob GETs with a 307 to a presigned URL instead of streaming them.
+    presigned_redirects: bool = opt(False, "bool")
+    presign_ttl: float = opt(900.0, "duration")
+
+
+@dataclass
+class StorageConfig:
+    # filesystem: blobs on cache.dir only. s3: the shared store is S3-compatible object
+    # storage, and cache.dir is this node's local tier in front of it (cache.max_size).
+    kind: str = opt("filesystem", "str")
+    s3: S3Config = field(default_factory=S3Config)
+
+
+@dataclass
+class MetadataConfig:
+    # local: tags, index and fill locks on this node (cache.dir). redis: shared by every node.
+    kind: str = opt("local", "str")
+    redis_url: str = opt("redis://127.0.0.1:6379/0", "str")
+    key_prefix: str = opt("registry-mirror:", "str")
+
+
+@dataclass
+class ClusterConfig:
+    # This node's name in locks and logs; empty: <hostname>:<port>.
+    node_id: str = opt("", "str")
+    # How other nodes reach this one (its internal fill endpoint), e.g. http://10.0.0.1:5000;
+    # empty: http://<listen address> (fine when it is not 0.0.0.0).
+    advertise_url: str = opt("", "str")
+    # Shared secret for the internal /_cluster/ endpoints (only cluster members may call).
+    secret: str | None = opt(None, "str", optional=True, secret=True)
+    secret_file: Path | None = opt(None, "path", optional=True)
+    # A fill lock's lease: renewed by its owner; a dead owner's lock frees after this long.
+    fill_lease: float = opt(10.0, "duration")
+
+
+@dataclass
 class MetricsConfig:
     # Empty: /metrics is served on the main listener. HOST:PORT: only there instead.
     listen: str = opt("", "str")
@@ -365,6 +415,13 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    metadata: MetadataConfig = field(default_factory=MetadataConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    @property
+    def clustered(self) -> bool:
+        return self.metadata.kind == "redis" or self.storage.kind == "s3"
 
     def listen_address(self) -> tuple[str, int]:
         return split_host_port(self.listen, "listen")
@@ -547,6 +604,54 @@ def _validate_front_door(config: Config) -> None:
         raise ConfigError("limits.client_rate", "expected a rate of 0 (off) or more, burst 1+")
 
 
+def _validate_cluster(config: Config, env: Mapping[str, str]) -> None:
+    storage, metadata, cluster = config.storage, config.metadata, config.cluster
+    if storage.kind not in {"filesystem", "s3"}:
+        raise ConfigError("storage.kind", "expected filesystem or s3")
+    if metadata.kind not in {"local", "redis"}:
+        raise ConfigError("metadata.kind", "expected local or redis")
+    s3 = storage.s3
+    if storage.kind == "s3":
+        if s3.endpoint and urlsplit(s3.endpoint).scheme not in {"http", "https"}:
+            raise ConfigError(
+                "storage.s3.endpoint", f"expected an http(s) URL, got {s3.endpoint!r}"
+            )
+        if not s3.bucket:
+            raise ConfigError("storage.s3.bucket", "expected a bucket name")
+        if s3.part_size < 5 * 1024 * 1024:
+            raise ConfigError("storage.s3.part_size", "expected 5MiB or more (S3's minimum)")
+    for name in ("access_key", "secret_key"):
+        var = getattr(s3, f"{name}_env")
+        if var is not None:
+            if var not in env:
+                raise ConfigError(f"storage.s3.{name}_env", f"${var} is not set")
+            setattr(s3, name, env[var])
+    if s3.secret_key_file is not None:
+        try:
+            s3.secret_key = s3.secret_key_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                "storage.s3.secret_key_file", f"cannot read {s3.secret_key_file}: {exc.strerror}"
+            ) from None
+    if metadata.kind == "redis" and urlsplit(metadata.redis_url).scheme not in {
+        "redis", "rediss", "unix"
+    }:  # fmt: skip
+        raise ConfigError("metadata.redis_url", "expected redis://HOST:PORT/DB (or rediss://)")
+    if cluster.secret_file is not None:
+        try:
+            cluster.secret = cluster.secret_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                "cluster.secret_file", f"cannot read {cluster.secret_file}: {exc.strerror}"
+            ) from None
+    if cluster.advertise_url and urlsplit(cluster.advertise_url).scheme not in {"http", "https"}:
+        raise ConfigError("cluster.advertise_url", "expected an http(s) URL")
+    if cluster.fill_lease < 1:
+        raise ConfigError("cluster.fill_lease", "expected a duration of 1s or more")
+    if config.clustered and metadata.kind == "redis" and not cluster.secret:
+        raise ConfigError("cluster.secret", "nodes sharing Redis need a shared secret")
+
+
 def validate(config: Config, env: Mapping[str, str] | None = None) -> None:
     """Cross-field and semantic checks that a type alone cannot express."""
     env = os.environ if env is None else env
@@ -582,6 +687,7 @@ def validate(config: Config, env: Mapping[str, str] | None = None) -> None:
                 raise ConfigError(f"{key}.aliases", f"expected one path segment, got {host!r}")
             hosts[host] = name
     _validate_front_door(config)
+    _validate_cluster(config, env)
     if config.log.level.lower() not in {"debug", "info", "warning", "error"}:
         raise ConfigError("log.level", "expected debug, info, warning or error")
     if config.log.format not in {"auto", "json", "console"}:
