@@ -210,7 +210,7 @@ class MetricsConfig:
 
 @dataclass
 class UiConfig:
-    """The operator page: on by default at `/ui/`; `ui: false` turns it off, `ui: /ops/` moves it."""
+    """The operator page: at `/ui/` by default; `ui: false` turns it off, `ui: /ops/` moves it."""
 
     enabled: bool = True
     path: str = "/ui/"

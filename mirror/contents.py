@@ -142,7 +142,9 @@ def parse_refs(data: bytes) -> Refs | None:
         return None
 
     def descriptors(items: Iterable[object]) -> list[dict[str, object]]:
-        return [d for d in items if isinstance(d, dict) and SHA256_RE.fullmatch(str(d.get("digest")))]
+        return [
+            d for d in items if isinstance(d, dict) and SHA256_RE.fullmatch(str(d.get("digest")))
+        ]
 
     children = tuple(
         (Digest(str(d["digest"])), platform_of(d), int(str(d.get("size") or 0)))

@@ -105,10 +105,10 @@ class Sampler:
         }
         self._last: dict[str, float] | None = None
 
-    def sample(self) -> None:
-        """Read the totals and record what each grew by since the last reading."""
+    def sample(self, current: dict[str, float] | None = None) -> None:
+        """Record what each total grew by since the last reading (`current`, or read now)."""
         now = self._clock()
-        current = self._read()
+        current = self._read() if current is None else current
         previous = self._last or current  # the first reading is the baseline
         self._last = current
         for key in self.keys:
