@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mirror.access import Principal, Policy, Rule
+from mirror.access import Policy, Principal, Rule
 from mirror.cache.blobs import FilesystemBlobStore
 from mirror.cache.index import CacheIndex
 from mirror.cache.metadata import LocalMetadataStore, TagRecord
@@ -156,14 +156,16 @@ async def test_evict_keeps_what_other_images_and_pins_share(mirror: Mirror) -> N
 async def test_index_of_platforms_is_listed_with_each_platform(mirror: Mirror) -> None:
     amd = await image(mirror, "library/multi", "amd", [b"x" * 10])
     arm = await image(mirror, "library/multi", "arm", [b"y" * 20], cache_layers=False)
+    amd64 = {"os": "linux", "architecture": "amd64"}
+    arm64 = {"os": "linux", "architecture": "arm64", "variant": "v8"}
     doc = {
         "schemaVersion": 2,
         "mediaType": OCI_INDEX,
         "manifests": [
-            {"mediaType": OCI_MANIFEST, "digest": amd, "size": 1, "platform": {"os": "linux", "architecture": "amd64"}},
-            {"mediaType": OCI_MANIFEST, "digest": arm, "size": 1, "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}},
+            {"mediaType": OCI_MANIFEST, "digest": amd, "size": 1, "platform": amd64},
+            {"mediaType": OCI_MANIFEST, "digest": arm, "size": 1, "platform": arm64},
         ],
-    }  # fmt: skip
+    }
     top = await put(mirror, json.dumps(doc).encode(), "manifest")
     await mirror.metadata.put_tag(
         ("default", "library/multi", "latest"), TagRecord(top, OCI_INDEX, 1)
