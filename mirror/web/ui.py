@@ -101,7 +101,7 @@ def setup_ui(app: web.Application, config: Config) -> None:
     )
     app.cleanup_ctx.append(_lifecycle)
     r = app.router
-    r.add_get(root.rstrip("/"), lambda _req: _redirect(root))
+    r.add_get(root.rstrip("/"), to_root)
     r.add_get(root, overview)
     r.add_get(root + "contents", contents)
     r.add_get(root + "repository", repository)
@@ -147,6 +147,10 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 def principal_of(request: web.Request) -> Principal:
     return request.get(PRINCIPAL, ANONYMOUS)
+
+
+async def to_root(request: web.Request) -> web.Response:
+    return _redirect(request.app[UI].root)
 
 
 def _redirect(location: str) -> web.Response:
