@@ -68,13 +68,10 @@ class Client:
     async def token(self) -> str:
         _, html = await self.page("/ui/contents")
         match = re.search(r'name="csrf" value="([^"]+)"', html)
-        return (
-            match[1]
-            if match
-            else self.s.cookie_jar.filter_cookies(URL(self.base + "/ui/"))[
-                "registry_mirror_csrf"
-            ].value
-        )
+        if match:
+            return match[1]
+        cookies = self.s.cookie_jar.filter_cookies(URL(self.base + "/ui/"))
+        return cookies["registry_mirror_csrf"].value  # no form shown: the session's own token
 
     async def post(
         self, action: str, csrf: str | None, origin: str | None = None, **fields: str
