@@ -104,10 +104,19 @@ class Sampler:
             for window, (step, n) in windows.items()
         }
         self._last: dict[str, float] | None = None
+        self._taken = float("-inf")
 
-    def sample(self, current: dict[str, float] | None = None) -> None:
-        """Record what each total grew by since the last reading (`current`, or read now)."""
+    def sample(self, current: dict[str, float] | None = None, taken: float | None = None) -> None:
+        """Record what each total grew by since the last reading (`current`, or read now).
+
+        `taken` (monotonic, when `current` was read) lets readings from other threads arrive
+        out of order: one older than the last recorded is dropped, not taken for a reset.
+        """
         now = self._clock()
+        if taken is not None:
+            if taken < self._taken:
+                return
+            self._taken = taken
         current = self._read() if current is None else current
         previous = self._last or current  # the first reading is the baseline
         self._last = current

@@ -126,8 +126,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     async def sample_forever() -> None:
         while True:
             try:
+                taken = time.monotonic()
                 totals = await asyncio.to_thread(read_totals)
-                state.sampler.sample(totals)
+                state.sampler.sample(totals, taken)
             except Exception:
                 log.exception("ui_sample_failed")
             await asyncio.sleep(SAMPLE_SECONDS)
@@ -230,8 +231,10 @@ async def overview(request: web.Request) -> web.Response:
     mirror: Mirror = request.app[MIRROR]
     state = request.app[UI]
     mirror.refresh_gauges()
+    taken = time.monotonic()
     scrape = parse_scrape(await asyncio.to_thread(mirror.metrics.scrape))
     t = scrape.totals
+    state.sampler.sample(t, taken)  # the charts' newest bucket is as current as the figures
     size = scrape.value("registry_mirror_cache_size_bytes") or 0.0
     budget = await asyncio.to_thread(request.app[EVICTOR].budget)
     now_mono = time.monotonic()

@@ -79,8 +79,11 @@ def test_sampler_records_increases_of_the_metrics_counters() -> None:
     assert [v for _, v in sampler.points("hour", "fetched_bytes")][-1] == 5120
     assert [v for _, v in sampler.points("day", "served_bytes")][-1] == 100
     clock.now += 10
-    sampler.sample({"hits": 1.0})  # a counter that went back (a restarted worker) counts anew
-    assert [v for _, v in sampler.points("hour", "hits")][-2:] == [4, 1]
+    sampler.sample({"hits": 1.0}, taken=5.0)  # a counter that went back (a restarted worker)
+    assert [v for _, v in sampler.points("hour", "hits")][-2:] == [4, 1]  # counts anew
+    sampler.sample({"hits": 0.0}, taken=4.0)  # read before the last one: dropped
+    sampler.sample({"hits": 3.0}, taken=6.0)
+    assert [v for _, v in sampler.points("hour", "hits")][-2:] == [4, 3]
 
 
 def test_scrape_values_by_label() -> None:
