@@ -90,6 +90,9 @@ async def test_summary_sizes_flags_search_sort_and_pages(mirror: Mirror) -> None
     alpha = snap.repo("default", "library/alpha")
     assert alpha is not None and [t.tag for t in alpha.tags] == ["1", "2"]
     one = alpha.tags[0]
+    assert f"{mirror.store.blob_dir}/{one.digest[7:9]}/{one.digest[7:]}" == str(
+        mirror.store.path_for(one.digest)
+    )  # the layout the summary stats files by
     assert one.complete and not one.pinned
     manifest_size = mirror.index.get(one.digest).size  # type: ignore[union-attr]
     config_size = one.size - manifest_size - 1500
