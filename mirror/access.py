@@ -12,6 +12,8 @@ import fnmatch
 import re
 from dataclasses import dataclass, field
 
+from mirror.config import Config
+
 
 @dataclass(frozen=True)
 class Principal:
@@ -28,6 +30,8 @@ class Principal:
 
 
 ANONYMOUS = Principal()
+# The mirror's own commands (warm): not a client, so not subject to the pull policy.
+OPERATOR = Principal("registry-mirror", admin=True, via="operator")
 
 
 @dataclass(frozen=True)
@@ -63,9 +67,10 @@ class Rule:
 
 
 class Policy:
-    """Pull permissions. With no rules (and `default` allow), everyone may pull everything public, and
-    authenticated clients may pull private repositories too. Anonymous clients never read
-    private content (fetched with the mirror's upstream credentials), whatever the rules say."""
+    """Pull permissions. With no rules (and `default` allow), everyone may pull everything
+    public, and authenticated clients may pull private repositories too. Anonymous clients
+    never read private content (fetched with the mirror's upstream credentials), whatever
+    the rules say."""
 
     def __init__(
         self, rules: list[Rule] | None = None, *, anonymous: bool = True, default: bool = True
@@ -77,6 +82,8 @@ class Policy:
     def allows(
         self, principal: Principal, upstream: str, repository: str, *, private: bool = False
     ) -> bool:
+        if principal is OPERATOR:
+            return True
         if not principal.authenticated and (private or not self.anonymous):
             return False
         subject = f"{upstream}/{repository}"
@@ -84,3 +91,10 @@ class Policy:
             if rule.applies_to(principal) and rule.covers(subject):
                 return rule.allow
         return self.default
+
+
+def build_policy(config: Config) -> Policy:
+    rules = [
+        Rule(rule.who, rule.repositories, rule.action == "allow") for rule in config.access.rules
+    ]
+    return Policy(rules, anonymous=config.auth.anonymous, default=config.access.default == "allow")

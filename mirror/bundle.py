@@ -50,12 +50,12 @@ async def export(handle: CacheHandle, images: list[str], out: Path, fmt: str) ->
     blobs: dict[Digest, Path] = {}
     for image in images:
         name, reference = parse_image(image)
-        upstream = mirror.router.route(name)
-        repo = upstream.repository(name)
+        target = mirror.router.route(name)
         if is_digest(reference):
             digest = Digest(reference)
         else:
-            record = await mirror.metadata.get_tag((upstream.name, repo, reference))
+            key = (target.upstream.name, target.repository, reference)
+            record = await mirror.metadata.get_tag(key)
             if record is None:
                 raise BundleError(f"{image} is not in the cache (warm it first)")
             digest = record.digest
@@ -71,9 +71,9 @@ async def export(handle: CacheHandle, images: list[str], out: Path, fmt: str) ->
                 " warm it first"
             )
         blobs.update({d: handle.store.path_for(d) for d in sorted(needed)})
-        annotations = {UPSTREAM_ANNOTATION: upstream.name}
+        annotations = {UPSTREAM_ANNOTATION: target.upstream.name}
         if not is_digest(reference):
-            annotations[REF_NAME] = f"{repo}:{reference}"
+            annotations[REF_NAME] = f"{target.repository}:{reference}"
         entries.append(
             {
                 "mediaType": manifest.media_type,
@@ -278,8 +278,12 @@ async def import_bundle(
             await handle.metadata.put_media_type(digest, media_type)
         now = mirror.clock()
         for upstream_name, name, tag, digest, media_type in plan.tags:
-            upstream = mirror.router.upstreams.get(upstream_name) or mirror.router.route(name)
-            key = (upstream.name, upstream.repository(name), tag)
+            upstream = mirror.router.upstreams.get(upstream_name)
+            if upstream is not None:
+                key = (upstream.name, upstream.repository(name), tag)
+            else:
+                target = mirror.router.route(name)
+                key = (target.upstream.name, target.repository, tag)
             media_type = media_type or plan.manifest_types[digest]
             await handle.metadata.put_tag(key, TagRecord(digest, media_type, now))
         return plan

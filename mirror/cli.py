@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import gc
 import os
+import ssl
 import sys
 import time
 from pathlib import Path
@@ -84,6 +85,21 @@ def serve(config: Config, argv: list[str], *, reuse_port: bool = False) -> int:
     host, port = config.listen_address()
     app = make_app(config)
     app.on_startup.append(_freeze_heap)
+    ssl_context = None
+    if config.tls.enabled:
+        from mirror.web import tls
+
+        try:
+            ssl_context = tls.make_context(config.tls)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError("tls.cert", f"cannot load the certificate and key: {exc}") from None
+
+        async def _reload_on_sighup(app: web.Application) -> None:
+            assert ssl_context is not None
+            tls.reload_on_sighup(ssl_context, config.tls)
+
+        app.on_startup.append(_reload_on_sighup)
+    limit = config.limits.max_header_size
     web.run_app(
         app,
         host=host,
@@ -91,7 +107,10 @@ def serve(config: Config, argv: list[str], *, reuse_port: bool = False) -> int:
         access_log=None,
         print=None,
         shutdown_timeout=config.shutdown_timeout,
+        keepalive_timeout=config.limits.idle_timeout,
+        ssl_context=ssl_context,
         reuse_port=reuse_port,
+        handler_args={"max_line_size": limit, "max_field_size": limit},
     )
     return 0
 

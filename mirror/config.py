@@ -92,6 +92,7 @@ def _parse_str(value: object) -> str:
 # kind -> (parser, what the operator is told is expected)
 _KINDS: dict[str, tuple[Any, str]] = {
     "str": (_parse_str, "a string"),
+    "float": (lambda v: _parse_float(v), "a number"),
     "int": (_parse_int, "a whole number"),
     "bool": (_parse_bool, "true or false"),
     "size": (parse_size, "a size such as 512MiB, 50GiB or a number of bytes"),
@@ -103,7 +104,18 @@ _KINDS: dict[str, tuple[Any, str]] = {
         "a size such as 50GiB, or a share of the disk such as 80%",
     ),
     "list": (lambda v: _parse_list(v), "a list of strings (comma-separated in the environment)"),
+    "groups": (lambda v: _parse_groups(v), "a mapping of group names to lists of user names"),
+    "rules": (
+        lambda v: _parse_rules(v),
+        "a list of rules, each {who: [...], repositories: [...], action: allow | deny}",
+    ),
 }
+
+
+def _parse_float(value: object) -> float:
+    if isinstance(value, bool):
+        raise ValueError
+    return float(str(value))
 
 
 def _parse_fraction(value: object) -> float:
@@ -130,6 +142,49 @@ def _parse_list(value: object) -> list[str]:
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return list(value)
     raise ValueError
+
+
+def _yaml_text(value: object) -> object:
+    """Structured options may come from the environment as YAML (or JSON) text."""
+    if isinstance(value, str):
+        try:
+            return yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ValueError from None
+    return value
+
+
+def _parse_groups(value: object) -> dict[str, list[str]]:
+    value = _yaml_text(value) or {}
+    if not isinstance(value, Mapping):
+        raise ValueError
+    return {str(k): _parse_list(v) for k, v in value.items()}
+
+
+@dataclass(frozen=True)
+class AccessRule:
+    who: tuple[str, ...]
+    repositories: tuple[str, ...]
+    action: str  # allow | deny
+
+
+def _parse_rules(value: object) -> list[AccessRule]:
+    value = _yaml_text(value) or []
+    if not isinstance(value, list):
+        raise ValueError
+    rules = []
+    for item in value:
+        if not isinstance(item, Mapping) or set(item) - {"who", "repositories", "action"}:
+            raise ValueError
+        action = str(item.get("action", "allow"))
+        if action not in {"allow", "deny"}:
+            raise ValueError
+        who = _parse_list(item.get("who", ["*"]))
+        repositories = _parse_list(item.get("repositories", ["*"]))
+        if not who or not repositories:
+            raise ValueError
+        rules.append(AccessRule(tuple(who), tuple(repositories), action))
+    return rules
 
 
 def opt(default: Any, kind: str, *, optional: bool = False, secret: bool = False) -> Any:
@@ -167,6 +222,20 @@ class UpstreamConfig:
     username: str | None = opt(None, "str", optional=True)
     password: str | None = opt(None, "str", optional=True, secret=True)
     password_file: Path | None = opt(None, "path", optional=True)
+    # Names of environment variables holding the credentials (e.g. GHCR_TOKEN).
+    username_env: str | None = opt(None, "str", optional=True)
+    password_env: str | None = opt(None, "str", optional=True)
+    # TLS towards the upstream: a CA bundle to trust (PEM) instead of the system's, or
+    # `insecure: true` to skip verification (labs only).
+    ca_file: Path | None = opt(None, "path", optional=True)
+    insecure: bool = opt(False, "bool")
+    # Path prefixes that route to this upstream besides its registry host names
+    # (`/v2/<alias>/owner/app/...`).
+    aliases: list[str] = field(
+        default_factory=list, metadata={"kind": "list", "optional": False, "secret": False}
+    )
+    # At most this many requests to this upstream at once (blob streams included); 0 = no limit.
+    max_concurrent_fetches: int = opt(64, "int")
     # auto: one-segment names mean library/<name> when the upstream is Docker Hub.
     library_prefix: str = opt("auto", "str")
     # Registry hosts this upstream stands for, matched against containerd's `?ns=` (requests
@@ -181,6 +250,10 @@ class UpstreamConfig:
     retries: int = opt(3, "int")
     manifest_max_size: int = opt(4 * 1024 * 1024, "size")
 
+    @property
+    def has_credentials(self) -> bool:
+        return self.username is not None
+
     def registry_names(self) -> set[str]:
         if self.names:
             return set(self.names)
@@ -193,6 +266,59 @@ class UpstreamConfig:
         if self.library_prefix == "auto":
             return (urlsplit(self.url).hostname or "") in DOCKER_HUB_HOSTS
         return self.library_prefix == "true"
+
+
+@dataclass
+class AuthConfig:
+    # Client authentication by HTTP Basic against an htpasswd file of bcrypt hashes
+    # (`htpasswd -B`); None: no passwords (client certificates may still identify users).
+    htpasswd: Path | None = opt(None, "path", optional=True)
+    realm: str = opt("registry-mirror", "str")
+    # Whether clients without credentials may pull (public content, as `access` allows).
+    anonymous: bool = opt(True, "bool")
+    # Users allowed the operator actions (pin, unpin, warm, evict).
+    admins: list[str] = field(
+        default_factory=list, metadata={"kind": "list", "optional": False, "secret": False}
+    )
+    groups: dict[str, list[str]] = field(
+        default_factory=dict, metadata={"kind": "groups", "optional": False, "secret": False}
+    )
+
+
+@dataclass
+class AccessConfig:
+    # When no rule matches: allow | deny.
+    default: str = opt("allow", "str")
+    rules: list[AccessRule] = field(
+        default_factory=list, metadata={"kind": "rules", "optional": False, "secret": False}
+    )
+
+
+@dataclass
+class TlsConfig:
+    # Serve HTTPS with this certificate chain and key (PEM); both unset: plain HTTP.
+    # SIGHUP reloads them without dropping connections.
+    cert: Path | None = opt(None, "path", optional=True)
+    key: Path | None = opt(None, "path", optional=True)
+    # Ask clients for a certificate signed by this CA; its subject's CN is the user name.
+    client_ca: Path | None = opt(None, "path", optional=True)
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert is not None
+
+
+@dataclass
+class LimitsConfig:
+    # Longest request line or header line a client may send.
+    max_header_size: int = opt(8 * 1024, "size")
+    # A request must have its response started within this long (upstream waits included).
+    request_timeout: float = opt(120.0, "duration")
+    # Idle keep-alive connections are closed after this long.
+    idle_timeout: float = opt(75.0, "duration")
+    # Requests per second per client address (or user) with bursts of client_burst; 0 = off.
+    client_rate: float = opt(0.0, "float")
+    client_burst: int = opt(100, "int")
 
 
 @dataclass
@@ -266,8 +392,22 @@ class Config:
     def worker_count(self) -> int:
         return self.workers or len(os.sched_getaffinity(0))
 
+    # containerd's ?ns= naming a registry no upstream stands for: refuse (false), or pull
+    # from https://<ns> anonymously (true: an open proxy to any registry; think twice).
+    allow_any_upstream: bool = opt(False, "bool")
+
     cache: CacheConfig = field(default_factory=CacheConfig)
+    # The default upstream (Docker Hub unless set): names without a registry prefix go here.
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    # More upstreams by name, each with the options of `upstream`; reached by ?ns=<host>
+    # or a path prefix /v2/<host or alias>/<repository>/...
+    upstreams: dict[str, UpstreamConfig] = field(
+        default_factory=dict, metadata={"kind": "upstreams", "optional": False, "secret": False}
+    )
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     ui: UiConfig = _ui_field()
@@ -311,7 +451,9 @@ def _apply_mapping(obj: Any, data: Mapping[str, Any], prefix: str = "") -> None:
         if f is None:
             known = ", ".join(sorted(fields))
             raise ConfigError(key, f"unknown option (known here: {known})")
-        if "kind" in f.metadata:
+        if f.metadata.get("kind") == "upstreams":
+            _apply_upstreams(obj, key, raw)
+        elif "kind" in f.metadata:
             _set(obj, key, f, raw)
         elif raw is None:
             continue
@@ -321,9 +463,38 @@ def _apply_mapping(obj: Any, data: Mapping[str, Any], prefix: str = "") -> None:
             raise ConfigError(key, "expected a section (a mapping of options)")
 
 
+UPSTREAM_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+
+def _apply_upstreams(config: Any, key: str, raw: object) -> None:
+    """`upstreams: {name: {url: ..., ...}}`: each entry takes the options of `upstream`."""
+    if raw is None:
+        return
+    if not isinstance(raw, Mapping):
+        raise ConfigError(key, "expected a mapping of upstream names to their options")
+    for name, options in raw.items():
+        name = str(name)
+        if not UPSTREAM_NAME_RE.fullmatch(name) or name == "default":
+            raise ConfigError(
+                f"{key}.{name}",
+                "expected a name of lowercase letters, digits, '.', '_' or '-' (not 'default')",
+            )
+        upstream = config.upstreams.get(name) or UpstreamConfig()
+        if options is not None:
+            if not isinstance(options, Mapping):
+                raise ConfigError(f"{key}.{name}", "expected a section (a mapping of options)")
+            _apply_mapping(upstream, options, f"{key}.{name}.")
+        config.upstreams[name] = upstream
+
+
 def _apply_env(obj: Any, env: Mapping[str, str], prefix: str = "") -> None:
     for name, f in _sections(obj).items():
         key = f"{prefix}{name}"
+        if f.metadata.get("kind") == "upstreams":
+            # Only for upstreams the file names: REGISTRY_MIRROR_UPSTREAMS_<NAME>_<KEY>.
+            for upstream_name, upstream in getattr(obj, name).items():
+                _apply_env(upstream, env, f"{key}.{upstream_name.replace('-', '_')}.")
+            continue
         if "kind" not in f.metadata:
             _apply_env(getattr(obj, name), env, f"{key}.")
             continue
@@ -350,12 +521,13 @@ def load_config(
         if not isinstance(data, Mapping):
             raise ConfigError("--config", f"{path} must hold a mapping of sections")
         _apply_mapping(config, data)
-    _apply_env(config, os.environ if env is None else env)
+    env = os.environ if env is None else env
+    _apply_env(config, env)
     for key, value in (overrides or {}).items():
         if value is not None:
             *sections, name = key.split(".")
             _apply_mapping(config, _nest(sections, {name: value}))
-    validate(config)
+    validate(config, env)
     return config
 
 
@@ -366,8 +538,64 @@ def _nest(sections: list[str], leaf: dict[str, object]) -> dict[str, Any]:
     return data
 
 
-def validate(config: Config) -> None:
+def _validate_upstream(up: UpstreamConfig, key: str, env: Mapping[str, str]) -> None:
+    parts = urlsplit(up.url)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ConfigError(f"{key}.url", f"expected an http(s) URL, got {up.url!r}")
+    if up.library_prefix not in {"auto", "true", "false"}:
+        raise ConfigError(f"{key}.library_prefix", "expected auto, true or false")
+    if up.password_file is not None:
+        try:
+            up.password = up.password_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"{key}.password_file", f"cannot read {up.password_file}: {exc.strerror}"
+            ) from None
+    for field_name in ("username", "password"):
+        var = getattr(up, f"{field_name}_env")
+        if var is not None:
+            if var not in env:
+                raise ConfigError(f"{key}.{field_name}_env", f"${var} is not set")
+            setattr(up, field_name, env[var])
+    if (up.username is None) != (up.password is None):
+        raise ConfigError(f"{key}.username", "username and password go together")
+    if up.ca_file is not None and not up.ca_file.is_file():
+        raise ConfigError(f"{key}.ca_file", f"cannot read {up.ca_file}")
+    for name in ("tag_ttl", "connect_timeout", "read_timeout"):
+        if getattr(up, name) < 0:
+            raise ConfigError(f"{key}.{name}", "expected a duration of zero or more")
+    if up.retries < 0:
+        raise ConfigError(f"{key}.retries", "expected zero or more")
+    if up.max_concurrent_fetches < 0:
+        raise ConfigError(f"{key}.max_concurrent_fetches", "expected 0 (no limit) or more")
+
+
+def _validate_front_door(config: Config) -> None:
+    auth, tls, limits = config.auth, config.tls, config.limits
+    if auth.htpasswd is not None and not auth.htpasswd.is_file():
+        raise ConfigError("auth.htpasswd", f"cannot read {auth.htpasswd}")
+    if config.access.default not in {"allow", "deny"}:
+        raise ConfigError("access.default", "expected allow or deny")
+    if (tls.cert is None) != (tls.key is None):
+        raise ConfigError("tls.cert", "cert and key go together")
+    for name in ("cert", "key", "client_ca"):
+        path = getattr(tls, name)
+        if path is not None and not path.is_file():
+            raise ConfigError(f"tls.{name}", f"cannot read {path}")
+    if tls.client_ca is not None and tls.cert is None:
+        raise ConfigError("tls.client_ca", "client certificates need tls.cert and tls.key")
+    if limits.max_header_size < 1024:
+        raise ConfigError("limits.max_header_size", "expected 1KiB or more")
+    for name in ("request_timeout", "idle_timeout"):
+        if getattr(limits, name) <= 0:
+            raise ConfigError(f"limits.{name}", "expected a duration above zero")
+    if limits.client_rate < 0 or limits.client_burst < 1:
+        raise ConfigError("limits.client_rate", "expected a rate of 0 (off) or more, burst 1+")
+
+
+def validate(config: Config, env: Mapping[str, str] | None = None) -> None:
     """Cross-field and semantic checks that a type alone cannot express."""
+    env = os.environ if env is None else env
     config.listen_address()
     if config.workers < 0:
         raise ConfigError("workers", "expected 0 (one per core) or more")
@@ -388,26 +616,18 @@ def validate(config: Config) -> None:
             raise ConfigError(
                 "cache.pins", f"{pin!r} is not an image reference: {exc.message}"
             ) from None
-    up = config.upstream
-    parts = urlsplit(up.url)
-    if parts.scheme not in {"http", "https"} or not parts.hostname:
-        raise ConfigError("upstream.url", f"expected an http(s) URL, got {up.url!r}")
-    if up.library_prefix not in {"auto", "true", "false"}:
-        raise ConfigError("upstream.library_prefix", "expected auto, true or false")
-    if up.password_file is not None:
-        try:
-            up.password = up.password_file.read_text().strip()
-        except OSError as exc:
-            raise ConfigError(
-                "upstream.password_file", f"cannot read {up.password_file}: {exc.strerror}"
-            ) from None
-    if (up.username is None) != (up.password is None):
-        raise ConfigError("upstream.username", "username and password go together")
-    for key in ("tag_ttl", "connect_timeout", "read_timeout"):
-        if getattr(up, key) < 0:
-            raise ConfigError(f"upstream.{key}", "expected a duration of zero or more")
-    if up.retries < 0:
-        raise ConfigError("upstream.retries", "expected zero or more")
+    _validate_upstream(config.upstream, "upstream", env)
+    hosts: dict[str, str] = {}
+    for name, upstream in config.upstreams.items():
+        key = f"upstreams.{name}"
+        _validate_upstream(upstream, key, env)
+        for host in [*upstream.registry_names(), *upstream.aliases]:
+            if host in hosts:
+                raise ConfigError(f"{key}", f"{host!r} also names upstreams.{hosts[host]}")
+            if "/" in host or not host:
+                raise ConfigError(f"{key}.aliases", f"expected one path segment, got {host!r}")
+            hosts[host] = name
+    _validate_front_door(config)
     if config.log.level.lower() not in {"debug", "info", "warning", "error"}:
         raise ConfigError("log.level", "expected debug, info, warning or error")
     if config.log.format not in {"auto", "json", "console"}:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+from mirror.access import build_policy
 from mirror.cache.blobs import FilesystemBlobStore
 from mirror.cache.eviction import EvictionPlan, Evictor
 from mirror.cache.index import CacheIndex
@@ -21,8 +22,7 @@ from mirror.cache.metadata import LocalMetadataStore
 from mirror.config import Config
 from mirror.mirror import Mirror
 from mirror.reference import Digest, parse_image
-from mirror.upstream.client import UpstreamClient
-from mirror.upstream.routing import Router
+from mirror.upstream.routing import build_router
 
 
 @dataclass
@@ -42,8 +42,7 @@ async def open_cache(config: Config) -> AsyncIterator[CacheHandle]:
     await asyncio.to_thread(store.setup)
     metadata = await asyncio.to_thread(LocalMetadataStore, config.cache.dir / "meta")
     index = await asyncio.to_thread(CacheIndex, config.cache.dir / "index", time.time)
-    router = Router(UpstreamClient("default", config.upstream))
-    mirror = Mirror(store, metadata, index, router)
+    mirror = Mirror(store, metadata, index, build_router(config), policy=build_policy(config))
     try:
         yield CacheHandle(
             config, store, metadata, index, mirror, Evictor(store, index, config.cache, time.time)

@@ -19,25 +19,26 @@ from typing import Literal
 import structlog
 from cachetools import LRUCache
 
-from mirror.access import Policy, Principal
+from mirror.access import ANONYMOUS, Policy, Principal
 from mirror.cache.blobs import FilesystemBlobStore, OpenBlob, is_disk_full
 from mirror.cache.fill import FillBase, FillManager, TailReader, UpstreamBody
 from mirror.cache.index import CacheIndex
 from mirror.cache.locks import FileLocks
-from mirror.cache.metadata import MetadataStore, TagKey, TagRecord
+from mirror.cache.metadata import MetadataStore, Privacy, RepoKey, TagKey, TagRecord
 from mirror.errors import DigestMismatch, RegistryError, UpstreamError
 from mirror.mediatypes import ALL_MANIFESTS, accepts, sniff_media_type
 from mirror.metrics import Metrics
 from mirror.reference import SHA256_RE, Digest, Name, Tag, is_digest, parse_image
 from mirror.singleflight import SingleFlight
 from mirror.upstream.client import FetchedManifest, TagList, UpstreamClient
-from mirror.upstream.routing import Router
+from mirror.upstream.routing import Router, Target
 
 log = structlog.get_logger(__name__)
 
 CacheResult = Literal["hit", "miss", "revalidated", "joined", "bypass", "stale"]
 MANIFEST_MEMORY_BYTES = 64 * 1024 * 1024
 FULL_RETRY_SECONDS = 30.0  # while the disk is full, try caching again this often
+PRIVACY_TTL = 3600.0  # how long a repository's private/public status is trusted
 
 
 @dataclass(frozen=True)
@@ -113,32 +114,120 @@ class Mirror:
         )
         self._manifest_flight: SingleFlight[tuple[str, ...], FetchedManifest] = SingleFlight()
         self._revalidate_flight: SingleFlight[TagKey, bool] = SingleFlight()
+        self._privacy_flight: SingleFlight[RepoKey, bool] = SingleFlight()
+        # Private content exists only where the mirror holds upstream credentials; without
+        # any, every digest is public and no provenance is kept.
+        self.guarded = any(u.config.has_credentials for u in router.upstreams.values())
 
     def may_pull(self, principal: Principal, upstream: str, repository: str) -> bool:
-        """Whether `principal` may pull `repository` (as `upstream` names it) here."""
-        return self.policy.allows(principal, upstream, repository)
+        """Whether `principal` may pull `repository` (as `upstream` names it) here, as far as
+        known without asking the upstream (for listings of what the cache holds)."""
+        client = self.router.upstreams.get(upstream)
+        private = True
+        if client is None or not client.config.has_credentials:
+            private = False
+        else:
+            known = self.metadata.cached_privacy((upstream, repository))
+            private = True if known is None else known.private
+        return self.policy.allows(principal, upstream, repository, private=private)
+
+    # -- access -----------------------------------------------------------------------------
+
+    async def _authorize(self, principal: Principal, target: Target) -> bool:
+        """Refuse a client the policy does not let pull `target`; True if it is private."""
+        private = await self._is_private(target)
+        upstream, repository = target.upstream.name, target.repository
+        if self.policy.allows(principal, upstream, repository, private=private):
+            return private
+        detail = {"repository": target.key}
+        if principal.authenticated:
+            raise RegistryError("DENIED", "you may not pull this repository", detail)
+        raise RegistryError("UNAUTHORIZED", "authentication required to pull this", detail)
+
+    async def _is_private(self, target: Target) -> bool:
+        """Whether anonymous upstream access cannot read `target` (then only clients the
+        policy names may): asked of the upstream without credentials, remembered an hour."""
+        upstream = target.upstream
+        if not upstream.config.has_credentials:
+            return False
+        key: RepoKey = (upstream.name, target.repository)
+        known = await self.metadata.get_privacy(key)
+        if known is not None and (self.offline or self.clock() - known.checked_at < PRIVACY_TTL):
+            return known.private
+        if self.offline:
+            return True
+        try:
+            public = await self._privacy_flight.do(
+                key, lambda: upstream.anonymous_can_read(target.name)
+            )
+        except Exception as exc:
+            if not upstream_trouble(exc):
+                raise
+            return True if known is None else known.private
+        await self.metadata.put_privacy(key, Privacy(not public, self.clock()))
+        return not public
+
+    async def _check_digest(self, target: Target, digest: Digest, private: bool, kind: str) -> None:
+        """Blobs are stored once by digest whatever repository they came from: serve one under
+        `target` only if it is public or known (or, asked now, confirmed) to belong there, so
+        private content never leaks through another repository's name."""
+        if not self.guarded:
+            return
+        origins = await self.metadata.get_origins(digest)
+        if origins is not None and (origins.public or target.key in origins.repos):
+            return
+        code = "BLOB_UNKNOWN" if kind == "blob" else "MANIFEST_UNKNOWN"
+        if self.offline:
+            if origins is None:
+                return  # cached before anything was recorded (e.g. imported): nothing to go by
+            raise RegistryError(code, "blob unknown to this repository", {"digest": digest})
+        try:
+            if kind == "blob":
+                await target.upstream.head_blob(target.name, digest)
+            else:
+                await target.upstream.head_manifest(target.name, digest, list(ALL_MANIFESTS))
+        except RegistryError as exc:
+            if upstream_trouble(exc):
+                raise
+            raise RegistryError(
+                code, f"{kind} unknown to this repository", {"digest": digest}
+            ) from None
+        await self._record(target, [digest], private)
+
+    async def _record(self, target: Target, digests: list[Digest], private: bool) -> None:
+        """Remember that `target` holds `digests` (what `_check_digest` goes by)."""
+        if self.guarded:
+            await self.metadata.add_origin(digests, target.key if private else None)
 
     # -- manifests --------------------------------------------------------------------------
 
     async def manifest(
-        self, name: Name, reference: Tag | Digest, accept: list[str], namespace: str | None = None
+        self,
+        name: Name,
+        reference: Tag | Digest,
+        accept: list[str],
+        namespace: str | None = None,
+        principal: Principal = ANONYMOUS,
     ) -> ManifestAnswer:
-        upstream = self.router.route(name, namespace)
+        target = self.router.route(name, namespace)
+        private = await self._authorize(principal, target)
         if is_digest(reference):
             digest = Digest(reference)
             cached = await self.cached_manifest(digest)
             if cached is not None:
+                await self._check_digest(target, digest, private, "manifest")
                 return ManifestAnswer(cached, "hit")
             if self.offline:
                 raise offline_miss("MANIFEST_UNKNOWN", "manifest")
-            fetched = await self._fetch_manifest(upstream, name, digest, accept)
+            fetched = await self._fetch_manifest(target, digest, accept, private)
             return ManifestAnswer(fetched, "miss")
-        return await self._manifest_by_tag(upstream, name, Tag(reference), accept)
+        return await self._manifest_by_tag(target, Tag(reference), accept, private)
 
     async def _manifest_by_tag(
-        self, upstream: UpstreamClient, name: Name, tag: Tag, accept: list[str]
+        self, target: Target, tag: Tag, accept: list[str], private: bool
     ) -> ManifestAnswer:
-        key: TagKey = (upstream.name, upstream.repository(name), tag)
+        upstream, name = target.upstream, target.name
+        key: TagKey = (upstream.name, target.repository, tag)
         broad = _takes_everything(accept)
         record = await self.metadata.get_tag(key)
         cached = None
@@ -159,7 +248,7 @@ class Mirror:
         if self.offline:
             raise offline_miss("MANIFEST_UNKNOWN", "tag")
         try:
-            fetched = await self._fetch_manifest(upstream, name, tag, accept)
+            fetched = await self._fetch_manifest(target, tag, accept, private)
         except Exception as exc:
             if cached is None or not upstream_trouble(exc):
                 raise
@@ -213,13 +302,16 @@ class Mirror:
         return manifest
 
     async def _fetch_manifest(
-        self, upstream: UpstreamClient, name: Name, reference: str, accept: list[str]
+        self, target: Target, reference: str, accept: list[str], private: bool
     ) -> Manifest:
         """One upstream GET however many ask at once; stored by digest before it is answered."""
-        key = (upstream.name, upstream.repository(name), reference, *sorted(accept))
+        upstream = target.upstream
+        key = (upstream.name, target.repository, reference, *sorted(accept))
 
         async def fetch() -> FetchedManifest:
-            fetched = await upstream.get_manifest(name, reference, accept)
+            fetched = await upstream.get_manifest(target.name, reference, accept)
+            # The upstream vouches for the manifest and everything it references being here.
+            await self._record(target, [fetched.digest, *references(fetched.data)], private)
             try:
                 await self.metadata.put_media_type(fetched.digest, fetched.media_type)
                 if await self.store.stat(fetched.digest) is None:
@@ -239,23 +331,33 @@ class Mirror:
     # -- blobs ------------------------------------------------------------------------------
 
     async def blob(
-        self, name: Name, digest: Digest, *, whole: bool = False, namespace: str | None = None
+        self,
+        name: Name,
+        digest: Digest,
+        *,
+        whole: bool = False,
+        namespace: str | None = None,
+        principal: Principal = ANONYMOUS,
     ) -> BlobAnswer:
         """A blob to serve. On a miss, join or start its fill; `whole` waits for the commit
         (for range requests, which must not be answered from unverified bytes). A pass-through
         answer (disk full) is always the whole blob."""
+        target = self.router.route(name, namespace)
+        private = await self._authorize(principal, target)
+        await self._check_digest(target, digest, private, "blob")
         cached = await self.store.open_for_serving(digest)
         if cached is not None:
             self.index.touch(digest)
             return BlobAnswer(cached.size, "hit", file=cached)
         if self.offline:
             raise offline_miss("BLOB_UNKNOWN", "blob")
-        upstream = self.router.route(name, namespace)
+        upstream, name = target.upstream, target.name
         if self.clock() < self.full_until:
             return await self._pass_through(upstream, name, digest)
 
         async def open_body() -> UpstreamBody:
             stream = await upstream.open_blob(name, digest)
+            await self._record(target, [digest], private)
             return UpstreamBody(stream.size, stream.chunks(), stream.close)
 
         fill, started = self.fills.join(digest, open_body)
@@ -327,9 +429,9 @@ class Mirror:
             if is_digest(reference):
                 await self.collect_digests(Digest(reference), out)
                 continue
-            upstream = self.router.route(name)
+            target = self.router.route(name)
             record = await self.metadata.get_tag(
-                (upstream.name, upstream.repository(name), reference)
+                (target.upstream.name, target.repository, reference)
             )
             if record is not None:
                 await self.collect_digests(record.digest, out)
@@ -345,54 +447,58 @@ class Mirror:
         data = manifest.data if manifest else await self.store.read_bytes(digest, limit)
         if data is None:
             return
-        try:
-            doc = json.loads(data)
-        except ValueError:
-            return
-        if not isinstance(doc, dict):
-            return
-        for child in doc.get("manifests") or []:
-            if isinstance(child, dict) and SHA256_RE.fullmatch(str(child.get("digest"))):
-                await self.collect_digests(Digest(child["digest"]), out)
-        for desc in [doc.get("config"), *(doc.get("layers") or [])]:
-            if isinstance(desc, dict) and SHA256_RE.fullmatch(str(desc.get("digest"))):
-                out.add(Digest(desc["digest"]))
+        children, blobs = _descriptors(data)
+        for child in children:
+            await self.collect_digests(child, out)
+        out.update(blobs)
 
     async def blob_size(
-        self, name: Name, digest: Digest, namespace: str | None = None
+        self,
+        name: Name,
+        digest: Digest,
+        namespace: str | None = None,
+        principal: Principal = ANONYMOUS,
     ) -> tuple[int | None, CacheResult]:
         """For HEAD: the cached size, or the upstream's answer (nothing is fetched)."""
+        target = self.router.route(name, namespace)
+        private = await self._authorize(principal, target)
         size = await self.store.stat(digest)
         if size is not None:
+            await self._check_digest(target, digest, private, "blob")
             return size, "hit"
         if self.offline:
             raise offline_miss("BLOB_UNKNOWN", "blob")
-        upstream = self.router.route(name, namespace)
-        return await upstream.head_blob(name, digest), "bypass"
+        upstream_size = await target.upstream.head_blob(target.name, digest)
+        await self._record(target, [digest], private)
+        return upstream_size, "bypass"
 
     # -- tags list --------------------------------------------------------------------------
 
     async def tags(
-        self, name: Name, params: dict[str, str], namespace: str | None = None
+        self,
+        name: Name,
+        params: dict[str, str],
+        namespace: str | None = None,
+        principal: Principal = ANONYMOUS,
     ) -> TagList:
         """The upstream's tag list, passed through, with its `Link` pointing back at us.
         Offline, the tags the cache holds for the repository."""
-        upstream = self.router.route(name, namespace)
+        target = self.router.route(name, namespace)
+        await self._authorize(principal, target)
         if self.offline:
-            return await self._cached_tags(upstream, name, params)
-        listing = await upstream.list_tags(name, params)
-        upstream_path = f"/v2/{upstream.repository(name)}/tags/list"
+            return await self._cached_tags(target, name, params)
+        listing = await target.upstream.list_tags(target.name, params)
+        upstream_path = f"/v2/{target.repository}/tags/list"
         link = listing.link
         if link and upstream_path != f"/v2/{name}/tags/list":
             link = link.replace(upstream_path, f"/v2/{name}/tags/list")
         return TagList(listing.body, listing.content_type, link)
 
-    async def _cached_tags(
-        self, upstream: UpstreamClient, name: Name, params: dict[str, str]
-    ) -> TagList:
-        repo = upstream.repository(name)
+    async def _cached_tags(self, target: Target, name: Name, params: dict[str, str]) -> TagList:
+        repo = target.repository
+        upstream = target.upstream.name
         records = await asyncio.to_thread(lambda: list(self.metadata.iter_tags()))
-        tags = sorted(t for (up, r, t), _ in records if up == upstream.name and r == repo)
+        tags = sorted(t for (up, r, t), _ in records if up == upstream and r == repo)
         if not tags:
             raise RegistryError("NAME_UNKNOWN", "the mirror is offline and has no tags cached")
         if "last" in params:
@@ -403,6 +509,31 @@ class Mirror:
             link = f'</v2/{name}/tags/list?n={params["n"]}&last={tags[-1]}>; rel="next"'
         body = json.dumps({"name": repo, "tags": tags}).encode()
         return TagList(body, "application/json", link)
+
+
+def _descriptors(data: bytes) -> tuple[list[Digest], list[Digest]]:
+    """A manifest's child manifests (of an index) and blobs (config and layers)."""
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return [], []
+    if not isinstance(doc, dict):
+        return [], []
+
+    def digests(items: object) -> list[Digest]:
+        return [
+            Digest(d["digest"])
+            for d in (items if isinstance(items, list) else [])
+            if isinstance(d, dict) and SHA256_RE.fullmatch(str(d.get("digest")))
+        ]
+
+    return digests(doc.get("manifests")), digests([doc.get("config"), *(doc.get("layers") or [])])
+
+
+def references(data: bytes) -> list[Digest]:
+    """Every digest a manifest names directly."""
+    children, blobs = _descriptors(data)
+    return children + blobs
 
 
 async def verified(

@@ -12,6 +12,7 @@ import contextlib
 import json
 from dataclasses import dataclass, field
 
+from mirror.access import OPERATOR
 from mirror.errors import RegistryError
 from mirror.mediatypes import ALL_MANIFESTS
 from mirror.mirror import Mirror
@@ -49,13 +50,15 @@ async def _image_blobs(
     mirror: Mirror, name: Name, reference: Tag | Digest, platforms: set[str] | None
 ) -> list[tuple[Digest, int]]:
     """Fetch the image's manifests (recording its tag) and list its blobs."""
-    answer = await mirror.manifest(name, reference, list(ALL_MANIFESTS))
+    answer = await mirror.manifest(name, reference, list(ALL_MANIFESTS), principal=OPERATOR)
     manifests = [json.loads(answer.manifest.data)]
     for child in manifests[0].get("manifests") or []:
         if not isinstance(child, dict) or not SHA256_RE.fullmatch(str(child.get("digest"))):
             continue
         if _wanted(_platform_of(child), platforms):
-            sub = await mirror.manifest(name, Digest(child["digest"]), list(ALL_MANIFESTS))
+            sub = await mirror.manifest(
+                name, Digest(child["digest"]), list(ALL_MANIFESTS), principal=OPERATOR
+            )
             manifests.append(json.loads(sub.manifest.data))
     blobs: list[tuple[Digest, int]] = []
     for doc in manifests:
@@ -98,7 +101,7 @@ async def warm(
     async def fetch(image: str, name: Name, digest: Digest, size: int) -> None:
         async with gate:
             try:
-                answer = await mirror.blob(name, digest, whole=True)
+                answer = await mirror.blob(name, digest, whole=True, principal=OPERATOR)
             except RegistryError as exc:
                 summary.failures.append(f"{image}: {digest}: {exc.message}")
                 return

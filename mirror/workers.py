@@ -2,7 +2,7 @@
 
 Each worker is a full `registry-mirror serve` on the shared cache directory; the fill locks in
 the cache make sure only one of them fetches any blob from the upstream, and the others follow
-its temp file. The supervisor passes SIGTERM/SIGINT on, restarts a worker that dies (a few
+its temp file. The supervisor passes SIGTERM/SIGINT/SIGHUP on, restarts a worker that dies (a few
 times a minute at most), and merges their Prometheus metrics through a shared directory.
 """
 
@@ -46,9 +46,15 @@ def supervise(argv: list[str], count: int, cache_dir: Path, shutdown_timeout: fl
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
 
+    def reload(signum: int, _frame: object) -> None:
+        for proc in workers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGHUP)  # each worker reloads its TLS certificate
+
     workers: list[subprocess.Popen[bytes]] = []
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reload)
     workers.extend(subprocess.Popen(cmd, env=env) for _ in range(count))
     log.info("workers_started", count=count, pids=[p.pid for p in workers])
     restarts: deque[float] = deque()

@@ -30,6 +30,29 @@ class TagRecord:
 
 
 TagKey = tuple[str, str, str]  # (upstream name, repository, tag)
+RepoKey = tuple[str, str]  # (upstream name, repository)
+
+
+@dataclass(frozen=True)
+class Origins:
+    """Where a digest is known to come from: some repository anyone may read upstream
+    (`public`), and the private repositories (`upstream/repository`) it was fetched from."""
+
+    public: bool = False
+    repos: frozenset[str] = frozenset()
+
+    def add(self, repo: str | None) -> Origins:
+        if repo is None:
+            return self if self.public else Origins(True, self.repos)
+        return self if repo in self.repos else Origins(self.public, self.repos | {repo})
+
+
+@dataclass(frozen=True)
+class Privacy:
+    """Whether anonymous upstream access can read a repository, as last checked."""
+
+    private: bool
+    checked_at: float
 
 
 class MetadataStore(Protocol):
@@ -42,6 +65,16 @@ class MetadataStore(Protocol):
     async def get_media_type(self, digest: Digest) -> str | None: ...
 
     async def put_media_type(self, digest: Digest, media_type: str) -> None: ...
+
+    async def get_origins(self, digest: Digest) -> Origins | None: ...
+
+    async def add_origin(self, digests: list[Digest], repo: str | None) -> None: ...
+
+    async def get_privacy(self, key: RepoKey) -> Privacy | None: ...
+
+    async def put_privacy(self, key: RepoKey, privacy: Privacy) -> None: ...
+
+    def cached_privacy(self, key: RepoKey) -> Privacy | None: ...
 
     def is_manifest(self, digest: Digest) -> bool: ...
 
@@ -57,6 +90,8 @@ class LocalMetadataStore:
         self._db = diskcache.Cache(str(directory), eviction_policy="none", size_limit=2**40)
         self._tags: LRUCache[TagKey, TagRecord] = LRUCache(memory_entries)
         self._types: LRUCache[Digest, str] = LRUCache(memory_entries)
+        self._origins: LRUCache[Digest, Origins] = LRUCache(memory_entries)
+        self._privacy: LRUCache[RepoKey, Privacy] = LRUCache(10_000)
 
     async def get_tag(self, key: TagKey) -> TagRecord | None:
         record = self._tags.get(key)
@@ -91,6 +126,52 @@ class LocalMetadataStore:
             return
         self._types[digest] = media_type
         await asyncio.to_thread(self._db.set, ("type", digest), media_type)
+
+    async def get_origins(self, digest: Digest) -> Origins | None:
+        origins = self._origins.get(digest)
+        if origins is None:
+            raw = await asyncio.to_thread(self._db.get, ("origin", digest))
+            if raw is None:
+                return None
+            origins = self._origins[digest] = Origins(raw[0], frozenset(raw[1]))
+        return origins
+
+    async def add_origin(self, digests: list[Digest], repo: str | None) -> None:
+        """Record that `repo` (None: a public repository) holds each of `digests`."""
+
+        def update() -> dict[Digest, Origins]:
+            out = {}
+            with self._db.transact():
+                for digest in digests:
+                    raw = self._db.get(("origin", digest))
+                    old = Origins(raw[0], frozenset(raw[1])) if raw else Origins()
+                    new = out[digest] = old.add(repo)
+                    if raw is None or new != old:
+                        self._db.set(("origin", digest), (new.public, sorted(new.repos)))
+            return out
+
+        known = [self._origins.get(d) for d in digests]
+        if all(o is not None and o.add(repo) is o for o in known):
+            return  # nothing new (the common case: a warm pull)
+        self._origins.update(await asyncio.to_thread(update))
+
+    async def get_privacy(self, key: RepoKey) -> Privacy | None:
+        privacy = self._privacy.get(key)
+        if privacy is None:
+            raw = await asyncio.to_thread(self._db.get, ("privacy", *key))
+            if raw is None:
+                return None
+            privacy = self._privacy[key] = Privacy(*raw)
+        return privacy
+
+    def cached_privacy(self, key: RepoKey) -> Privacy | None:
+        """What memory holds (no I/O; for listings that must not wait on the disk)."""
+        return self._privacy.get(key)
+
+    async def put_privacy(self, key: RepoKey, privacy: Privacy) -> None:
+        self._privacy[key] = privacy
+        value = (privacy.private, privacy.checked_at)
+        await asyncio.to_thread(self._db.set, ("privacy", *key), value)
 
     def iter_tags(self) -> Iterator[tuple[TagKey, TagRecord]]:
         """Every tag record (blocking; for `ls`)."""

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import random
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -100,8 +101,24 @@ class UpstreamClient:
         self._sleep = sleep
         self._session: aiohttp.ClientSession | None = None
         self.auth: Authenticator | None = None
+        self.anonymous_auth: Authenticator | None = None  # probes what anyone may read
+        limit = config.max_concurrent_fetches
+        self._slots = asyncio.Semaphore(limit) if limit else None
+
+    def _ssl(self) -> ssl.SSLContext | bool:
+        if self.config.insecure:
+            return False
+        if self.config.ca_file is not None:
+            return ssl.create_default_context(cafile=str(self.config.ca_file))
+        return True
 
     async def start(self) -> None:
+        self.open()
+
+    def open(self) -> None:
+        """Create the pooled session (inside the running event loop)."""
+        if self._session is not None:
+            return
         timeout = aiohttp.ClientTimeout(
             total=None,
             connect=self.config.connect_timeout,
@@ -111,7 +128,7 @@ class UpstreamClient:
         self._session = aiohttp.ClientSession(
             timeout=timeout,
             auto_decompress=False,
-            connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=300),
+            connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=300, ssl=self._ssl()),
             headers={"User-Agent": "registry-mirror", "Accept-Encoding": "identity"},
         )
         self.auth = Authenticator(
@@ -120,6 +137,8 @@ class UpstreamClient:
             self.config.password,
             on_fetch=self.metrics.token_fetches.labels(self.name).inc,
         )
+        if self.config.has_credentials:
+            self.anonymous_auth = Authenticator(self._session, None, None)
 
     async def close(self) -> None:
         if self._session is not None:
@@ -140,9 +159,12 @@ class UpstreamClient:
         headers: Mapping[str, str] | CIMultiDict[str] | None = None,
         params: Mapping[str, str] | None = None,
         follow_redirects: bool = False,
+        anonymous: bool = False,
     ) -> aiohttp.ClientResponse:
         """Send with auth, retries and (optionally) safe redirects; the caller releases it."""
         assert self._session is not None and self.auth is not None
+        authenticator = self.anonymous_auth if anonymous else self.auth
+        assert authenticator is not None
         wait = self.backoff_until - time.monotonic()
         if wait > 0:
             raise UpstreamError(
@@ -156,7 +178,7 @@ class UpstreamClient:
         attempt = 0
         reauthed = False
         while True:
-            auth = await self.auth.header(scope)
+            auth = await authenticator.header(scope)
             hdrs = CIMultiDict(headers or {})
             if auth:
                 hdrs["Authorization"] = auth
@@ -189,8 +211,8 @@ class UpstreamClient:
                         "DENIED", "upstream registry refused access", {"upstream": self.name}
                     )
                 reauthed = True
-                self.auth.learn(challenge)
-                self.auth.forget(scope, rejected=auth)
+                authenticator.learn(challenge)
+                authenticator.forget(scope, rejected=auth)
                 continue
             if resp.status in RETRY_STATUSES and attempt < self.config.retries:
                 resp.release()
@@ -281,8 +303,21 @@ class UpstreamClient:
 
     # -- manifests ------------------------------------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        """One of `max_concurrent_fetches` places (a blob stream keeps its own until closed)."""
+        if self._slots is None:
+            yield
+            return
+        async with self._slots:
+            yield
+
     async def get_manifest(self, repo: Name, reference: str, accept: list[str]) -> FetchedManifest:
         """GET a manifest whole (bounded by `manifest_max_size`), checked against its digest."""
+        async with self._slot():
+            return await self._get_manifest(repo, reference, accept)
+
+    async def _get_manifest(self, repo: Name, reference: str, accept: list[str]) -> FetchedManifest:
         upstream_repo = self.repository(repo)
         resp = await self._request(
             "GET",
@@ -320,12 +355,13 @@ class UpstreamClient:
     async def head_manifest(self, repo: Name, reference: str, accept: list[str]) -> ManifestHead:
         """HEAD a manifest (Docker Hub does not count HEADs against its pull limit)."""
         upstream_repo = self.repository(repo)
-        resp = await self._request(
-            "HEAD",
-            f"/v2/{upstream_repo}/manifests/{reference}",
-            upstream_repo,
-            headers=_accept_headers(accept),
-        )
+        async with self._slot():
+            resp = await self._request(
+                "HEAD",
+                f"/v2/{upstream_repo}/manifests/{reference}",
+                upstream_repo,
+                headers=_accept_headers(accept),
+            )
         async with resp:
             if resp.status != 200:
                 self._raise_for(resp, "MANIFEST_UNKNOWN", repo)
@@ -342,20 +378,29 @@ class UpstreamClient:
     async def open_blob(self, repo: Name, digest: Digest) -> BlobStream:
         """Start a blob GET (following redirects); the body is streamed by the caller."""
         upstream_repo = self.repository(repo)
-        resp = await self._request(
-            "GET", f"/v2/{upstream_repo}/blobs/{digest}", upstream_repo, follow_redirects=True
-        )
-        if resp.status != 200:
-            async with resp:
-                self._raise_for(resp, "BLOB_UNKNOWN", repo)
-        return BlobStream(resp, self.metrics.upstream_fetched_bytes.labels(self.name).inc)
+        if self._slots is not None:
+            await self._slots.acquire()
+        try:
+            resp = await self._request(
+                "GET", f"/v2/{upstream_repo}/blobs/{digest}", upstream_repo, follow_redirects=True
+            )
+            if resp.status != 200:
+                async with resp:
+                    self._raise_for(resp, "BLOB_UNKNOWN", repo)
+        except BaseException:
+            if self._slots is not None:
+                self._slots.release()
+            raise
+        count = self.metrics.upstream_fetched_bytes.labels(self.name).inc
+        return BlobStream(resp, count, self._slots)
 
     async def head_blob(self, repo: Name, digest: Digest) -> int | None:
         """The blob's size if the upstream has it (None if it does not say)."""
         upstream_repo = self.repository(repo)
-        resp = await self._request(
-            "HEAD", f"/v2/{upstream_repo}/blobs/{digest}", upstream_repo, follow_redirects=True
-        )
+        async with self._slot():
+            resp = await self._request(
+                "HEAD", f"/v2/{upstream_repo}/blobs/{digest}", upstream_repo, follow_redirects=True
+            )
         async with resp:
             if resp.status != 200:
                 self._raise_for(resp, "BLOB_UNKNOWN", repo)
@@ -365,9 +410,10 @@ class UpstreamClient:
 
     async def list_tags(self, repo: Name, params: Mapping[str, str]) -> TagList:
         upstream_repo = self.repository(repo)
-        resp = await self._request(
-            "GET", f"/v2/{upstream_repo}/tags/list", upstream_repo, params=params
-        )
+        async with self._slot():
+            resp = await self._request(
+                "GET", f"/v2/{upstream_repo}/tags/list", upstream_repo, params=params
+            )
         async with resp:
             if resp.status != 200:
                 self._raise_for(resp, "NAME_UNKNOWN", repo)
@@ -380,13 +426,35 @@ class UpstreamClient:
                 resp.headers.get("Link"),
             )
 
+    async def anonymous_can_read(self, repo: Name) -> bool:
+        """Whether anyone, with no credentials, may read `repo` upstream (a tag list GET
+        without our credentials). Content of repositories that fail this is private."""
+        if self.anonymous_auth is None:
+            return True
+        upstream_repo = self.repository(repo)
+        async with self._slot():
+            resp = await self._request(
+                "GET", f"/v2/{upstream_repo}/tags/list", upstream_repo,
+                params={"n": "1"}, anonymous=True,
+            )  # fmt: skip
+        async with resp:
+            if resp.status >= 500 or resp.status == 429:
+                self._raise_for(resp, "NAME_UNKNOWN", repo)
+            return resp.status == 200
+
 
 class BlobStream:
     """An upstream blob body: its declared size and its bytes as they arrive."""
 
-    def __init__(self, resp: aiohttp.ClientResponse, count: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        resp: aiohttp.ClientResponse,
+        count: Callable[[int], None],
+        slots: asyncio.Semaphore | None = None,
+    ) -> None:
         self._resp = resp
         self._count = count
+        self._slots = slots  # released on close
         self.size = resp.content_length
 
     async def chunks(self) -> AsyncIterator[bytes]:
@@ -408,6 +476,9 @@ class BlobStream:
 
     async def close(self) -> None:
         self._resp.release()
+        if self._slots is not None:
+            self._slots.release()
+            self._slots = None
 
 
 def _accept_headers(accept: list[str]) -> CIMultiDict[str]:

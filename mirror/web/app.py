@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import structlog
 from aiohttp import web
 
+from mirror.access import ANONYMOUS, Principal, build_policy
 from mirror.cache.blobs import FilesystemBlobStore
 from mirror.cache.eviction import EvictionPlan, Evictor
 from mirror.cache.index import CacheIndex
@@ -20,10 +21,22 @@ from mirror.config import Config, split_host_port
 from mirror.errors import RegistryError, UpstreamError
 from mirror.metrics import UPSTREAM_SECONDS, Metrics
 from mirror.mirror import Mirror
-from mirror.upstream.client import UpstreamClient
-from mirror.upstream.routing import Router
+from mirror.upstream.routing import build_router
 from mirror.web import ops
-from mirror.web.keys import CACHE_RESULT, CONFIG, EVICTOR, MIRROR, REQUEST_ID, ROUTE
+from mirror.web.auth import ClientAuth, TokenSigner
+from mirror.web.keys import (
+    CACHE_RESULT,
+    CLIENT_AUTH,
+    CONFIG,
+    DEADLINE,
+    EVICTOR,
+    MIRROR,
+    PRINCIPAL,
+    RATE_LIMITER,
+    REQUEST_ID,
+    ROUTE,
+)
+from mirror.web.limits import RateLimiter
 from mirror.web.responses import StreamAborted
 from mirror.web.routes import API_VERSION_HEADERS, dispatch
 from mirror.web.ui import setup_ui
@@ -47,14 +60,30 @@ async def access_and_errors(request: web.Request, handler) -> web.StreamResponse
     started = time.perf_counter()
     status = 500
     response: web.StreamResponse | None = None
+    principal = ANONYMOUS
     try:
         try:
-            response = await handler(request)
+            request[PRINCIPAL] = principal = await _identify(request)
+            _rate_limit(request, principal)
+            # Until the response starts (then streaming has its own idle time-outs).
+            async with asyncio.timeout(request.app[CONFIG].limits.request_timeout) as deadline:
+                request[DEADLINE] = deadline
+                try:
+                    response = await handler(request)
+                finally:
+                    request.pop(DEADLINE, None)
+        except TimeoutError:
+            response = _error_response(
+                RegistryError("UNAVAILABLE", "the request took too long", status=504)
+            )
         except RegistryError as exc:
             if isinstance(exc, UpstreamError):
                 log.warning(
                     "upstream_fetch_failed", path=request.path, error=exc.message, detail=exc.detail
                 )
+            auth = request.app.get(CLIENT_AUTH)
+            if exc.status == 401 and auth is not None and "WWW-Authenticate" not in exc.headers:
+                exc.headers.update(auth.challenge(request))
             response = _error_response(exc)
         except StreamAborted as exc:
             status = 502
@@ -84,6 +113,37 @@ async def access_and_errors(request: web.Request, handler) -> web.StreamResponse
             upstream_ms=round(sum(upstream_time) * 1000, 2),
             cache=cache,
             request_id=request_id,
+            user=principal.name,
+        )
+
+
+async def _identify(request: web.Request) -> Principal:
+    """Who the client is. With client auth on, `/v2/` challenges clients that sent nothing,
+    so engines holding credentials fetch a token with them (and the others an anonymous one)."""
+    auth = request.app.get(CLIENT_AUTH)
+    if auth is None:
+        return ANONYMOUS
+    principal = await auth.identify(request)
+    if principal.authenticated or not request.path.startswith("/v2"):
+        return principal
+    if request.path in ("/v2", "/v2/") and "Authorization" not in request.headers:
+        raise auth.unauthorized(request, "authenticate (or fetch an anonymous token) first")
+    if not auth.config.anonymous:
+        raise auth.unauthorized(request, "this mirror needs credentials")
+    return principal
+
+
+def _rate_limit(request: web.Request, principal: Principal) -> None:
+    limiter = request.app.get(RATE_LIMITER)
+    if limiter is None or not request.path.startswith("/v2"):
+        return
+    wait = limiter.take(principal.name or request.remote or "")
+    if wait > 0:
+        raise RegistryError(
+            "TOOMANYREQUESTS",
+            "too many requests from this client",
+            {"retry_after_seconds": round(wait, 2)},
+            headers={"Retry-After": str(int(wait) + 1)},
         )
 
 
@@ -110,6 +170,9 @@ def _count(
 
 
 async def _add_common_headers(request: web.Request, response: web.StreamResponse) -> None:
+    deadline = request.get(DEADLINE)
+    if deadline is not None:
+        deadline.reschedule(None)  # the response has started: the request time-out is over
     response.headers.update(API_VERSION_HEADERS)
     if REQUEST_ID in request:
         response.headers["X-Request-ID"] = request[REQUEST_ID]
@@ -122,6 +185,13 @@ def make_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.A
     """
     app = web.Application(middlewares=[access_and_errors], client_max_size=1024)
     app[CONFIG] = config
+    if config.limits.client_rate:
+        app[RATE_LIMITER] = RateLimiter(config.limits.client_rate, config.limits.client_burst)
+    if config.auth.htpasswd is not None or config.tls.client_ca is not None:
+        signer = TokenSigner.from_file(config.cache.dir / "token.key")
+        client_auth = ClientAuth(config.auth, signer, client_certs=config.tls.client_ca is not None)
+        app[CLIENT_AUTH] = client_auth
+        app.router.add_get("/token", client_auth.token)
     app.cleanup_ctx.append(functools.partial(_lifecycle, clock=clock))
     app.cleanup_ctx.append(_metrics_listener)
     app.on_response_prepare.append(_add_common_headers)
@@ -161,14 +231,27 @@ async def _lifecycle(app: web.Application, *, clock: Callable[[], float]) -> Asy
     metadata = await asyncio.to_thread(LocalMetadataStore, config.cache.dir / "meta")
     index = await asyncio.to_thread(CacheIndex, config.cache.dir / "index", clock)
     metrics = Metrics()
-    router = Router(UpstreamClient("default", config.upstream, metrics=metrics))
+    router = build_router(config, metrics)
     await router.start()
     mirror = app[MIRROR] = Mirror(
-        store, metadata, index, router, metrics=metrics, offline=config.offline, clock=clock
+        store,
+        metadata,
+        index,
+        router,
+        metrics=metrics,
+        offline=config.offline,
+        clock=clock,
+        policy=build_policy(config),
     )
     evictor = app[EVICTOR] = Evictor(store, index, config.cache, clock)
     housekeeping = asyncio.ensure_future(_housekeeping(mirror, evictor, config))
-    log.info("mirror_started", cache_dir=str(config.cache.dir), upstream=config.upstream.url)
+    log.info(
+        "mirror_started",
+        cache_dir=str(config.cache.dir),
+        upstream=config.upstream.url,
+        upstreams={name: u.base_url for name, u in router.upstreams.items()},
+        client_auth=CLIENT_AUTH in app,
+    )
     try:
         yield
     finally:

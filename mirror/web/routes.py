@@ -16,7 +16,7 @@ from mirror.errors import RegistryError
 from mirror.mediatypes import split_accept
 from mirror.mirror import BlobAnswer
 from mirror.reference import Name, parse_digest, parse_name, parse_reference, parse_tag
-from mirror.web.keys import CACHE_RESULT, MIRROR, ROUTE
+from mirror.web.keys import CACHE_RESULT, MIRROR, PRINCIPAL, ROUTE
 from mirror.web.responses import SendfileResponse, stream_bytes, stream_fill
 
 API_VERSION_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
@@ -80,7 +80,9 @@ async def manifest(request: web.Request, route: Route) -> web.StreamResponse:
     assert route.name is not None and route.reference is not None
     reference = parse_reference(route.reference)
     accept = split_accept(request.headers.getall("Accept", []))
-    answer = await request.app[MIRROR].manifest(route.name, reference, accept, _namespace(request))
+    answer = await request.app[MIRROR].manifest(
+        route.name, reference, accept, _namespace(request), request[PRINCIPAL]
+    )
     request[CACHE_RESULT] = answer.cache
     m = answer.manifest
     headers = {"Content-Type": m.media_type, **_digest_headers(m.digest)}
@@ -101,8 +103,9 @@ async def blob(request: web.Request, route: Route) -> web.StreamResponse:
         "Cache-Control": "max-age=31536000, immutable",
         **_digest_headers(digest),
     }
+    namespace, principal = _namespace(request), request[PRINCIPAL]
     if request.method == "HEAD":
-        size, result = await mirror.blob_size(route.name, digest, _namespace(request))
+        size, result = await mirror.blob_size(route.name, digest, namespace, principal)
         request[CACHE_RESULT] = result
         head = web.StreamResponse(headers=headers)
         if size is not None:
@@ -110,10 +113,13 @@ async def blob(request: web.Request, route: Route) -> web.StreamResponse:
         await head.prepare(request)
         return head
     if _not_modified(request, digest) and await mirror.store.stat(digest) is not None:
-        request[CACHE_RESULT] = "hit"
+        _, result = await mirror.blob_size(route.name, digest, namespace, principal)  # access
+        request[CACHE_RESULT] = result
         return web.Response(status=304, headers=headers)
     wants_range = "Range" in request.headers
-    answer = await mirror.blob(route.name, digest, whole=wants_range, namespace=_namespace(request))
+    answer = await mirror.blob(
+        route.name, digest, whole=wants_range, namespace=namespace, principal=principal
+    )
     request[CACHE_RESULT] = answer.cache
     if answer.reader is not None:
         return await stream_fill(request, answer.reader, answer.size, headers)
@@ -167,7 +173,9 @@ async def tags(request: web.Request, route: Route) -> web.Response:
         params["n"] = n
     if "last" in request.query:
         params["last"] = parse_tag(request.query["last"])
-    listing = await request.app[MIRROR].tags(route.name, params, _namespace(request))
+    listing = await request.app[MIRROR].tags(
+        route.name, params, _namespace(request), request[PRINCIPAL]
+    )
     request[CACHE_RESULT] = "bypass"
     headers = {"Content-Type": listing.content_type}
     if listing.link:

@@ -8,6 +8,7 @@ from pathlib import Path
 import aiohttp
 
 from tests.fixtures.fake_upstream import FakeUpstream
+from tests.fixtures.htpasswd import basic, write_htpasswd
 from tests.fixtures.mirror_server import mirror_config, running_mirror, sha256_digest
 
 
@@ -16,14 +17,18 @@ async def test_basic_challenge_uses_configured_credentials(
 ) -> None:
     fake.basic_auth = ("bob", "hunter2")
     digest = fake.add_blob(os.urandom(1000))
-    config = mirror_config(tmp_path, fake.url, username="bob", password="hunter2")
-    async with (
-        running_mirror(config) as base,
-        aiohttp.ClientSession() as s,
-        s.get(f"{base}/v2/lib/app/blobs/{digest}") as resp,
-    ):
-        assert resp.status == 200
-        assert sha256_digest(await resp.read()) == digest
+    # Nothing there is readable without credentials, so the mirror's clients must log in too.
+    users = write_htpasswd(tmp_path / "htpasswd", {"alice": "alice-pw"})
+    config = mirror_config(
+        tmp_path, fake.url, username="bob", password="hunter2", settings={"auth.htpasswd": users}
+    )
+    url = f"/v2/lib/app/blobs/{digest}"
+    async with running_mirror(config) as base, aiohttp.ClientSession() as s:
+        async with s.get(base + url) as resp:
+            assert resp.status == 401  # anonymous: private content is never theirs
+        async with s.get(base + url, headers=basic("alice", "alice-pw")) as resp:
+            assert resp.status == 200
+            assert sha256_digest(await resp.read()) == digest
     assert fake.token_requests == 0
 
 

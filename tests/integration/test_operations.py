@@ -86,7 +86,7 @@ def test_access_log_and_no_secrets(upstream: Upstream, tmp_path: Path) -> None:
     import httpx
 
     user, password = upstream.reader
-    image = upstream.images["private"]
+    image = upstream.images["team"]  # public: anonymous clients never get private content
     mirror = MirrorProcess(
         tmp_path / "cache",
         upstream.url,
