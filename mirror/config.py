@@ -342,7 +342,7 @@ class UiConfig:
     path: str = "/ui/"
 
 
-_UI_RESERVED = ("/v2/", "/metrics/", "/healthz/", "/readyz/")
+_UI_RESERVED = ("/v2/", "/token/", "/metrics/", "/healthz/", "/readyz/")
 
 
 def _parse_ui(value: object) -> UiConfig:
@@ -369,7 +369,7 @@ def _parse_ui(value: object) -> UiConfig:
 _KINDS["ui"] = (
     _parse_ui,
     "true, false, a path such as /ui/, or {enabled: true|false, path: /ui/}"
-    " (not under /v2/, /metrics, /healthz or /readyz)",
+    " (not under /v2/, /token, /metrics, /healthz or /readyz)",
 )
 
 

@@ -51,7 +51,8 @@ SECURITY_HEADERS = {
         "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
     ),
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # Not "no-referrer": with it, browsers send `Origin: null` on our own form posts.
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
 
@@ -500,10 +501,10 @@ async def _warm(request: web.Request, reference: str) -> web.Response:
     principal = principal_of(request)
     try:
         name, _ = parse_image(reference)
-        upstream = mirror.router.route(name)
+        target = mirror.router.route(name)
     except RegistryError as exc:
         return _redirect(state.root + "?" + urlencode({"msg": f"cannot warm: {exc.message}"}))
-    if not mirror.may_pull(principal, upstream.name, upstream.repository(name)):
+    if not mirror.may_pull(principal, target.upstream.name, target.repository):
         return _refuse(request, 403, "you may not pull that repository")
     job = WarmJob(reference, principal.name or "?")
     state.warms.append(job)

@@ -13,11 +13,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
+from mirror.cli import main
 from tests.fixtures.browser import Browser
+from tests.fixtures.htpasswd import write_htpasswd
 from tests.fixtures.mirror_server import MirrorProcess, sha256_digest
 from tests.fixtures.real_upstream import Upstream
 from tests.fixtures.synthetic_images import Image
@@ -149,3 +152,71 @@ def test_overview_and_contents_agree_with_metrics(
         assert any("/ui/static/ui.js" in u for u in browser.requested)  # the log is real
     finally:
         mirror.stop()
+
+
+USERS = {"admin": "admin-secret", "viewer": "viewer-secret"}
+
+
+def test_admin_pins_in_the_browser_and_a_viewer_cannot(
+    upstream: Upstream, tmp_path: Path, browser: Browser, capsys: pytest.CaptureFixture[str]
+) -> None:
+    small, multi = upstream.images["small"], upstream.images["multi"]
+    users = write_htpasswd(tmp_path / "htpasswd", USERS)
+    conf = tmp_path / "mirror.yaml"
+    conf.write_text(yaml.safe_dump({"auth": {"htpasswd": str(users), "admins": ["admin"]}}))
+    cache = tmp_path / "cache"
+    mirror = MirrorProcess(
+        cache, upstream.url, "--config", str(conf), log_path=tmp_path / "mirror.log"
+    )
+    mirror.start()
+    viewer = ("viewer", USERS["viewer"])
+    try:
+        for image in (small, multi):
+            pull(mirror.url, image, auth=viewer)
+        settled_metrics(mirror.url, entry_count(small, multi))
+        assert httpx.get(f"{mirror.url}/ui/", auth=("admin", "wrong")).status_code == 401
+        repo_page = f"{mirror.url}/ui/repository?u=default&r={small.repo}"
+        form = {"u": "default", "r": small.repo, "t": small.tag}
+
+        # A viewer: read-only page, and a POST is refused even with its own valid CSRF token.
+        browser.authenticate(*viewer)
+        browser.get(repo_page)
+        assert "viewer" in browser.find("#who").text and "read-only" in browser.find("#who").text
+        assert browser.find(f"tr[data-tag='{small.tag}']").get_attribute("data-pinned") == "false"
+        assert not browser.find_all("button[data-action]") and not browser.find_all("form")
+        forged = browser.driver.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            "fetch(arguments[0], {method: 'POST', body: new URLSearchParams(arguments[1])})"
+            ".then(r => done(r.status));",
+            f"{mirror.url}/ui/actions/pin",
+            {**form, "csrf": "x" * 43},
+        )
+        assert forged == 403
+        with httpx.Client(base_url=mirror.url, auth=viewer) as c:
+            c.get("/ui/contents")
+            token = c.cookies["registry_mirror_csrf"]
+            r = c.post(
+                "/ui/actions/pin", data={**form, "csrf": token}, headers={"Origin": mirror.url}
+            )
+            assert r.status_code == 403
+        browser.screenshot("ui-repository-viewer")
+
+        # The admin: the buttons are there, and a click pins the image.
+        browser.authenticate("admin", USERS["admin"])
+        browser.get(repo_page)
+        assert "admin" in browser.find("#who").text
+        browser.find(f"tr[data-tag='{small.tag}'] button[data-action=pin]").click()
+        assert "pinned " + small.ref in browser.find("#flash").text
+        row = browser.find(f"tr[data-tag='{small.tag}']")
+        assert row.get_attribute("data-pinned") == "true"
+        assert row.find_elements(By.CSS_SELECTOR, "button[data-action=unpin]")
+        browser.screenshot("ui-repository-admin")
+        assert browser.foreign_requests(mirror.url) == []
+    finally:
+        mirror.stop()
+
+    # The CLI reads the same pins.
+    capsys.readouterr()
+    assert main(["ls", "--cache-dir", str(cache)]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows[small.repo].endswith("pinned") and not rows[multi.repo].endswith("pinned")
