@@ -31,7 +31,7 @@ from mirror.contents import Catalog, evict_image, select
 from mirror.errors import RegistryError
 from mirror.mirror import Mirror
 from mirror.progress import Progress
-from mirror.reference import Digest, parse_image
+from mirror.reference import Digest, parse_image, parse_name
 from mirror.stats import Sampler, parse_scrape
 from mirror.warm import warm
 from mirror.web import ui_support as s
@@ -363,13 +363,30 @@ async def repository(request: web.Request) -> web.Response:
     if row is None:
         return _refuse(request, 404, "no such repository in the cache")
     own_pins = await asyncio.to_thread(request.app[MIRROR].index.pins)
-    context = {"page": "contents", "repo": row, "own_pins": own_pins, "pin_ref": pin_ref}
+    context = {
+        "page": "contents",
+        "repo": row,
+        "own_pins": own_pins,
+        "pin_ref": lambda u, r, t: pin_ref(request.app[MIRROR], u, r, t),
+    }
     return _render(request, "repository.html", context)
 
 
-def pin_ref(repository: str, tag: str) -> str:
-    """The image reference a pin is stored under, as `registry-mirror pin` takes it."""
-    return f"{repository}:{tag}"
+def pin_ref(mirror: Mirror, upstream: str, repository: str, tag: str) -> str:
+    """The image reference a pin is stored under, as `registry-mirror pin` takes it: the name
+    a client pulls by, which routes back to this upstream and repository (a prefix for any
+    upstream but the default)."""
+    client = mirror.router.upstreams.get(upstream)
+    names = [repository]
+    if client is not None and client is not mirror.router.default:
+        prefixes = [*client.config.aliases, *sorted(client.config.registry_names())]
+        names = [f"{prefix}/{repository}" for prefix in prefixes] or names
+    for name in names:
+        with contextlib.suppress(RegistryError):
+            target = mirror.router.route(parse_name(name))
+            if (target.upstream.name, target.repository) == (upstream, repository):
+                return f"{name}:{tag}"
+    return f"{names[0]}:{tag}"
 
 
 async def image(request: web.Request) -> web.Response:
@@ -396,8 +413,7 @@ async def image(request: web.Request) -> web.Response:
         "record": record,
         "tag_row": tag_row,
         "platforms": platforms,
-        "own_pin": pin_ref(repo, tag) in own_pins,
-        "ref": pin_ref(repo, tag),
+        "own_pin": pin_ref(mirror, upstream, repo, tag) in own_pins,
     }
     return _render(request, "image.html", context)
 
@@ -466,7 +482,7 @@ async def action(request: web.Request) -> web.Response:
     record = await mirror.metadata.get_tag((upstream, repo, tag))
     if record is None:
         return _refuse(request, 404, "no such image in the cache")
-    ref = pin_ref(repo, tag)
+    ref = pin_ref(mirror, upstream, repo, tag)
     back = f"{state.root}repository?" + urlencode({"u": upstream, "r": repo})
     if what in ("pin", "unpin"):
         await _set_pin(mirror, ref, what == "pin")

@@ -19,7 +19,8 @@ from mirror.contents import Catalog, evict_image, select
 from mirror.mirror import Mirror
 from mirror.reference import Digest
 from mirror.upstream.client import UpstreamClient
-from mirror.upstream.routing import Router
+from mirror.upstream.routing import Router, build_router
+from mirror.web.ui import pin_ref
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -184,3 +185,31 @@ async def test_index_of_platforms_is_listed_with_each_platform(mirror: Mirror) -
     assert multi is not None
     latest = next(t for t in multi.tags if t.tag == "latest")
     assert not latest.complete  # the arm64 layer is not cached
+
+
+async def test_pin_refs_route_back_to_their_upstream(tmp_path: Path) -> None:
+    conf = tmp_path / "mirror.yaml"
+    conf.write_text(
+        "upstreams:\n  ghcr:\n    url: https://ghcr.io\n    aliases: [gh]\n"
+        "  quay:\n    url: https://quay.io\n"
+    )
+    config = load_config(conf, env={}, overrides={"cache.dir": str(tmp_path)})
+    store = FilesystemBlobStore(tmp_path)
+    store.setup()
+    metadata = LocalMetadataStore(tmp_path / "meta")
+    index = CacheIndex(tmp_path / "index", time.time)
+    m = Mirror(store, metadata, index, build_router(config))
+    try:
+        assert pin_ref(m, "default", "library/alpine", "3.19") == "library/alpine:3.19"
+        assert pin_ref(m, "ghcr", "acme/app", "v1") == "gh/acme/app:v1"
+        assert pin_ref(m, "quay", "org/tool", "2") == "quay.io/org/tool:2"
+        layer = await put(m, b"quay layer")
+        doc = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": [
+            {"mediaType": "x/layer", "digest": layer, "size": 10}]}  # fmt: skip
+        manifest = await put(m, json.dumps(doc).encode(), "manifest")
+        await m.metadata.put_tag(("quay", "org/tool", "2"), TagRecord(manifest, OCI_MANIFEST, 1))
+        # The CLI's and the eviction policy's reading of that pin finds the image.
+        assert await m.pinned_digests([pin_ref(m, "quay", "org/tool", "2")]) == {manifest, layer}
+    finally:
+        index.close()
+        metadata.close()
