@@ -1,6 +1,7 @@
 """How fast the operator page's contents views are with 100,000 cached blobs.
 
-Usage: PYTHONPATH=. python benchmarks/ui_contents.py [--images N] [--blobs-per-image N] [--workdir D]
+Usage: PYTHONPATH=. python benchmarks/ui_contents.py [--images N] [--blobs-per-image N]
+       [--workdir DIR]
 
 Builds a cache directory with `images` tagged images (5 tags per repository), each a manifest
 referencing `blobs-per-image` blobs (config + layers): 100,000 blobs by default, every one with
