@@ -35,7 +35,7 @@ from mirror.reference import Digest, parse_image, parse_name
 from mirror.stats import Sampler, parse_scrape
 from mirror.warm import warm
 from mirror.web import ui_support as s
-from mirror.web.keys import CONFIG, EVICTOR, MIRROR, PRINCIPAL
+from mirror.web.keys import CLIENT_AUTH, CONFIG, EVICTOR, MIRROR, PRINCIPAL
 
 log = structlog.get_logger(__name__)
 
@@ -179,7 +179,8 @@ def _render(
         "admin": principal.admin,
         "csrf": token,
         "csrf_field": s.CSRF_FIELD,
-        "msg": request.query.get("msg", "")[:300],
+        "can_sign_in": _passwords(request),
+        "msg": _flash(request, token),
         "static": lambda name: request.app.router[STATIC].url_for(filename=name),
         "now": time.time(),
         **context,
@@ -198,6 +199,21 @@ def _render(
     return response
 
 
+def _done(request: web.Request, location: str, message: str) -> web.Response:
+    """Redirect after an action, with a message only this session's pages will show (signed
+    with its CSRF token: a link from elsewhere cannot put words on the page)."""
+    token = request.cookies.get(s.CSRF_COOKIE, "")
+    query = urlencode({"msg": message, "sig": s.sign(token, message)})
+    return _redirect(location + ("&" if "?" in location else "?") + query)
+
+
+def _flash(request: web.Request, token: str) -> str:
+    message = request.query.get("msg", "")
+    if message and s.sign(token, message) == request.query.get("sig"):
+        return message
+    return ""
+
+
 def _refuse(request: web.Request, status: int, message: str) -> web.Response:
     return _render(request, "error.html", {"status": status, "message": message}, status)
 
@@ -206,15 +222,16 @@ def _gate(request: web.Request) -> web.Response | None:
     """Anonymous viewers of a mirror that admits no anonymous pulls are asked to sign in."""
     principal = principal_of(request)
     if not principal.authenticated and not request.app[MIRROR].policy.anonymous:
-        return _login_challenge()
+        return _login_challenge(request)
     return None
 
 
-def _login_challenge() -> web.Response:
+def _login_challenge(request: web.Request) -> web.Response:
+    realm = request.app[CONFIG].auth.realm.replace('"', "")
     return web.Response(
         status=401,
         text="sign in to see this mirror's operator page\n",
-        headers={"WWW-Authenticate": 'Basic realm="registry-mirror", charset="UTF-8"'},
+        headers={"WWW-Authenticate": f'Basic realm="{realm}", charset="UTF-8"'},
     )
 
 
@@ -448,9 +465,16 @@ def _platforms(catalog: Catalog, digest: Digest) -> list[dict[str, Any]]:
 
 async def login(request: web.Request) -> web.Response:
     """Makes the browser ask for credentials (HTTP Basic), then returns to the page."""
+    if not _passwords(request):
+        return _refuse(request, 404, "this mirror has no client passwords (auth.htpasswd)")
     if not principal_of(request).authenticated:
-        return _login_challenge()
+        return _login_challenge(request)
     return _redirect(request.app[UI].root)
+
+
+def _passwords(request: web.Request) -> bool:
+    auth = request.app.get(CLIENT_AUTH)
+    return auth is not None and auth.htpasswd is not None
 
 
 # -- actions ---------------------------------------------------------------------------------
@@ -488,20 +512,20 @@ async def action(request: web.Request) -> web.Response:
         await _set_pin(mirror, ref, what == "pin")
         await state.catalog.refresh()
         log.info("ui_" + what, image=ref, user=principal.name)
-        return _redirect(back + "&" + urlencode({"msg": f"{what}ned {ref}"}))
+        return _done(request, back, f"{what}ned {ref}")
     # evict
     snapshot = await state.catalog.snapshot(fresh=True)
     row = snapshot.repo(upstream, repo)
     tag_row = next((t for t in row.tags if t.tag == tag), None) if row else None
     if tag_row is not None and tag_row.pinned:
-        return _redirect(back + "&" + urlencode({"msg": f"{ref} is pinned: unpin it first"}))
+        return _done(request, back, f"{ref} is pinned: unpin it first")
     result = await evict_image(mirror, state.catalog, (upstream, repo, tag))
     msg = (
         f"evicted {ref}: removed {len(result.removed)} files ({s.human_bytes(result.freed)}), "
         f"kept {result.kept_shared} shared with other images, {result.kept_busy} being fetched"
     )
     log.info("ui_evict", image=ref, user=principal.name, freed=result.freed)
-    return _redirect(f"{state.root}contents?" + urlencode({"msg": msg}))
+    return _done(request, f"{state.root}contents", msg)
 
 
 async def _set_pin(mirror: Mirror, ref: str, pin: bool) -> None:
@@ -519,7 +543,7 @@ async def _warm(request: web.Request, reference: str) -> web.Response:
         name, _ = parse_image(reference)
         target = mirror.router.route(name)
     except RegistryError as exc:
-        return _redirect(state.root + "?" + urlencode({"msg": f"cannot warm: {exc.message}"}))
+        return _done(request, state.root, f"cannot warm: {exc.message}")
     if not mirror.may_pull(principal, target.upstream.name, target.repository):
         return _refuse(request, 403, "you may not pull that repository")
     job = WarmJob(reference, principal.name or "?")
@@ -549,4 +573,4 @@ async def _warm(request: web.Request, reference: str) -> web.Response:
     state.tasks.add(task)
     task.add_done_callback(state.tasks.discard)
     log.info("ui_warm", image=reference, user=principal.name)
-    return _redirect(state.root + "?" + urlencode({"msg": f"warming {reference}"}))
+    return _done(request, state.root, f"warming {reference}")

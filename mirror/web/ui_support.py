@@ -54,6 +54,12 @@ def csrf_problem(
     return None
 
 
+def sign(key: str, message: str) -> str:
+    """A short MAC of `message` under a session's token (for messages carried in a URL)."""
+    mac = hmac.new(key.encode(), message.encode(), "sha256").hexdigest()
+    return mac[:32]
+
+
 def human_bytes(n: float | None) -> str:
     if n is None:
         return "-"

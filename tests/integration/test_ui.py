@@ -175,6 +175,10 @@ def test_admin_pins_in_the_browser_and_a_viewer_cannot(
             pull(mirror.url, image, auth=viewer)
         settled_metrics(mirror.url, entry_count(small, multi))
         assert httpx.get(f"{mirror.url}/ui/", auth=("admin", "wrong")).status_code == 401
+        r = httpx.get(f"{mirror.url}/ui/login")  # what the page's "sign in" link does
+        assert r.status_code == 401 and r.headers["WWW-Authenticate"].startswith("Basic ")
+        r = httpx.get(f"{mirror.url}/ui/login", auth=viewer)
+        assert r.status_code == 303 and r.headers["Location"] == "/ui/"
         repo_page = f"{mirror.url}/ui/repository?u=default&r={small.repo}"
         form = {"u": "default", "r": small.repo, "t": small.tag}
 

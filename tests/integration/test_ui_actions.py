@@ -107,6 +107,9 @@ async def test_admin_actions_csrf_and_policy(upstream: Upstream, tmp_path: Path)
             for image in (small, multi, team):
                 assert f'data-repository="{image.repo}"' in html
             assert "actions/" not in html  # no buttons, no warm form
+            assert "sign in" not in html and (await anon.page("/ui/login"))[0] == 404  # no auth
+            _, html = await anon.page("/ui/?msg=Call+0800+now&sig=0")
+            assert "0800" not in html  # messages in URLs are shown only when the page signed them
             repo_page = f"/ui/repository?u=default&r={small.repo}"
             assert "actions/pin" not in (await viewer.page(repo_page))[1]
             assert "actions/pin" in (await admin.page(repo_page))[1]

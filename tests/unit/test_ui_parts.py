@@ -110,6 +110,13 @@ def test_csrf_double_submit_and_origin() -> None:
     assert s.csrf_problem(token, token, **{**same, "fetch_site": "same-site"}) is not None
 
 
+def test_signed_messages() -> None:
+    token = s.new_csrf_token()
+    assert s.sign(token, "pinned x") == s.sign(token, "pinned x")
+    assert s.sign(token, "pinned x") != s.sign(token, "pinned y")
+    assert s.sign(token, "pinned x") != s.sign(s.new_csrf_token(), "pinned x")
+
+
 def test_numbers_for_people() -> None:
     assert s.human_bytes(512) == "512 B"
     assert s.human_bytes(3 * 2**30) == "3.0 GiB"
