@@ -72,7 +72,8 @@ def _check_cache_dir(config: Config) -> None:
 
 
 def serve(config: Config, argv: list[str], *, reuse_port: bool = False) -> int:
-    from mirror.web.app import make_app  # the web layer is only for the serving command
+    from mirror.web import tls  # the web layer is only for the serving command
+    from mirror.web.app import handler_options, make_app
 
     _check_cache_dir(config)
     setup_logging(config.log.level, config.log.format)
@@ -87,19 +88,15 @@ def serve(config: Config, argv: list[str], *, reuse_port: bool = False) -> int:
     app.on_startup.append(_freeze_heap)
     ssl_context = None
     if config.tls.enabled:
-        from mirror.web import tls
-
         try:
             ssl_context = tls.make_context(config.tls)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError("tls.cert", f"cannot load the certificate and key: {exc}") from None
 
-        async def _reload_on_sighup(app: web.Application) -> None:
-            assert ssl_context is not None
-            tls.reload_on_sighup(ssl_context, config.tls)
+    async def _reload_on_sighup(app: web.Application) -> None:
+        tls.reload_on_sighup(ssl_context, config.tls)
 
-        app.on_startup.append(_reload_on_sighup)
-    limit = config.limits.max_header_size
+    app.on_startup.append(_reload_on_sighup)
     web.run_app(
         app,
         host=host,
@@ -110,7 +107,7 @@ def serve(config: Config, argv: list[str], *, reuse_port: bool = False) -> int:
         keepalive_timeout=config.limits.idle_timeout,
         ssl_context=ssl_context,
         reuse_port=reuse_port,
-        handler_args={"max_line_size": limit, "max_field_size": limit},
+        handler_args=handler_options(config),
     )
     return 0
 

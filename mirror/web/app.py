@@ -178,6 +178,12 @@ async def _add_common_headers(request: web.Request, response: web.StreamResponse
         response.headers["X-Request-ID"] = request[REQUEST_ID]
 
 
+def handler_options(config: Config) -> dict[str, int]:
+    """Connection-level limits for aiohttp's request handler (header sizes)."""
+    limit = config.limits.max_header_size
+    return {"max_line_size": limit, "max_field_size": limit}
+
+
 def make_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.Application:
     """The mirror as an aiohttp application; storage and upstream sessions open on start-up.
 

@@ -33,10 +33,15 @@ def load(context: ssl.SSLContext, tls: TlsConfig) -> None:
     context.load_cert_chain(str(tls.cert), str(tls.key))
 
 
-def reload_on_sighup(context: ssl.SSLContext, tls: TlsConfig) -> None:
-    """Install the SIGHUP handler (call inside the serving event loop)."""
+def reload_on_sighup(context: ssl.SSLContext | None, tls: TlsConfig) -> None:
+    """Install the SIGHUP handler (call inside the serving event loop). Without TLS there is
+    nothing to reload (the htpasswd file is re-read when it changes), but SIGHUP, as sent by
+    `systemctl reload`, must still not end the process."""
 
     def reload() -> None:
+        if context is None:
+            log.info("reload_requested", reloaded=[])
+            return
         try:
             load(context, tls)
         except (OSError, ssl.SSLError) as exc:

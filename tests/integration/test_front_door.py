@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from tests.fixtures.certs import CertAuthority
+from tests.fixtures.engines import Containerd, Dockerd
 from tests.fixtures.htpasswd import basic, write_htpasswd
 from tests.fixtures.mirror_server import MirrorProcess, sha256_digest
 from tests.fixtures.real_upstream import Upstream
@@ -344,8 +345,13 @@ def test_tls_with_the_test_ca_client_certificates_and_reload_on_sighup(
         )  # fmt: skip
         assert result.returncode != 0
 
-        # SIGHUP: a renewed certificate is served to new connections, without a restart.
+        # SIGHUP: a renewed certificate is served to new connections, without a restart,
+        # and a connection opened before it keeps working.
         assert _served_serial(mirror, ca) == first_serial
+        context = ssl.create_default_context(cafile=str(ca.ca_path))
+        raw = socket.create_connection(("127.0.0.1", mirror.port), timeout=10)
+        kept = context.wrap_socket(raw, server_hostname="127.0.0.1")
+        assert _get_base(kept) == 401  # challenged: this mirror has logins
         new_cert, new_key, second_serial = ca.issue("127.0.0.1", "renewed", server=True)
         os.replace(new_key, key)
         os.replace(new_cert, cert)
@@ -357,9 +363,24 @@ def test_tls_with_the_test_ca_client_certificates_and_reload_on_sighup(
             time.sleep(0.1)
         assert _served_serial(mirror, ca) == second_serial
         assert mirror.proc.poll() is None and mirror.proc.pid == pid
+        assert _get_base(kept) == 401  # the old connection, still open, still served
+        kept.close()
     finally:
         mirror.stop()
     assert any(e.get("event") == "tls_reloaded" for e in mirror.log_events())
+
+
+def _get_base(conn: ssl.SSLSocket) -> int:
+    """GET /v2/ on an open keep-alive connection; the status code."""
+    conn.sendall(b"GET /v2/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+    while len(body) < length:
+        body += conn.recv(65536)
+    return int(head.split(b" ")[1])
 
 
 def _served_serial(mirror: MirrorProcess, ca: CertAuthority) -> int:
@@ -373,3 +394,60 @@ def _served_serial(mirror: MirrorProcess, ca: CertAuthority) -> int:
         der = tls.getpeercert(binary_form=True)
     assert der is not None
     return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_engines_through_a_front_door_dockerd_anonymous_containerd_logged_in_by_ns(
+    upstream: Upstream, vendor_upstream: Upstream, tmp_path: Path
+) -> None:
+    """With client auth on, dockerd (no login) still pulls public images through the token
+    flow, and containerd logged in as alice reaches the vendor registry by `?ns=`."""
+    vendor = vendor_upstream
+    settings = two_upstreams(tmp_path, upstream, vendor)
+    mirror = start_mirror(tmp_path, settings, env={"DEFAULT_UPSTREAM_PW": upstream.reader[1]})
+    try:
+        small = upstream.images["small"]
+        dockerd = Dockerd(mirror.url)
+        dockerd.start()
+        try:
+            dockerd.pull("small")
+            assert small.digest in dockerd.repo_digests("small")
+        finally:
+            dockerd.stop()
+        app = vendor.images["app"]
+        containerd = Containerd(mirror.url, registries=("docker.io", "vendor.example"))
+        containerd.start()
+        try:
+            ref = f"vendor.example/{app.ref}"
+            containerd.pull(ref, "--user", f"alice:{USERS['alice']}")
+            assert containerd.image_digest(ref) == app.digest
+            with pytest.raises(AssertionError):  # bob may not pull the vendor's images
+                containerd.pull(ref.replace(":1", "@" + app.digest), "--user", "bob:bob-pw")
+        finally:
+            containerd.stop()
+    finally:
+        mirror.stop()
+    requests = [e for e in mirror.log_events() if e.get("event") == "request"]
+    assert any(e["user"] == "bob" and e["status"] == 403 for e in requests)
+    for blob in small.blobs:
+        assert any(
+            f"/blobs/{blob.digest}" in e["path"] and e["status"] == 200 and e["user"] is None
+            for e in requests
+        )
+    for blob in app.blobs:
+        assert any(
+            f"/blobs/{blob.digest}" in e["path"]
+            and "ns=vendor.example" in e["path"]
+            and e["status"] == 200
+            and e["user"] == "alice"
+            for e in requests
+        )
+
+
+def test_sighup_without_tls_keeps_serving(mirror: MirrorProcess) -> None:
+    """`systemctl reload` sends SIGHUP whatever the config: it must never stop the mirror."""
+    assert mirror.proc is not None
+    os.kill(mirror.proc.pid, signal.SIGHUP)
+    time.sleep(0.5)
+    assert mirror.proc.poll() is None
+    assert httpx.get(f"{mirror.url}/v2/").status_code == 200
+    assert any(e.get("event") == "reload_requested" for e in mirror.log_events())

@@ -134,3 +134,61 @@ def test_registry_names_for_containerd_ns() -> None:
         },
     )
     assert lab.upstream.registry_names() == {"docker.io", "registry.lab"}
+
+
+def test_named_upstreams_with_credentials_from_env_and_file(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_text("from-file\n")
+    conf = tmp_path / "mirror.yaml"
+    conf.write_text(
+        "upstreams:\n"
+        "  ghcr:\n    url: https://ghcr.io\n    username: me\n    password_env: GHCR_TOKEN\n"
+        f"  quay:\n    url: https://quay.io\n    username: me\n    password_file: {tmp_path}/pw\n"
+        "    tag_ttl: 1h\n"
+    )
+    config = load_config(
+        conf, env={"GHCR_TOKEN": "from-env", "REGISTRY_MIRROR_UPSTREAMS_QUAY_RETRIES": "7"}
+    )
+    assert config.upstreams["ghcr"].password == "from-env"
+    assert config.upstreams["quay"].password == "from-file"
+    assert config.upstreams["quay"].tag_ttl == 3600 and config.upstreams["quay"].retries == 7
+    assert "from-env" not in repr(config) and "from-file" not in repr(config)
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "key"),
+    [
+        ("upstreams:\n  Bad Name:\n    url: https://x.io\n", "upstreams.Bad Name"),
+        ("upstreams:\n  default:\n    url: https://x.io\n", "upstreams.default"),
+        ("upstreams:\n  a:\n    url: ftp://x\n", "upstreams.a.url"),
+        ("upstreams:\n  a:\n    tag_tll: 1m\n", "upstreams.a.tag_tll"),
+        ("upstreams:\n  a:\n    username: u\n    password_env: NOPE_NOT_SET\n",
+         "upstreams.a.password_env"),
+        ("upstreams:\n  a: {url: 'https://x.io'}\n  b: {url: 'https://x.io'}\n", "upstreams.b"),
+        ("auth:\n  htpasswd: /nonexistent/htpasswd\n", "auth.htpasswd"),
+        ("access:\n  rules: [{who: [x], action: maybe}]\n", "access.rules"),
+        ("access:\n  default: perhaps\n", "access.default"),
+        ("tls:\n  cert: /nonexistent.pem\n", "tls.cert"),
+        ("limits:\n  client_rate: fast\n", "limits.client_rate"),
+    ],
+)  # fmt: skip
+def test_front_door_config_errors_name_the_key(tmp_path: Path, yaml_text: str, key: str) -> None:
+    conf = tmp_path / "mirror.yaml"
+    conf.write_text(yaml_text)
+    with pytest.raises(ConfigError) as err:
+        load_config(conf, env={})
+    assert err.value.key == key
+    assert "\n" not in str(err.value)
+
+
+def test_four_upstreams_example_is_valid(tmp_path: Path) -> None:
+    """conf/upstreams.yaml, with its secrets and files supplied as an operator would."""
+    files = {}
+    for key in ("auth.htpasswd", "upstreams.vendor.password_file", "upstreams.vendor.ca_file",
+                "tls.cert", "tls.key"):  # fmt: skip
+        files[key] = tmp_path / key
+        files[key].write_text("x\n")
+    env = {"DOCKERHUB_USER": "u", "DOCKERHUB_TOKEN": "t", "GHCR_USER": "g", "GHCR_TOKEN": "t"}
+    config = load_config(SHIPPED.parent / "upstreams.yaml", env=env, overrides=files)
+    assert sorted(config.upstreams) == ["ghcr", "k8s", "quay", "vendor"]
+    assert config.upstreams["ghcr"].password == "t" and config.upstreams["vendor"].has_credentials
+    assert [r.action for r in config.access.rules] == ["allow", "deny"]
