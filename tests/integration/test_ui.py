@@ -163,16 +163,24 @@ def test_admin_pins_in_the_browser_and_a_viewer_cannot(
     small, multi = upstream.images["small"], upstream.images["multi"]
     users = write_htpasswd(tmp_path / "htpasswd", USERS)
     conf = tmp_path / "mirror.yaml"
-    conf.write_text(yaml.safe_dump({"auth": {"htpasswd": str(users), "admins": ["admin"]}}))
+    hidden = {"who": ["viewer"], "repositories": [f"default/{multi.repo}"], "action": "deny"}
+    conf.write_text(
+        yaml.safe_dump(
+            {
+                "auth": {"htpasswd": str(users), "admins": ["admin"]},
+                "access": {"rules": [hidden]},  # the viewer may not pull library/multi
+            }
+        )
+    )
     cache = tmp_path / "cache"
     mirror = MirrorProcess(
         cache, upstream.url, "--config", str(conf), log_path=tmp_path / "mirror.log"
     )
     mirror.start()
-    viewer = ("viewer", USERS["viewer"])
+    viewer, admin = ("viewer", USERS["viewer"]), ("admin", USERS["admin"])
     try:
-        for image in (small, multi):
-            pull(mirror.url, image, auth=viewer)
+        pull(mirror.url, small, auth=viewer)
+        pull(mirror.url, multi, auth=admin)
         settled_metrics(mirror.url, entry_count(small, multi))
         assert httpx.get(f"{mirror.url}/ui/", auth=("admin", "wrong")).status_code == 401
         r = httpx.get(f"{mirror.url}/ui/login")  # what the page's "sign in" link does
@@ -181,6 +189,18 @@ def test_admin_pins_in_the_browser_and_a_viewer_cannot(
         assert r.status_code == 303 and r.headers["Location"] == "/ui/"
         repo_page = f"{mirror.url}/ui/repository?u=default&r={small.repo}"
         form = {"u": "default", "r": small.repo, "t": small.tag}
+
+        # A viewer sees only what it may pull; the admin sees everything.
+        browser.authenticate(*viewer)
+        browser.get(f"{mirror.url}/ui/contents")
+        listed = {e.get_attribute("data-repository") for e in browser.find_all("tr.repo")}
+        assert listed == {small.repo}
+        browser.get(f"{mirror.url}/ui/image?u=default&r={multi.repo}&t={multi.tag}")
+        assert browser.find("#error-message").text == "no such image in the cache"
+        browser.authenticate(*admin)
+        browser.get(f"{mirror.url}/ui/contents")
+        listed = {e.get_attribute("data-repository") for e in browser.find_all("tr.repo")}
+        assert listed == {small.repo, multi.repo}
 
         # A viewer: read-only page, and a POST is refused even with its own valid CSRF token.
         browser.authenticate(*viewer)
@@ -206,7 +226,7 @@ def test_admin_pins_in_the_browser_and_a_viewer_cannot(
         browser.screenshot("ui-repository-viewer")
 
         # The admin: the buttons are there, and a click pins the image.
-        browser.authenticate("admin", USERS["admin"])
+        browser.authenticate(*admin)
         browser.get(repo_page)
         assert "admin" in browser.find("#who").text
         browser.find(f"tr[data-tag='{small.tag}'] button[data-action=pin]").click()
