@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,9 +20,11 @@ from aiohttp.test_utils import TestServer
 from yarl import URL
 
 from mirror.access import Policy, Principal, Rule
+from mirror.cache.fill import UpstreamBody
+from mirror.reference import Digest
 from mirror.web.app import make_app
 from mirror.web.keys import MIRROR, PRINCIPAL
-from tests.fixtures.mirror_server import mirror_config, sha256_digest
+from tests.fixtures.mirror_server import mirror_config, running_app, sha256_digest
 from tests.fixtures.real_upstream import Upstream
 from tests.integration.test_cache_policy import cached, pull
 
@@ -175,3 +178,45 @@ async def test_admin_actions_csrf_and_policy(upstream: Upstream, tmp_path: Path)
             assert status == 404
             status, html = await admin.page(f"/ui/image?u=default&r={team.repo}&t={team.tag}")
             assert status == 200 and team.digest in html
+
+
+async def test_overview_shows_fills_backoff_and_pull_budget(tmp_path: Path) -> None:
+    """What the overview says while a blob streams in and the upstream is backing off."""
+    gate = asyncio.Event()
+    digest = Digest("sha256:" + "ab" * 32)
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"x" * 3000
+        await gate.wait()
+
+    async def nothing() -> None:
+        return None
+
+    async def open_body() -> UpstreamBody:
+        return UpstreamBody(10_000, body(), nothing)
+
+    async with (
+        running_app(mirror_config(tmp_path, "http://127.0.0.1:9")) as (base, app),
+        aiohttp.ClientSession() as s,
+    ):
+        mirror = app[MIRROR]
+        fill, started = mirror.fills.join(digest, open_body)
+        assert started
+        await fill.wait_started()
+        for _ in range(500):  # the first bytes reach the temp file
+            if fill.written >= 3000:
+                break
+            await asyncio.sleep(0.01)
+        upstream = mirror.router.upstreams["default"]
+        upstream.backoff_until = time.monotonic() + 120
+        upstream.last_failure = "HTTP 503"
+        mirror.metrics.ratelimit_remaining.labels("default").set(42)
+        async with s.get(f"{base}/ui/") as r:
+            html = await r.text()
+        gate.set()
+    assert 'id="fill-count">1<' in html
+    assert f'title="{digest}"' in html and '<progress max="10000" value="3000">' in html
+    row = re.search(r'<tr data-upstream="default">(.*?)</tr>', html, re.S)
+    assert row is not None
+    assert "backing off" in row[1] and "HTTP 503" in row[1] and ">42<" in row[1]
+    assert re.search(r"1[12][0-9] s left", row[1])
