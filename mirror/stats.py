@@ -89,7 +89,7 @@ class Sampler:
 
     def __init__(
         self,
-        read: Callable[[], dict[str, float]],
+        read: Callable[[], dict[str, float]] | None = None,
         *,
         keys: Iterable[str] = tuple(TOTALS),
         windows: dict[str, tuple[float, int]] | None = None,
@@ -117,7 +117,9 @@ class Sampler:
             if taken < self._taken:
                 return
             self._taken = taken
-        current = self._read() if current is None else current
+        if current is None:
+            assert self._read is not None, "a Sampler without a reader is given its readings"
+            current = self._read()
         previous = self._last or current  # the first reading is the baseline
         self._last = current
         for key in self.keys:

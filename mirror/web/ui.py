@@ -69,10 +69,15 @@ class WarmJob:
 @dataclass
 class UiState:
     root: str
-    catalog: Catalog
-    sampler: Sampler
+    sampler: Sampler = field(default_factory=Sampler)
     warms: list[WarmJob] = field(default_factory=list)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _catalog: Catalog | None = None  # needs the mirror: made at start-up
+
+    @property
+    def catalog(self) -> Catalog:
+        assert self._catalog is not None, "the operator page's lifecycle has not started"
+        return self._catalog
 
 
 UI = web.AppKey("ui", UiState)
@@ -110,26 +115,20 @@ def setup_ui(app: web.Application, config: Config) -> None:
     r.add_get(root + "login", login)
     r.add_post(root + "actions/{action:pin|unpin|warm|evict}", action)
     r.add_static(root + "static/", HERE / "static", name=STATIC, append_version=True)
-    app[UI] = UiState(root, None, None)  # type: ignore[arg-type]  # filled at start-up
+    app[UI] = UiState(root)
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     mirror = app[MIRROR]
     state = app[UI]
-    state.catalog = Catalog(mirror, app[CONFIG].cache.pins)
-
-    def read_totals() -> dict[str, float]:
-        mirror.refresh_gauges()
-        return parse_scrape(mirror.metrics.scrape()).totals
-
-    state.sampler = Sampler(read_totals)
+    state._catalog = Catalog(mirror, app[CONFIG].cache.pins)
 
     async def sample_forever() -> None:
         while True:
             try:
                 taken = time.monotonic()
-                totals = await asyncio.to_thread(read_totals)
-                state.sampler.sample(totals, taken)
+                text = await asyncio.to_thread(mirror.metrics.scrape)
+                state.sampler.sample(parse_scrape(text).totals, taken)
             except Exception:
                 log.exception("ui_sample_failed")
             await asyncio.sleep(SAMPLE_SECONDS)

@@ -127,12 +127,12 @@ def test_overview_and_contents_agree_with_metrics(
         assert not browser.find_all("button[data-action]")  # anonymous: read-only
         browser.screenshot("ui-contents")
         search = browser.find("#search")
-        search.send_keys("team", Keys.ENTER)
+        browser.navigate_by(lambda: search.send_keys("team", Keys.ENTER))
         listed = {e.get_attribute("data-repository") for e in browser.find_all("tr.repo")}
         assert listed == {team.repo}
 
         browser.get(f"{mirror.url}/ui/contents?q=multi")
-        browser.find(f"tr.repo[data-repository='{multi.repo}'] a.tag").click()
+        browser.click_and_wait(f"tr.repo[data-repository='{multi.repo}'] a.tag")
         platforms = [e.get_attribute("data-platform") for e in browser.find_all("section.platform")]
         assert platforms == [f"linux/{c.platform['architecture']}" for c in multi.children]  # type: ignore[index]
         layers = browser.find_all("tr[data-digest]")
@@ -141,7 +141,7 @@ def test_overview_and_contents_agree_with_metrics(
         }
         assert all(e.get_attribute("data-cached") == "true" for e in layers)
         browser.screenshot("ui-image")
-        browser.driver.find_element(By.LINK_TEXT, multi.repo).click()
+        browser.navigate_by(browser.driver.find_element(By.LINK_TEXT, multi.repo).click)
         assert [e.get_attribute("data-tag") for e in browser.find_all("tr[data-tag]")] == [
             multi.tag
         ]
@@ -229,7 +229,7 @@ def test_admin_pins_in_the_browser_and_a_viewer_cannot(
         browser.authenticate(*admin)
         browser.get(repo_page)
         assert "admin" in browser.find("#who").text
-        browser.find(f"tr[data-tag='{small.tag}'] button[data-action=pin]").click()
+        browser.click_and_wait(f"tr[data-tag='{small.tag}'] button[data-action=pin]")
         assert "pinned " + small.ref in browser.find("#flash").text
         row = browser.find(f"tr[data-tag='{small.tag}']")
         assert row.get_attribute("data-pinned") == "true"
