@@ -363,7 +363,8 @@ class Mirror:
         fill, started = self.fills.join(digest, open_body)
         if started and fill.task is not None:
             fill.task.add_done_callback(lambda _t: self._fill_ended(fill))
-        result: CacheResult = "miss" if started else "joined"
+        # Joining a fill whose bytes all verified already costs no upstream traffic: a hit.
+        result: CacheResult = "miss" if started else "hit" if fill.verified else "joined"
         try:
             if whole:
                 await fill.wait_done()

@@ -51,8 +51,15 @@ class BlobWriter(Protocol):
 
     async def write(self, data: bytes) -> None: ...
 
+    async def write_chunks(self, chunks: list[bytes]) -> None:
+        """Several pieces in order, without joining them first (one copy fewer)."""
+
+    async def verify(self) -> None:
+        """Check size and digest (raises `DigestMismatch`): from then on the bytes may be
+        released to readers, before they are durable, since a crash only loses the temp file."""
+
     async def commit(self) -> None:
-        """Verify size and digest, make durable, make visible. Raises `DigestMismatch`."""
+        """Verify (unless done), make durable, make visible. Raises `DigestMismatch`."""
 
     async def abort(self) -> None: ...
 
@@ -204,6 +211,7 @@ class FileBlobWriter:
         self.tmp_path = store.tmp_dir / name
         self._fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self._done = False
+        self._verified = False
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
             if size:
@@ -215,21 +223,63 @@ class FileBlobWriter:
             raise
 
     async def write(self, data: bytes) -> None:
-        # Hash and write in two worker threads at once: hashlib and os.write both release the
+        await self.write_chunks([data])
+
+    async def write_chunks(self, chunks: list[bytes]) -> None:
+        # Hash and write in two worker threads at once: hashlib and os.writev both release the
         # GIL on large buffers, so they overlap each other and the event loop's network reads.
         await asyncio.gather(
-            asyncio.to_thread(self._hash.update, data), asyncio.to_thread(self._write_all, data)
+            asyncio.to_thread(self._hash_all, chunks), asyncio.to_thread(self._write_all, chunks)
         )
-        self.written += len(data)
+        self.written += sum(map(len, chunks))
 
-    def _write_all(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
+    def _hash_all(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self._hash.update(chunk)
+
+    def _write_all(self, chunks: list[bytes]) -> None:
+        views = [memoryview(c) for c in chunks if c]
+        first = 0
+        while first < len(views):
+            n = os.writev(self._fd, views[first : first + IOV_MAX])
+            while n:
+                if n >= len(views[first]):
+                    n -= len(views[first])
+                    first += 1
+                else:
+                    views[first] = views[first][n:]
+                    n = 0
 
     def open_tail(self) -> int:
         return os.open(self.tmp_path, os.O_RDONLY)
+
+    @property
+    def verified_marker(self) -> Path:
+        """Exists once the bytes verified: followers in other processes may send the last byte."""
+        return verified_marker(self.tmp_path)
+
+    async def verify(self) -> None:
+        try:
+            await asyncio.to_thread(self._verify, True)
+        except BaseException:
+            await self.abort()
+            raise
+
+    def _verify(self, mark: bool = False) -> None:
+        if self._verified:
+            return
+        actual = "sha256:" + self._hash.hexdigest()
+        if self.expected_size is not None and self.written != self.expected_size:
+            raise UpstreamError(
+                "upstream sent a body of the wrong length",
+                {"digest": self.digest, "expected": self.expected_size, "got": self.written},
+            )
+        if actual != self.digest:
+            raise DigestMismatch(self.digest, actual)
+        self._verified = True
+        if mark:
+            with contextlib.suppress(OSError):  # followers then wait for the commit instead
+                os.close(os.open(self.verified_marker, os.O_WRONLY | os.O_CREAT, 0o644))
 
     async def commit(self) -> None:
         try:
@@ -239,19 +289,14 @@ class FileBlobWriter:
             raise
 
     def _commit(self) -> None:
-        actual = "sha256:" + self._hash.hexdigest()
-        if self.expected_size is not None and self.written != self.expected_size:
-            raise UpstreamError(
-                "upstream sent a body of the wrong length",
-                {"digest": self.digest, "expected": self.expected_size, "got": self.written},
-            )
-        if actual != self.digest:
-            raise DigestMismatch(self.digest, actual)
+        self._verify()
         os.fsync(self._fd)
         final = self.store.path_for(self.digest)
         final.parent.mkdir(exist_ok=True)
         os.replace(self.tmp_path, final)
         _fsync_dir(final.parent)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.verified_marker)
         self._close()
 
     async def abort(self) -> None:
@@ -260,8 +305,9 @@ class FileBlobWriter:
     def _abort(self) -> None:
         if self._done:
             return
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.tmp_path)
+        for path in (self.tmp_path, self.verified_marker):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         self._close()
 
     def _close(self) -> None:
@@ -270,6 +316,11 @@ class FileBlobWriter:
             os.close(self._fd)
 
 
+def verified_marker(tmp_path: Path) -> Path:
+    return tmp_path.with_name(tmp_path.name + ".ok")
+
+
+IOV_MAX = 1024
 _FALLOC_FL_KEEP_SIZE = 1
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 

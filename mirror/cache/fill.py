@@ -3,7 +3,7 @@
 One `Fill` per missing digest pulls the upstream body (an async byte iterator, so this module
 never imports `upstream/`), writes it through a `BlobWriter` that hashes it, and lets any number
 of readers follow the temp file as the bytes land in it. A reader never receives the last byte
-before the digest verified: until commit it stays at least one byte behind the writer, and if
+before the digest verified: until then it stays at least one byte behind the writer, and if
 the fill fails it raises, so the web layer aborts the client's connection short of a
 complete-looking body. The fill runs in its own task: a reader that goes away cancels nothing.
 """
@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 import structlog
 
-from mirror.cache.blobs import BlobStore, BlobWriter, FilesystemBlobStore
+from mirror.cache.blobs import BlobStore, BlobWriter, FilesystemBlobStore, verified_marker
 from mirror.cache.locks import FileLocks
 from mirror.errors import DigestMismatch, UpstreamError
 from mirror.reference import Digest
@@ -42,6 +42,7 @@ class UpstreamBody:
 class FillState(enum.Enum):
     STARTING = "starting"
     STREAMING = "streaming"
+    VERIFIED = "verified"  # every byte is in and matches: readers may finish; being made durable
     COMMITTED = "committed"
     FAILED = "failed"
 
@@ -55,6 +56,7 @@ class FillBase:
         self.size: int | None = None
         self.written = 0
         self.fetched = False  # committed by this fill (not found already in the store)
+        self.verified = False  # stays True once set, even if making it durable then fails
         self.error: BaseException | None = None
         self._tail_fd: int | None = None
         self._changed = asyncio.Event()
@@ -79,7 +81,7 @@ class FillBase:
 
     async def wait_done(self) -> None:
         """Wait until the blob is committed (raising the fill's error if it was not)."""
-        while self.state in (FillState.STARTING, FillState.STREAMING):
+        while self.state in (FillState.STARTING, FillState.STREAMING, FillState.VERIFIED):
             await self._changed.wait()
         if self.state is FillState.FAILED:
             assert self.error is not None
@@ -120,6 +122,12 @@ class Fill(FillBase):
             self.state = FillState.STREAMING
             self._notify()
             await self._pump(body.chunks, self._writer)
+            # Verified bytes go to readers at once; fsync + rename (slow for big blobs on
+            # slow disks) happen while the clients already have everything.
+            await self._writer.verify()
+            self.verified = True
+            self.state = FillState.VERIFIED
+            self._notify()
             await self._writer.commit()
             self.size = self.written
             self.fetched = True
@@ -149,25 +157,27 @@ class Fill(FillBase):
         reach tail readers at once and fast ones go in large batches; past 2 x BATCH_SIZE
         buffered, reading waits for the drain (memory stays flat).
         """
-        buf = bytearray()
+        pending: list[bytes] = []  # the body's own chunks, never copied on the event loop
+        pending_bytes = 0
 
         async def drain() -> None:
-            while buf:
-                data = bytes(buf)
-                buf.clear()
-                await writer.write(data)
+            nonlocal pending, pending_bytes
+            while pending:
+                batch, pending, pending_bytes = pending, [], 0
+                await writer.write_chunks(batch)
                 self.written = writer.written
                 self._notify()
 
         worker: asyncio.Task[None] | None = None
         try:
             async for chunk in chunks:
-                buf += chunk
+                pending.append(chunk)
+                pending_bytes += len(chunk)
                 if worker is None or worker.done():
                     if worker is not None:
                         worker.result()
                     worker = asyncio.ensure_future(drain())
-                elif len(buf) >= 2 * BATCH_SIZE:
+                elif pending_bytes >= 2 * BATCH_SIZE:
                     await worker
             if worker is not None:
                 await worker
@@ -192,6 +202,7 @@ class RemoteFill(FillBase):
         super().__init__(digest)
         self.store = store
         self.locks = locks
+        self._tail_path = store.tmp_dir
 
     async def run(self) -> None:
         try:
@@ -220,6 +231,7 @@ class RemoteFill(FillBase):
             if found is not None:
                 with contextlib.suppress(FileNotFoundError):
                     self._tail_fd = os.open(found[0], os.O_RDONLY)
+                    self._tail_path = found[0]
                     self.size = found[1]
                     self.state = FillState.STREAMING
         try:
@@ -235,6 +247,10 @@ class RemoteFill(FillBase):
             return True
         if self._tail_fd is not None:
             self.written = os.fstat(self._tail_fd).st_size
+            if not self.verified and verified_marker(self._tail_path).exists():
+                self.written = os.fstat(self._tail_fd).st_size  # complete before the marker
+                self.verified = True
+                self.state = FillState.VERIFIED
         if not self.locks.is_held(self.digest) and not final.exists():
             raise UpstreamError("the worker fetching this blob gave up", {"digest": self.digest})
         return False
@@ -256,12 +272,12 @@ class TailReader:
         pos = 0
         while True:
             changed = fill._changed
-            committed = fill.state is FillState.COMMITTED
-            limit = fill.written if committed else fill.written - 1
+            released = fill.verified or fill.state is FillState.COMMITTED
+            limit = fill.written if released else fill.written - 1
             if pos < limit:
                 yield pos, limit - pos
                 pos = limit
-            elif committed:
+            elif released:
                 return
             elif fill.state is FillState.FAILED:
                 assert fill.error is not None
@@ -340,8 +356,11 @@ class FillManager:
             self.on_commit(fill.digest, fill.written)
 
     async def close(self) -> None:
-        """Cancel fills still running (shutdown); their temp files are discarded."""
+        """Shutdown: fills already verified finish their commit (clients have their bytes;
+        only the fsync and rename remain); the others are cancelled and their temp files
+        discarded."""
         tasks = [f.task for f in self._fills.values() if f.task is not None]
-        for task in tasks:
-            task.cancel()
+        for fill in self._fills.values():
+            if fill.task is not None and not fill.verified:
+                fill.task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

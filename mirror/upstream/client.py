@@ -35,6 +35,7 @@ log = structlog.get_logger(__name__)
 RETRY_STATUSES = frozenset({502, 503, 504})
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
+READ_BUFFER = 1024 * 1024  # per-response buffer: fewer pause/resume round trips on big blobs
 BACKOFF_BASE = 0.2  # seconds; doubled each attempt, with jitter
 BACKOFF_MAX = 5.0
 OUTAGE_BASE = 5.0  # after a failed request (retries spent): leave the upstream alone this long,
@@ -128,6 +129,7 @@ class UpstreamClient:
         self._session = aiohttp.ClientSession(
             timeout=timeout,
             auto_decompress=False,
+            read_bufsize=READ_BUFFER,
             connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=300, ssl=self._ssl()),
             headers={"User-Agent": "registry-mirror", "Accept-Encoding": "identity"},
         )

@@ -10,7 +10,13 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.fixtures.fake_upstream import FakeUpstream, Fault
-from tests.fixtures.mirror_server import cached_files, mirror_config, running_mirror, sha256_digest
+from tests.fixtures.mirror_server import (
+    cached_files,
+    mirror_config,
+    running_mirror,
+    sha256_digest,
+    wait_cached,
+)
 
 BLOB = os.urandom(3 * 1024 * 1024 + 17)
 
@@ -45,6 +51,7 @@ async def test_bad_body_is_never_served_complete_nor_kept(
         del fake.faults[digest]
         data = await get_blob(base, "lib/app", digest)
         assert sha256_digest(data) == digest
+        wait_cached(tmp_path, digest)
         assert cached_files(tmp_path)["blobs"] == [digest.split(":")[1]]
 
 

@@ -17,7 +17,7 @@ from mirror.cache.index import CacheIndex
 from mirror.web.app import run_policy
 from mirror.web.keys import CONFIG, EVICTOR, MIRROR
 from tests.fixtures.clock import Clock
-from tests.fixtures.mirror_server import mirror_config, running_app, sha256_digest
+from tests.fixtures.mirror_server import fills_settled, mirror_config, running_app, sha256_digest
 from tests.fixtures.real_upstream import Upstream
 from tests.fixtures.synthetic_images import Image
 from tests.integration.test_manifests import ACCEPT_ALL
@@ -67,9 +67,13 @@ async def test_budget_evicts_least_recently_served_and_spares_pins(
     config.cache.pins = [team.ref]
     async with running_app(config) as (base, app), aiohttp.ClientSession() as s:
         await pull(s, base, small)
+        await fills_settled(app)  # committed (clients finish first)
         await pull(s, base, oci)
+        await fills_settled(app)  # committed (clients finish first)
         await pull(s, base, team)
+        await fills_settled(app)  # committed (clients finish first)
         await pull(s, base, small)  # served again: now the most recent
+        await fills_settled(app)  # committed (clients finish first)
         await policy_pass(app)
         assert cached(tmp_path, small), "recently served: kept"
         assert cached(tmp_path, team), "pinned: kept"
@@ -77,6 +81,7 @@ async def test_budget_evicts_least_recently_served_and_spares_pins(
         # An evicted blob is simply fetched again, verified.
         before = upstream.registry.blob_gets(oci.blobs[1].digest)
         await pull(s, base, oci)
+        await fills_settled(app)  # committed (clients finish first)
         assert upstream.registry.blob_gets(oci.blobs[1].digest) == before + 1
 
 
@@ -89,8 +94,10 @@ async def test_ttl_evicts_what_was_not_served_for_too_long(
     config.cache.blob_ttl = config.cache.manifest_ttl = 3600.0
     async with running_app(config, clock) as (base, app), aiohttp.ClientSession() as s:
         await pull(s, base, small)
+        await fills_settled(app)  # committed (clients finish first)
         clock.now += 3000
         await pull(s, base, oci)
+        await fills_settled(app)  # committed (clients finish first)
         clock.now += 1000
         await policy_pass(app)
         assert not cached(tmp_path, small)
@@ -102,8 +109,9 @@ async def test_index_survives_restart_and_is_rebuilt_when_lost(
 ) -> None:
     image = upstream.images["ocismall"]
     config = mirror_config(tmp_path, upstream.url)
-    async with running_app(config) as (base, _app), aiohttp.ClientSession() as s:
+    async with running_app(config) as (base, app), aiohttp.ClientSession() as s:
         await pull(s, base, image)
+        await fills_settled(app)  # committed (clients finish first)
     index = CacheIndex(tmp_path / "index", Clock())
     kept = index.totals()
     index.close()
@@ -118,6 +126,7 @@ async def test_index_survives_restart_and_is_rebuilt_when_lost(
         assert app[MIRROR].index.totals() == kept
         gets = upstream.registry.blob_gets(image.blobs[1].digest)
         await pull(s, base, image)  # served from the files all along
+        await fills_settled(app)  # committed (clients finish first)
         assert upstream.registry.blob_gets(image.blobs[1].digest) == gets
 
 
@@ -155,6 +164,7 @@ async def test_full_disk_passes_bytes_through_and_caches_again_later(
             clock.now += 60  # the episode's retry time has passed: cache again
             async with s.get(f"{base}/v2/{image.repo}/blobs/{tiny.digest}") as r:
                 assert sha256_digest(await r.read()) == tiny.digest
+            await fills_settled(app)
             assert cached(small_disk, Image(image.repo, "", "", b"", [tiny]))
     events = [e["event"] for e in logs]
     assert events.count("cache_full") == 1

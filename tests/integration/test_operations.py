@@ -8,7 +8,13 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from mirror.web.keys import MIRROR
-from tests.fixtures.mirror_server import MirrorProcess, mirror_config, running_app, sha256_digest
+from tests.fixtures.mirror_server import (
+    MirrorProcess,
+    fills_settled,
+    mirror_config,
+    running_app,
+    sha256_digest,
+)
 from tests.fixtures.real_upstream import Upstream
 from tests.integration.test_manifests import ACCEPT_ALL
 
@@ -41,6 +47,7 @@ async def test_metrics_move_with_a_miss_then_a_hit(upstream: Upstream, tmp_path:
         for _ in range(2):  # a miss, then a hit
             async with s.get(f"{base}/v2/{image.repo}/blobs/{blob.digest}") as r:
                 assert sha256_digest(await r.read()) == blob.digest
+            await fills_settled(app)
         async with s.get(f"{base}/v2/{image.repo}/manifests/{image.tag}", headers=ACCEPT_ALL) as r:
             assert sha256_digest(await r.read()) == image.digest
         await app[MIRROR].index.flush()

@@ -68,7 +68,7 @@ async def wait_for(predicate, limit: float = 5.0) -> None:  # type: ignore[no-un
 
 
 @pytest.mark.parametrize("declared_size", [len(DATA), None])
-async def test_readers_tail_but_hold_the_last_byte_until_commit(
+async def test_readers_tail_but_hold_the_last_byte_until_verified(
     store: FilesystemBlobStore, declared_size: int | None
 ) -> None:
     fills = FillManager(store, FileLocks(store.root / "locks"))
@@ -94,6 +94,7 @@ async def test_readers_tail_but_hold_the_last_byte_until_commit(
     body.queue.put_nowait(None)
     results = await asyncio.gather(*tasks)
     assert all(r == DATA for r in results)
+    await fill.wait_done()  # made durable and visible after the readers had everything
     assert store.path_for(DIGEST).read_bytes() == DATA
     assert body.opened == 1
     assert list(store.tmp_dir.iterdir()) == []
