@@ -385,6 +385,51 @@ class MetricsConfig:
 
 
 @dataclass
+class UiConfig:
+    """The operator page: at `/ui/` by default; `ui: false` turns it off, `ui: /ops/` moves it."""
+
+    enabled: bool = True
+    path: str = "/ui/"
+
+
+_UI_RESERVED = ("/v2/", "/token/", "/metrics/", "/healthz/", "/readyz/")
+
+
+def _parse_ui(value: object) -> UiConfig:
+    """`true`/`false`, a path such as `/ui/`, or a mapping `{enabled, path}`."""
+    if isinstance(value, Mapping):
+        unknown = set(value) - {"enabled", "path"}
+        if unknown:
+            raise ValueError
+        ui = UiConfig(
+            _parse_bool(value.get("enabled", True)), _parse_str(value.get("path", "/ui/"))
+        )
+    elif isinstance(value, str) and value.strip().startswith("/"):
+        ui = UiConfig(True, value.strip())
+    else:
+        ui = UiConfig(_parse_bool(value))
+    ui.path = "/" + ui.path.strip("/") + "/"
+    if ui.path == "//" or not re.fullmatch(r"[A-Za-z0-9/_.-]+", ui.path):
+        raise ValueError
+    if any((ui.path + "x").startswith(r) or r.startswith(ui.path) for r in _UI_RESERVED):
+        raise ValueError  # would shadow the registry API or the operator endpoints
+    return ui
+
+
+_KINDS["ui"] = (
+    _parse_ui,
+    "true, false, a path such as /ui/, or {enabled: true|false, path: /ui/}"
+    " (not under /v2/, /token, /metrics, /healthz or /readyz)",
+)
+
+
+def _ui_field() -> Any:
+    return field(
+        default_factory=UiConfig, metadata={"kind": "ui", "optional": False, "secret": False}
+    )
+
+
+@dataclass
 class Config:
     listen: str = opt("0.0.0.0:5000", "str")
     # Never contact any upstream: serve only what the cache holds (tags whatever their age).
@@ -415,6 +460,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    ui: UiConfig = _ui_field()
     storage: StorageConfig = field(default_factory=StorageConfig)
     metadata: MetadataConfig = field(default_factory=MetadataConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)

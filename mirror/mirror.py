@@ -399,6 +399,11 @@ class Mirror:
         self.metrics.cache_entries.set(entries)
         self.metrics.fills_in_flight.set(len(self.fills))
 
+    def forget_manifests(self, digests: Iterable[Digest]) -> None:
+        """Drop evicted manifests from memory, so they are not answered as still cached."""
+        for digest in digests:
+            self._manifests.pop(digest, None)
+
     def _blob_committed(self, digest: Digest, size: int) -> None:
         self.index.add(digest, size, "blob")
         if self.full_until:

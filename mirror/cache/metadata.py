@@ -60,6 +60,8 @@ class MetadataStore(Protocol):
 
     async def put_tag(self, key: TagKey, record: TagRecord) -> None: ...
 
+    async def delete_tag(self, key: TagKey) -> None: ...
+
     async def get_media_type(self, digest: Digest) -> str | None: ...
 
     async def put_media_type(self, digest: Digest, media_type: str) -> None: ...
@@ -105,6 +107,11 @@ class LocalMetadataStore:
         self._tags[key] = record
         value = (record.digest, record.media_type, record.fetched_at)
         await asyncio.to_thread(self._db.set, ("tag", *key), value)
+
+    async def delete_tag(self, key: TagKey) -> None:
+        """Forget a tag (its image was evicted): the next pull fetches it again."""
+        self._tags.pop(key, None)
+        await asyncio.to_thread(self._db.delete, ("tag", *key))
 
     async def get_media_type(self, digest: Digest) -> str | None:
         media_type = self._types.get(digest)

@@ -40,6 +40,7 @@ from mirror.web.keys import (
 from mirror.web.limits import RateLimiter
 from mirror.web.responses import StreamAborted
 from mirror.web.routes import API_VERSION_HEADERS, dispatch
+from mirror.web.ui import setup_ui
 
 log = structlog.get_logger("mirror.access")
 FLUSH_INTERVAL = 1.0  # seconds between index flushes (and policy checks)
@@ -210,6 +211,7 @@ def make_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.A
     app.cleanup_ctx.append(_metrics_listener)
     app.on_response_prepare.append(_add_common_headers)
     ops.add_routes(app.router, with_metrics=not config.metrics.listen)
+    setup_ui(app, config)  # before the catch-all, so its paths match first
     app.router.add_route("*", "/{tail:.*}", dispatch)
     return app
 
