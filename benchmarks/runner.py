@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from tests.fixtures.distribution import Registry  # noqa: E402
 from tests.fixtures.mirror_server import free_port  # noqa: E402
 from tests.fixtures.synthetic_images import Builder, Image, Pusher  # noqa: E402
+from tests.fixtures.throttle import Throttle  # noqa: E402
 
 MiB = 1024 * 1024
 ACCEPT = ", ".join(
@@ -170,56 +171,6 @@ def nginx(work: Path, blob: Path) -> tuple[Proc, str]:
 
 
 # -- the WAN-like throttle -----------------------------------------------------------------
-
-
-class Throttle:
-    """A TCP proxy whose connections share one token bucket (the office's WAN link)."""
-
-    def __init__(self, target_port: int, rate: float) -> None:
-        self.target_port = target_port
-        self.rate = rate
-        self.port = free_port()
-        self._tokens = 0.0
-        self._last = time.monotonic()
-        self._lock = asyncio.Lock()
-        self.server: asyncio.base_events.Server | None = None
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
-
-    async def _take(self, n: int) -> None:
-        async with self._lock:
-            now = time.monotonic()
-            self._tokens = min(self.rate * 0.05, self._tokens + (now - self._last) * self.rate)
-            self._last = now
-            self._tokens -= n
-            if self._tokens < 0:
-                await asyncio.sleep(-self._tokens / self.rate)
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, slow: bool):
-        try:
-            while data := await reader.read(64 * 1024):
-                if slow:
-                    await self._take(len(data))
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-            await asyncio.gather(
-                self._pipe(reader, up_writer, False), self._pipe(up_reader, writer, True)
-            )
-        except (OSError, asyncio.CancelledError):
-            writer.close()
-
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
 
 
 # -- clients --------------------------------------------------------------------------------

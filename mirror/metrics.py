@@ -139,6 +139,31 @@ class Metrics:
             multiprocess_mode="mostrecent",
         )
 
+        # Scale-out (several nodes on S3 and Redis)
+        self.peer_fetched_bytes = Counter(
+            "registry_mirror_cluster_peer_fetched_bytes",
+            "Bytes received from other nodes filling a blob (instead of from an upstream)",
+            registry=r,
+        )
+        self.shared_store_bytes = Counter(
+            "registry_mirror_cluster_shared_store_bytes",
+            "Bytes moved to (direction=up) and from (down) the shared object store",
+            ["direction"],
+            registry=r,
+        )
+        self.cluster_degraded = Gauge(
+            "registry_mirror_cluster_degraded",
+            "1 while a shared service (redis, s3) is unreachable and this node works alone",
+            ["service"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.fill_takeovers = Counter(
+            "registry_mirror_cluster_fill_takeovers",
+            "Fills continued by this node after the node fetching them went away",
+            registry=r,
+        )
+
     def scrape(self) -> bytes:
         """The text exposition; with several workers, all of theirs merged."""
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

@@ -25,12 +25,13 @@ from mirror.cache.fill import FillBase, FillManager, TailReader, UpstreamBody
 from mirror.cache.index import CacheIndex
 from mirror.cache.locks import FileLocks
 from mirror.cache.metadata import MetadataStore, Privacy, RepoKey, TagKey, TagRecord
+from mirror.cluster import Cluster
 from mirror.errors import DigestMismatch, RegistryError, UpstreamError
 from mirror.mediatypes import ALL_MANIFESTS, accepts, sniff_media_type
 from mirror.metrics import Metrics
 from mirror.reference import SHA256_RE, Digest, Name, Tag, is_digest, parse_image
 from mirror.singleflight import SingleFlight
-from mirror.upstream.client import FetchedManifest, TagList, UpstreamClient
+from mirror.upstream.client import BlobStream, FetchedManifest, TagList, UpstreamClient
 from mirror.upstream.routing import Router, Target
 
 log = structlog.get_logger(__name__)
@@ -96,8 +97,10 @@ class Mirror:
         offline: bool = False,
         clock: Callable[[], float] = time.time,
         policy: Policy | None = None,
+        cluster: Cluster | None = None,
     ) -> None:
         self.metrics = metrics or Metrics()
+        self.cluster = cluster  # several nodes on a shared store and Redis (None: one node)
         self.policy = policy or Policy()
         self.offline = offline  # never contact an upstream
         locks = FileLocks(store.root / "locks")
@@ -290,7 +293,12 @@ class Mirror:
             self.index.touch(digest)
             return manifest
         # Bounded by the manifest limit: a layer's digest asked for as a manifest is not read.
-        data = await self.store.read_bytes(digest, self.router.default.config.manifest_max_size)
+        limit = self.router.default.config.manifest_max_size
+        data = await self.store.read_bytes(digest, limit)
+        if data is None and self.cluster is not None:
+            data = await self.cluster.get_manifest(digest, limit)  # stored by another node
+            if data is not None:
+                await self._keep_manifest(digest, data)
         if data is None:
             return None
         media_type = await self.metadata.get_media_type(digest) or sniff_media_type(data)
@@ -312,21 +320,27 @@ class Mirror:
             fetched = await upstream.get_manifest(target.name, reference, accept)
             # The upstream vouches for the manifest and everything it references being here.
             await self._record(target, [fetched.digest, *references(fetched.data)], private)
-            try:
-                await self.metadata.put_media_type(fetched.digest, fetched.media_type)
-                if await self.store.stat(fetched.digest) is None:
-                    await self.store.put_bytes(fetched.digest, fetched.data)
-                    self.index.add(fetched.digest, len(fetched.data), "manifest")
-            except Exception as exc:
-                if not is_disk_full(exc):
-                    raise
-                self._disk_full(exc)  # still answer: the bytes are verified, just not kept
+            await self.metadata.put_media_type(fetched.digest, fetched.media_type)
+            await self._keep_manifest(fetched.digest, fetched.data)
+            if self.cluster is not None:
+                self.cluster.put_manifest(fetched.digest, fetched.data)
             return fetched
 
         fetched = await self._manifest_flight.do(key, fetch)
         manifest = Manifest(fetched.data, fetched.media_type, fetched.digest)
         self._manifests[manifest.digest] = manifest
         return manifest
+
+    async def _keep_manifest(self, digest: Digest, data: bytes) -> None:
+        """Store verified manifest bytes locally (answering anyway if the disk is full)."""
+        try:
+            if await self.store.stat(digest) is None:
+                await self.store.put_bytes(digest, data)
+                self.index.add(digest, len(data), "manifest")
+        except Exception as exc:
+            if not is_disk_full(exc):
+                raise
+            self._disk_full(exc)  # still answer: the bytes are verified, just not kept
 
     # -- blobs ------------------------------------------------------------------------------
 
@@ -352,12 +366,18 @@ class Mirror:
         if self.offline:
             raise offline_miss("BLOB_UNKNOWN", "blob")
         upstream, name = target.upstream, target.name
-        if self.clock() < self.full_until:
+        if self.clock() < self.full_until or (self.cluster is not None and self.cluster.store_down):
             return await self._pass_through(upstream, name, digest)
 
-        async def open_body() -> UpstreamBody:
-            stream = await upstream.open_blob(name, digest)
+        async def from_upstream(offset: int = 0) -> BlobStream:
+            stream = await upstream.open_blob(name, digest, offset)
             await self._record(target, [digest], private)
+            return stream
+
+        async def open_body() -> UpstreamBody:
+            if self.cluster is not None:  # the shared store, the node filling it, or upstream
+                return await self.cluster.open_body(digest, from_upstream, lambda: fill)
+            stream = await from_upstream()
             return UpstreamBody(stream.size, stream.chunks(), stream.close)
 
         fill, started = self.fills.join(digest, open_body)

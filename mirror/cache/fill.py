@@ -267,9 +267,9 @@ class TailReader:
         self.fill = fill
         self.file: BinaryIO = open(fd, "rb", buffering=0, closefd=True)  # noqa: SIM115
 
-    async def ranges(self) -> AsyncIterator[tuple[int, int]]:
+    async def ranges(self, start: int = 0) -> AsyncIterator[tuple[int, int]]:
         fill = self.fill
-        pos = 0
+        pos = start
         while True:
             changed = fill._changed
             released = fill.verified or fill.state is FillState.COMMITTED
@@ -319,6 +319,9 @@ class FillManager:
 
     def in_flight(self) -> list[FillBase]:
         return list(self._fills.values())
+
+    def get(self, digest: Digest) -> FillBase | None:
+        return self._fills.get(digest)
 
     def join(
         self, digest: Digest, open_body: Callable[[], Awaitable[UpstreamBody]]

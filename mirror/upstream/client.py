@@ -377,24 +377,37 @@ class UpstreamClient:
 
     # -- blobs ----------------------------------------------------------------------------
 
-    async def open_blob(self, repo: Name, digest: Digest) -> BlobStream:
-        """Start a blob GET (following redirects); the body is streamed by the caller."""
+    async def open_blob(self, repo: Name, digest: Digest, offset: int = 0) -> BlobStream:
+        """Start a blob GET (following redirects); the body is streamed by the caller. From
+        `offset` (a fill taken over part-way asks for the rest with `Range`; an upstream
+        that ignores it sends everything and the first bytes are dropped here)."""
         upstream_repo = self.repository(repo)
+        headers = {"Range": f"bytes={offset}-"} if offset else None
         if self._slots is not None:
             await self._slots.acquire()
         try:
             resp = await self._request(
-                "GET", f"/v2/{upstream_repo}/blobs/{digest}", upstream_repo, follow_redirects=True
+                "GET",
+                f"/v2/{upstream_repo}/blobs/{digest}",
+                upstream_repo,
+                headers=headers,
+                follow_redirects=True,
             )
-            if resp.status != 200:
+            if resp.status != 200 and not (offset and resp.status == 206):
                 async with resp:
                     self._raise_for(resp, "BLOB_UNKNOWN", repo)
+            skip = offset if resp.status == 200 else 0
+            if resp.status == 206 and not resp.headers.get("Content-Range", "").startswith(
+                f"bytes {offset}-"
+            ):
+                resp.release()
+                raise UpstreamError("upstream answered another range", {"offset": offset})
         except BaseException:
             if self._slots is not None:
                 self._slots.release()
             raise
         count = self.metrics.upstream_fetched_bytes.labels(self.name).inc
-        return BlobStream(resp, count, self._slots)
+        return BlobStream(resp, count, self._slots, skip=skip)
 
     async def head_blob(self, repo: Name, digest: Digest) -> int | None:
         """The blob's size if the upstream has it (None if it does not say)."""
@@ -453,18 +466,28 @@ class BlobStream:
         resp: aiohttp.ClientResponse,
         count: Callable[[int], None],
         slots: asyncio.Semaphore | None = None,
+        *,
+        skip: int = 0,
     ) -> None:
         self._resp = resp
         self._count = count
         self._slots = slots  # released on close
-        self.size = resp.content_length
+        self._skip = skip  # leading bytes the caller did not ask for
+        length = resp.content_length
+        self.size = None if length is None else length - skip
 
     async def chunks(self) -> AsyncIterator[bytes]:
         received = 0
+        skip = self._skip
         try:
             async for chunk in self._resp.content.iter_any():
-                received += len(chunk)
                 self._count(len(chunk))
+                if skip:
+                    if len(chunk) <= skip:
+                        skip -= len(chunk)
+                        continue
+                    chunk, skip = chunk[skip:], 0
+                received += len(chunk)
                 yield chunk
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise UpstreamError(

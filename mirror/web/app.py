@@ -17,12 +17,15 @@ from mirror.access import ANONYMOUS, Principal, build_policy
 from mirror.cache.blobs import FilesystemBlobStore
 from mirror.cache.eviction import EvictionPlan, Evictor
 from mirror.cache.index import CacheIndex
-from mirror.cache.metadata import LocalMetadataStore
+from mirror.cache.metadata import LocalMetadataStore, MetadataStore
+from mirror.cache.redis_store import RedisMetadataStore
+from mirror.cluster import TieredMetadataStore, build_cluster
 from mirror.config import Config, split_host_port
 from mirror.errors import RegistryError, UpstreamError
 from mirror.metrics import UPSTREAM_SECONDS, Metrics
 from mirror.mirror import Mirror
 from mirror.upstream.routing import build_router
+from mirror.web import cluster as cluster_routes
 from mirror.web import ops
 from mirror.web.auth import ClientAuth, TokenSigner
 from mirror.web.keys import (
@@ -211,6 +214,8 @@ def make_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.A
     app.cleanup_ctx.append(_metrics_listener)
     app.on_response_prepare.append(_add_common_headers)
     ops.add_routes(app.router, with_metrics=not config.metrics.listen)
+    if config.clustered:
+        cluster_routes.add_routes(app.router)
     setup_ui(app, config)  # before the catch-all, so its paths match first
     app.router.add_route("*", "/{tail:.*}", dispatch)
     return app
@@ -243,9 +248,16 @@ async def _lifecycle(app: web.Application, *, clock: Callable[[], float]) -> Asy
     asyncio.get_running_loop().set_default_executor(executor)
     store = FilesystemBlobStore(config.cache.dir)
     await asyncio.to_thread(store.setup)
-    metadata = await asyncio.to_thread(LocalMetadataStore, config.cache.dir / "meta")
+    metadata: MetadataStore = await asyncio.to_thread(LocalMetadataStore, config.cache.dir / "meta")
     index = await asyncio.to_thread(CacheIndex, config.cache.dir / "index", clock)
     metrics = Metrics()
+    cluster = None
+    if config.clustered:
+        cluster = build_cluster(config, metrics)
+        await cluster.start()
+        if cluster.redis is not None:
+            shared = RedisMetadataStore(cluster.redis)
+            metadata = TieredMetadataStore(shared, metadata, cluster.redis_health)
     router = build_router(config, metrics)
     await router.start()
     mirror = app[MIRROR] = Mirror(
@@ -257,6 +269,7 @@ async def _lifecycle(app: web.Application, *, clock: Callable[[], float]) -> Asy
         offline=config.offline,
         clock=clock,
         policy=build_policy(config),
+        cluster=cluster,
     )
     evictor = app[EVICTOR] = Evictor(store, index, config.cache, clock)
     housekeeping = asyncio.ensure_future(_housekeeping(mirror, evictor, config))
@@ -273,6 +286,8 @@ async def _lifecycle(app: web.Application, *, clock: Callable[[], float]) -> Asy
         housekeeping.cancel()
         await asyncio.gather(housekeeping, return_exceptions=True)
         await mirror.fills.close()
+        if cluster is not None:
+            await cluster.close()
         await router.close()
         await index.flush()
         index.close()

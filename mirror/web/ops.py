@@ -43,7 +43,13 @@ async def readyz(request: web.Request) -> web.Response:
             "last_failure": upstream.last_failure,
         }
     ready = all(checks.values())
-    body = {"status": "ready" if ready else "not ready", "checks": checks, "upstreams": upstreams}
+    status = "ready" if ready else "not ready"
+    body: dict[str, object] = {"status": status, "checks": checks, "upstreams": upstreams}
+    if mirror.cluster is not None:
+        # A node working without Redis or S3 still serves: ready, but says it is degraded.
+        cluster = body["cluster"] = mirror.cluster.status()
+        if ready and "degraded" in cluster.values():
+            body["status"] = "degraded"
     return web.json_response(body, status=200 if ready else 503)
 
 

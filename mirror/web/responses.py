@@ -101,12 +101,17 @@ async def stream_bytes(
 
 
 async def stream_fill(
-    request: web.Request, reader: TailReader, size: int | None, headers: dict[str, str]
+    request: web.Request,
+    reader: TailReader,
+    size: int | None,
+    headers: dict[str, str],
+    *,
+    start: int = 0,
 ) -> web.StreamResponse:
-    """Send a fill to the client as it arrives, each new range by sendfile; a failed fill
-    (wrong digest, truncation) aborts the connection."""
-    response = _streaming(size, headers)
-    ranges = reader.ranges()
+    """Send a fill to the client as it arrives (from byte `start`), each new range by
+    sendfile; a failed fill (wrong digest, truncation) aborts the connection."""
+    response = _streaming(None if size is None else size - start, headers)
+    ranges = reader.ranges(start)
     try:
         with _abort_on_failure(request):
             await response.prepare(request)

@@ -1,0 +1,518 @@
+"""Several nodes, one upstream fetch per blob: a shared store (S3), fill leases (Redis), peers.
+
+Every node keeps the single-node machinery (its disk is a local tier, its fills single-flight
+within the node). This module decides where a node's fill gets its bytes:
+
+1. the shared object store, if the blob is already there (a hit for the cluster);
+2. else the upstream, if this node wins the blob's fill lease in Redis: it then streams what it
+   writes into a multipart upload that is completed only after the digest matched (aborted
+   otherwise), so no node ever sees a partial or wrong object; the lease is renewed while the
+   fill runs and released when the object is in the store;
+3. else the node holding the lease, over its internal endpoint, as the bytes arrive there.
+
+If that node goes away mid-blob, the follower keeps the bytes it has, waits for the lease to
+lapse, and continues from the same offset: from the store, from the new owner, or from the
+upstream (with `Range`) after taking the lease itself. Its own digest check covers every byte.
+Redis down: nodes fetch on their own (logged, metric, readiness says degraded). S3 down: blobs
+pass through from the upstream uncached. Neither makes anything partial visible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+import structlog
+
+from mirror.cache.fill import FillBase, UpstreamBody
+from mirror.cache.metadata import (
+    MetadataStore,
+    Origins,
+    Privacy,
+    RepoKey,
+    TagKey,
+    TagRecord,
+)
+from mirror.cache.redis_store import RedisStore, RedisUnavailable
+from mirror.cache.s3 import S3BlobStore, S3Unavailable
+from mirror.config import Config
+from mirror.errors import UpstreamError
+from mirror.metrics import Metrics
+from mirror.reference import Digest
+from mirror.upstream.peer import PeerClient
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+PROBE_SECONDS = 5.0  # a service found down is tried again this often
+FOLLOW_POLL = 0.1  # while waiting for a lease to move
+
+
+class Stream(Protocol):
+    size: int | None
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass
+class ServiceHealth:
+    """Up/down with a retry time, so a dead service costs one timeout per probe interval."""
+
+    name: str
+    metrics: Metrics
+    down_since: float | None = None
+    retry_at: float = 0.0
+
+    @property
+    def usable(self) -> bool:
+        return self.down_since is None or time.monotonic() >= self.retry_at
+
+    @property
+    def degraded(self) -> bool:
+        return self.down_since is not None
+
+    def failed(self, exc: BaseException) -> None:
+        if self.down_since is None:
+            self.down_since = time.time()
+            log.warning("cluster_service_down", service=self.name, error=str(exc)[:200])
+        self.retry_at = time.monotonic() + PROBE_SECONDS
+        self.metrics.cluster_degraded.labels(self.name).set(1)
+
+    def ok(self) -> None:
+        if self.down_since is not None:
+            log.info("cluster_service_back", service=self.name)
+            self.down_since = None
+        self.metrics.cluster_degraded.labels(self.name).set(0)
+
+
+class Cluster:
+    def __init__(
+        self,
+        *,
+        node_url: str,
+        lease: float,
+        redis: RedisStore | None,
+        s3: S3BlobStore | None,
+        peers: PeerClient,
+        metrics: Metrics,
+    ) -> None:
+        self.node_url = node_url
+        self.lease = lease
+        self.redis = redis
+        self.s3 = s3
+        self.peers = peers
+        self.metrics = metrics
+        self.redis_health = ServiceHealth("redis", metrics)
+        self.s3_health = ServiceHealth("s3", metrics)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self.peers.open()
+        if self.redis is not None:
+            try:
+                await self.redis.start()
+                self.redis_health.ok()
+            except RedisUnavailable as exc:
+                self.redis_health.failed(exc)
+        if self.s3 is not None:
+            try:
+                await self.s3.start()
+                self.s3_health.ok()
+            except S3Unavailable as exc:
+                self.s3_health.failed(exc)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.peers.close()
+        if self.redis is not None:
+            await self.redis.close()
+        if self.s3 is not None:
+            await self.s3.close()
+
+    def status(self) -> dict[str, object]:
+        """For /readyz: which shared services this node is working without."""
+        out: dict[str, object] = {"node": self.node_url}
+        for health, present in ((self.redis_health, self.redis), (self.s3_health, self.s3)):
+            if present is not None:
+                out[health.name] = "degraded" if health.degraded else "ok"
+        return out
+
+    @property
+    def store_down(self) -> bool:
+        """The shared store is configured but unreachable: pass blobs through uncached."""
+        return self.s3 is not None and self.s3_health.degraded and not self.s3_health.usable
+
+    def _spawn(self, coro: Awaitable[None], name: str | None = None) -> None:
+        task = asyncio.ensure_future(coro)
+        if name:
+            task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- manifests: small, kept whole in the shared store too -------------------------------
+
+    async def get_manifest(self, digest: Digest, limit: int) -> bytes | None:
+        """A manifest another node stored (checked against its digest), or None."""
+        stream = await self._shared_stream(digest, 0)
+        if stream is None:
+            return None
+        data = bytearray()
+        try:
+            async for chunk in stream.chunks():
+                data += chunk
+                if len(data) > limit:
+                    return None
+        except S3Unavailable as exc:
+            self.s3_health.failed(exc)
+            return None
+        finally:
+            await stream.close()
+        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+            log.warning("shared_store_corrupt", digest=digest)
+            return None
+        return bytes(data)
+
+    def put_manifest(self, digest: Digest, data: bytes) -> None:
+        """Store a verified manifest for the other nodes (in the background)."""
+        if self.s3 is not None and not self.store_down:
+            self._spawn(self._put_small(digest, data))
+
+    async def _put_small(self, digest: Digest, data: bytes) -> None:
+        assert self.s3 is not None
+        try:
+            if await self.s3.stat(digest) is not None:
+                return
+            upload = await self.s3.begin_upload(digest)
+            try:
+                await upload.upload_part(data)
+                await upload.complete()
+            except BaseException:
+                await upload.abort()
+                raise
+        except S3Unavailable as exc:
+            self.s3_health.failed(exc)
+
+    # -- where a fill's bytes come from ----------------------------------------------------
+
+    async def open_body(
+        self,
+        digest: Digest,
+        upstream: Callable[[int], Awaitable[Stream]],
+        fill: Callable[[], FillBase],
+    ) -> UpstreamBody:
+        """The bytes for this node's fill of `digest`; `upstream(offset)` opens the upstream,
+        `fill()` is the fill they feed (for the shared-store upload when this node owns it)."""
+        body = _ClusterBody(self, digest, upstream, fill)
+        await body.open()
+        return UpstreamBody(body.size, body.chunks(), body.close)
+
+    async def _shared_stream(self, digest: Digest, offset: int) -> Stream | None:
+        if self.s3 is None or not self.s3_health.usable:
+            return None
+        try:
+            found = await self.s3.open_stream(digest, offset)
+        except S3Unavailable as exc:
+            self.s3_health.failed(exc)
+            return None
+        self.s3_health.ok()
+        if found is None:
+            return None
+        return _S3Stream(found, self.metrics)
+
+    async def _claim(self, digest: Digest) -> tuple[bool, str | None]:
+        """(True, None) if this node now holds the fill lease; else (False, owner or None).
+        Without Redis every node is on its own: it claims."""
+        if self.redis is None or not self.redis_health.usable:
+            return True, None
+        try:
+            if await self.redis.acquire_fill(digest, self.node_url, self.lease):
+                self.redis_health.ok()
+                self._spawn(self._renew(digest), f"renew:{digest}")
+                return True, None
+            owner = await self.redis.fill_owner(digest)
+            self.redis_health.ok()
+            return False, owner
+        except RedisUnavailable as exc:
+            self.redis_health.failed(exc)
+            return True, None
+
+    async def _renew(self, digest: Digest) -> None:
+        """Keep our lease alive until `release` (the task is cancelled there)."""
+        assert self.redis is not None
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            try:
+                if not await self.redis.renew_fill(digest, self.node_url, self.lease):
+                    log.warning("fill_lease_lost", digest=digest)
+                    return
+            except RedisUnavailable as exc:
+                self.redis_health.failed(exc)
+
+    async def _release(self, digest: Digest) -> None:
+        for task in list(self._tasks):
+            if task.get_name() == f"renew:{digest}":
+                task.cancel()
+        if self.redis is None:
+            return
+        try:
+            await self.redis.release_fill(digest, self.node_url)
+        except RedisUnavailable as exc:
+            self.redis_health.failed(exc)
+
+    def owned(self, digest: Digest, fill: FillBase) -> None:
+        """This node fetches `digest` for the cluster: copy the fill into the shared store as
+        it lands, then give the lease back."""
+        self._spawn(self._upload(digest, fill))
+
+    async def _upload(self, digest: Digest, fill: FillBase) -> None:
+        upload = None
+        reader = None
+        try:
+            await fill.wait_started()
+            reader = fill.open_reader()
+            if self.s3 is None or self.store_down:
+                await fill.wait_done()
+                return
+            if reader is None:  # already committed here before we looked: nothing to copy
+                return
+            upload = await self.s3.begin_upload(digest)
+            part = self.s3.config.part_size
+            buf = bytearray()
+            async for offset, count in reader.ranges():
+                end = offset + count
+                while offset < end:
+                    data = await reader.read(offset, min(part, end - offset))
+                    buf += data
+                    offset += len(data)
+                    if len(buf) >= part:
+                        await upload.upload_part(bytes(buf[:part]))
+                        del buf[:part]
+            # ranges() ended: every byte is in and the digest matched.
+            if buf:
+                await upload.upload_part(bytes(buf))
+            await upload.complete()
+            self.metrics.shared_store_bytes.labels("up").inc(fill.written)
+            log.info("shared_store_put", digest=digest, size=fill.written)
+            upload = None
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if isinstance(exc, S3Unavailable):
+                self.s3_health.failed(exc)
+            log.warning("shared_store_put_failed", digest=digest, error=str(exc)[:200])
+        finally:
+            if upload is not None:
+                with contextlib.suppress(Exception):
+                    await upload.abort()
+            if reader is not None:
+                reader.close()
+            await self._release(digest)
+
+
+class _S3Stream:
+    def __init__(self, body: object, metrics: Metrics) -> None:
+        self._body = body
+        self.size: int | None = body.size  # type: ignore[attr-defined]
+        self._metrics = metrics
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        async for chunk in self._body.chunks:  # type: ignore[attr-defined]
+            self._metrics.shared_store_bytes.labels("down").inc(len(chunk))
+            yield chunk
+
+    async def close(self) -> None:
+        await self._body.close()  # type: ignore[attr-defined]
+
+
+class _ClusterBody:
+    """One fill's byte source in a cluster, switching source mid-blob if its source dies."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        digest: Digest,
+        upstream: Callable[[int], Awaitable[Stream]],
+        fill: Callable[[], FillBase],
+    ) -> None:
+        self.cluster = cluster
+        self.digest = digest
+        self._upstream = upstream
+        self._fill = fill
+        self.size: int | None = None
+        self.kind = "upstream"
+        self._source: Stream | None = None
+
+    async def open(self) -> None:
+        self._source = await self._next(0)
+        self.size = self._source.size
+
+    async def _next(self, offset: int) -> Stream:
+        """A source from `offset`: the store, the lease holder, or the upstream (claimed)."""
+        cluster = self.cluster
+        waited_for: str | None = None
+        while True:
+            shared = await cluster._shared_stream(self.digest, offset)
+            if shared is not None:
+                self.kind = "shared"
+                return shared
+            mine, owner = await cluster._claim(self.digest)
+            if mine:
+                if offset:
+                    cluster.metrics.fill_takeovers.inc()
+                    log.warning("fill_taken_over", digest=self.digest, offset=offset)
+                self.kind = "upstream"
+                try:
+                    stream = await self._upstream(offset)
+                except BaseException:
+                    await cluster._release(self.digest)
+                    raise
+                cluster.owned(self.digest, self._fill())
+                return stream
+            if owner is not None and owner != cluster.node_url and owner != waited_for:
+                try:
+                    stream = await cluster.peers.open_blob(owner, self.digest, offset)
+                except UpstreamError as exc:
+                    # The owner went away without releasing: wait for its lease to lapse.
+                    log.info("fill_owner_unreachable", owner=owner, error=exc.message)
+                    waited_for = owner
+                else:
+                    self.kind = "peer"
+                    return stream
+            await asyncio.sleep(FOLLOW_POLL)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        offset = 0
+        while True:
+            assert self._source is not None
+            try:
+                async for chunk in self._source.chunks():
+                    offset += len(chunk)
+                    yield chunk
+                return
+            except (UpstreamError, S3Unavailable) as exc:
+                if self.kind == "upstream":
+                    raise  # the upstream itself failed: the fill fails, as on one node
+                log.warning(
+                    "fill_source_lost", digest=self.digest, source=self.kind, offset=offset,
+                    error=str(exc)[:200],
+                )  # fmt: skip
+                with contextlib.suppress(Exception):
+                    await self._source.close()
+                self._source = await self._next(offset)
+
+    async def close(self) -> None:
+        if self._source is not None:
+            await self._source.close()
+
+
+class TieredMetadataStore:
+    """Tags and manifest facts in Redis, shared by every node, written through to this node's
+    local store, which answers alone while Redis is down (a tag fetched by any node is a hit
+    on all; an outage only makes each node work from what it has seen itself)."""
+
+    def __init__(self, shared: MetadataStore, local: MetadataStore, health: ServiceHealth) -> None:
+        self.shared = shared
+        self.local = local
+        self.health = health
+
+    async def _shared(self, call: Callable[[], Awaitable[T]]) -> tuple[bool, T | None]:
+        if not self.health.usable:
+            return False, None
+        try:
+            value = await call()
+        except RedisUnavailable as exc:
+            self.health.failed(exc)
+            return False, None
+        self.health.ok()
+        return True, value
+
+    async def get_tag(self, key: TagKey) -> TagRecord | None:
+        ok, record = await self._shared(lambda: self.shared.get_tag(key))
+        return record if ok else await self.local.get_tag(key)
+
+    async def put_tag(self, key: TagKey, record: TagRecord) -> None:
+        await self.local.put_tag(key, record)
+        await self._shared(lambda: self.shared.put_tag(key, record))
+
+    async def get_media_type(self, digest: Digest) -> str | None:
+        ok, media_type = await self._shared(lambda: self.shared.get_media_type(digest))
+        return media_type if ok and media_type else await self.local.get_media_type(digest)
+
+    async def put_media_type(self, digest: Digest, media_type: str) -> None:
+        await self.local.put_media_type(digest, media_type)
+        await self._shared(lambda: self.shared.put_media_type(digest, media_type))
+
+    async def get_origins(self, digest: Digest) -> Origins | None:
+        ok, origins = await self._shared(lambda: self.shared.get_origins(digest))
+        return origins if ok else await self.local.get_origins(digest)
+
+    async def add_origin(self, digests: list[Digest], repo: str | None) -> None:
+        await self.local.add_origin(digests, repo)
+        await self._shared(lambda: self.shared.add_origin(digests, repo))
+
+    async def get_privacy(self, key: RepoKey) -> Privacy | None:
+        ok, privacy = await self._shared(lambda: self.shared.get_privacy(key))
+        return privacy if ok else await self.local.get_privacy(key)
+
+    async def put_privacy(self, key: RepoKey, privacy: Privacy) -> None:
+        await self.local.put_privacy(key, privacy)
+        await self._shared(lambda: self.shared.put_privacy(key, privacy))
+
+    def cached_privacy(self, key: RepoKey) -> Privacy | None:
+        return self.shared.cached_privacy(key) or self.local.cached_privacy(key)
+
+    def is_manifest(self, digest: Digest) -> bool:
+        return self.local.is_manifest(digest) or self._blocking(
+            lambda: self.shared.is_manifest(digest), False
+        )
+
+    def iter_tags(self) -> Iterator[tuple[TagKey, TagRecord]]:
+        shared = self._blocking(lambda: list(self.shared.iter_tags()), None)
+        return iter(shared) if shared is not None else self.local.iter_tags()
+
+    def _blocking(self, call: Callable[[], T], default: T) -> T:
+        try:
+            return call()
+        except RedisUnavailable:
+            return default
+
+    def close(self) -> None:
+        self.shared.close()
+        self.local.close()
+
+
+def node_url(config: Config) -> str:
+    """Where the other nodes reach this one."""
+    if config.cluster.advertise_url:
+        return config.cluster.advertise_url.rstrip("/")
+    host, port = config.listen_address()
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.gethostname()
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{'https' if config.tls.enabled else 'http'}://{host}:{port}"
+
+
+def build_cluster(config: Config, metrics: Metrics) -> Cluster:
+    redis = None
+    if config.metadata.kind == "redis":
+        redis = RedisStore(config.metadata.redis_url, config.metadata.key_prefix)
+    s3 = S3BlobStore(config.storage.s3) if config.storage.kind == "s3" else None
+    return Cluster(
+        node_url=node_url(config),
+        lease=config.cluster.fill_lease,
+        redis=redis,
+        s3=s3,
+        peers=PeerClient(config.cluster.secret or "", metrics=metrics),
+        metrics=metrics,
+    )
