@@ -10,7 +10,8 @@ operation instead of hanging.
 
 Tag records and privacy are read from Redis every time (another node may have refreshed them);
 only values that never change once written (media types) or only grow (origins) are remembered
-in memory, and only to save a round trip or a redundant write.
+in memory, and only to save a round trip or a redundant write. Needs Redis 6.2 or later
+(ZADD GT, ZRANGE BYSCORE).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from redis.retry import Retry as SyncRetry
 from mirror.cache.metadata import Origins, Privacy, RepoKey, TagKey, TagRecord
 from mirror.reference import Digest
 
+TOUCH_CHUNK = 1000  # last-served times per ZADD
 PUBLIC = ""  # member of an origin set meaning "some public repository" (no repo name is empty)
 _ERRORS = (redis.RedisError, OSError, asyncio.TimeoutError)
 
@@ -193,7 +195,7 @@ class RedisStore:
         """Whether Redis answers now (for readiness; never raises)."""
         try:
             return bool(await self.redis.ping())
-        except _ERRORS:
+        except Exception:  # a readiness probe answers "no", whatever went wrong
             return False
 
     # -- fill locks --------------------------------------------------------------------------
@@ -342,9 +344,11 @@ class RedisMetadataStore:
         return self._privacy.get(key)
 
     async def all_tags(self) -> list[tuple[TagKey, TagRecord]]:
-        """Every tag record (HSCAN: Redis is never blocked for the whole hash)."""
+        """Every tag record (HSCAN: Redis is never blocked for the whole hash; a field it
+        returns twice, as a scan may while the hash grows, is listed once)."""
         with _unavailable("all_tags"):
-            return [_tag(f, v) async for f, v in self._r.hscan_iter(self._tags, count=1000)]
+            found = {f: v async for f, v in self._r.hscan_iter(self._tags, count=1000)}
+        return [_tag(f, v) for f, v in found.items()]
 
     # -- blocking (worker threads) -----------------------------------------------------------
 
@@ -359,10 +363,13 @@ class RedisMetadataStore:
             return bool(self._client().hexists(self._types, digest))
 
     def iter_tags(self) -> Iterator[tuple[TagKey, TagRecord]]:
-        """Every tag record (blocking; for `ls`)."""
+        """Every tag record (blocking; for `ls`), each once, as `all_tags`."""
+        seen: set[str] = set()
         with _unavailable("iter_tags"):
             for field, value in self._client().hscan_iter(self._tags, count=1000):
-                yield _tag(field, value)
+                if field not in seen:
+                    seen.add(field)
+                    yield _tag(field, value)
 
     def close(self) -> None:
         """Close the blocking client (the shared `RedisStore` is closed by its owner)."""
@@ -401,11 +408,17 @@ class RedisIndex:
             await self._add(keys=self._keys, args=[digest, int(size), kind, repr(float(now))])
 
     async def touch(self, served: dict[str, float]) -> None:
-        """Last-served times for a batch (XX: unknown digests ignored; GT: never backwards)."""
-        if not served:
+        """Last-served times for a batch (XX: unknown digests ignored; GT: never backwards),
+        in chunks so one large flush never holds Redis for long."""
+        items = list(served.items())
+        if not items:
             return
         with _unavailable("index touch"):
-            await self._r.zadd(self._served, served, xx=True, gt=True)
+            async with self._r.pipeline(transaction=False) as pipe:
+                for start in range(0, len(items), TOUCH_CHUNK):
+                    chunk = dict(items[start : start + TOUCH_CHUNK])
+                    pipe.zadd(self._served, chunk, xx=True, gt=True)
+                await pipe.execute()
 
     async def remove(self, digest: str) -> bool:
         with _unavailable("index remove"):

@@ -85,10 +85,10 @@ async def test_an_unrenewed_lease_expires_and_another_node_takes_it(
 
 
 async def test_leader_lease(node_a: RedisStore, node_b: RedisStore) -> None:
-    assert await node_a.try_lead("evict", "a", 0.3)
-    assert not await node_b.try_lead("evict", "b", 0.3)
-    assert await node_a.try_lead("evict", "a", 0.3)  # renewed
-    await asyncio.sleep(0.4)
+    assert await node_a.try_lead("evict", "a", 0.5)
+    assert not await node_b.try_lead("evict", "b", 0.5)
+    assert await node_a.try_lead("evict", "a", 0.5)  # renewed
+    await asyncio.sleep(0.6)
     assert await node_b.try_lead("evict", "b", 10.0)
     assert not await node_a.try_lead("evict", "a", 10.0)
 
@@ -223,6 +223,7 @@ async def test_index_order_touch_and_totals(node_a: RedisStore, node_b: RedisSto
     assert [e[0] for e in await index_b.least_recent(10)] == [d(0), d(1), d(3), d(4), d(2)]
 
     await index_a.touch({d(0): clock.now + 10, d(1): start - 50, d(99): clock.now})
+    await index_a.touch({})
     await index_b.touch({d(3): clock.now + 5})
     assert await index_a.get(d(1)) == (200, "blob", start + 1, start + 1)  # never backwards
     assert await index_a.get(d(99)) is None  # unknown digests are ignored
@@ -261,6 +262,19 @@ async def test_concurrent_adds_and_removes_keep_totals_exact(
     assert await index_b.totals() == (sum(n + 1 for n in range(1, 200, 2)), 100)
 
 
+async def test_a_large_touch_batch(node_a: RedisStore) -> None:
+    """More than one ZADD chunk: every time lands, in order."""
+    index = RedisIndex(node_a)
+    n = 2500
+    await asyncio.gather(*(index.add(d(i), 1, "blob", 0.0) for i in range(n)))
+    await index.touch({d(i): float(n - i) for i in range(n)})
+    oldest = await index.least_recent(3)
+    assert [e[0] for e in oldest] == [d(n - 1), d(n - 2), d(n - 3)]
+    assert [e[3] for e in oldest] == [1.0, 2.0, 3.0]
+    assert await index.get(d(0)) == (1, "blob", 0.0, float(n))
+    assert await index.totals() == (n, n)
+
+
 async def test_pins(node_a: RedisStore, node_b: RedisStore) -> None:
     index_a, index_b = RedisIndex(node_a), RedisIndex(node_b)
     assert await index_a.pins() == set()
@@ -276,12 +290,12 @@ async def test_pins(node_a: RedisStore, node_b: RedisStore) -> None:
 async def test_serving_marks_expire(node_a: RedisStore, node_b: RedisStore) -> None:
     index_a, index_b = RedisIndex(node_a), RedisIndex(node_b)
     assert not await index_b.serving(d(1))
-    await index_a.mark_serving(d(1), "a", 0.3)
+    await index_a.mark_serving(d(1), "a", 0.5)
     await index_b.mark_serving(d(1), "b", 30.0)
     assert await index_a.serving(d(1))
     await index_b.done_serving(d(1), "b")
     assert await index_b.serving(d(1))  # a's mark still stands
-    await asyncio.sleep(0.4)  # a died without done_serving: its mark lapses
+    await asyncio.sleep(0.6)  # a died without done_serving: its mark lapses
     assert not await index_b.serving(d(1))
     await index_a.mark_serving(d(2), "a", 30.0)
     await index_a.done_serving(d(2), "a")
