@@ -128,6 +128,7 @@ class Cluster:
                 self.s3_health.ok()
             except S3Unavailable as exc:
                 self.s3_health.failed(exc)
+        self._spawn(self._probe(), "probe")
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -149,8 +150,24 @@ class Cluster:
 
     @property
     def store_down(self) -> bool:
-        """The shared store is configured but unreachable: pass blobs through uncached."""
-        return self.s3 is not None and self.s3_health.degraded and not self.s3_health.usable
+        """The shared store is configured but unreachable: pass blobs through uncached (until
+        the probe finds it back)."""
+        return self.s3 is not None and self.s3_health.degraded
+
+    async def _probe(self) -> None:
+        """While a shared service is down, try it again every few seconds."""
+        probe_digest = Digest("sha256:" + "0" * 64)
+        while True:
+            await asyncio.sleep(PROBE_SECONDS)
+            redis = self.redis
+            if redis is not None and self.redis_health.degraded and await redis.ping():
+                self.redis_health.ok()
+            if self.s3 is not None and self.s3_health.degraded:
+                try:
+                    await self.s3.stat(probe_digest)
+                except S3Unavailable:
+                    continue
+                self.s3_health.ok()
 
     def _spawn(self, coro: Awaitable[None], name: str | None = None) -> None:
         task = asyncio.ensure_future(coro)
@@ -182,13 +199,11 @@ class Cluster:
             return None
         return bytes(data)
 
-    def put_manifest(self, digest: Digest, data: bytes) -> None:
-        """Store a verified manifest for the other nodes (in the background)."""
-        if self.s3 is not None and not self.store_down:
-            self._spawn(self._put_small(digest, data))
-
-    async def _put_small(self, digest: Digest, data: bytes) -> None:
-        assert self.s3 is not None
+    async def put_manifest(self, digest: Digest, data: bytes) -> None:
+        """Store a verified manifest for the other nodes before answering (a few ms, on a
+        miss only), so the next node asked for the tag finds it."""
+        if self.s3 is None or self.store_down:
+            return
         try:
             if await self.s3.stat(digest) is not None:
                 return
@@ -217,7 +232,7 @@ class Cluster:
         return UpstreamBody(body.size, body.chunks(), body.close)
 
     async def _shared_stream(self, digest: Digest, offset: int) -> Stream | None:
-        if self.s3 is None or not self.s3_health.usable:
+        if self.s3 is None or self.s3_health.degraded:
             return None
         try:
             found = await self.s3.open_stream(digest, offset)

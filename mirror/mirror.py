@@ -323,7 +323,7 @@ class Mirror:
             await self.metadata.put_media_type(fetched.digest, fetched.media_type)
             await self._keep_manifest(fetched.digest, fetched.data)
             if self.cluster is not None:
-                self.cluster.put_manifest(fetched.digest, fetched.data)
+                await self.cluster.put_manifest(fetched.digest, fetched.data)
             return fetched
 
         fetched = await self._manifest_flight.do(key, fetch)

@@ -1,0 +1,294 @@
+"""Three mirror nodes on a real SeaweedFS (S3) and a real redis-server, in front of the real
+upstream: one upstream fetch per cluster, followers streaming while the owner fills, a dead
+owner taken over mid-blob, tags shared, and nodes that keep serving without Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import os
+import secrets
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httpx
+import pytest
+import yaml
+from mirror.cache.s3 import S3BlobStore
+
+from mirror.cache.redis_store import RedisStore
+from tests.fixtures.mirror_server import MirrorProcess
+from tests.fixtures.real_upstream import Upstream
+from tests.fixtures.redis_server import RedisServer
+from tests.fixtures.throttle import Throttle
+
+MiB = 1024 * 1024
+ACCEPT = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+
+
+class Cluster:
+    """N `registry-mirror serve` processes sharing one bucket prefix and one Redis prefix."""
+
+    def __init__(
+        self, tmp_path: Path, upstream_url: str, redis_url: str, seaweed: Any, n: int = 3
+    ) -> None:
+        self.prefix = f"t{secrets.token_hex(4)}/"
+        self.s3_config = seaweed.s3_config(self.prefix)
+        self.redis_url = redis_url
+        settings = {
+            "upstream": {"url": upstream_url, "names": ["docker.io"], "retries": 0},
+            "storage": {
+                "kind": "s3",
+                "s3": {
+                    "endpoint": self.s3_config.endpoint,
+                    "bucket": self.s3_config.bucket,
+                    "prefix": self.prefix,
+                    "access_key": self.s3_config.access_key,
+                    "secret_key": self.s3_config.secret_key,
+                    "part_size": "5MiB",
+                },
+            },
+            "metadata": {"kind": "redis", "redis_url": redis_url, "key_prefix": self.prefix},
+            "cluster": {"secret": "test-cluster-secret", "fill_lease": "2s"},
+        }
+        config = tmp_path / "node.yaml"
+        config.write_text(yaml.safe_dump(settings))
+        self.nodes = [
+            MirrorProcess(
+                tmp_path / f"node{i}",
+                upstream_url,
+                "--config",
+                str(config),
+                log_path=tmp_path / f"node{i}.log",
+            )
+            for i in range(n)
+        ]
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    async def owner(self, digest: str) -> str | None:
+        store = RedisStore(self.redis_url, self.prefix)
+        await store.start()
+        try:
+            return await store.fill_owner(digest)
+        finally:
+            await store.close()
+
+    async def bucket(self) -> S3BlobStore:
+        store = S3BlobStore(self.s3_config)
+        await store.start()
+        return store
+
+
+def events(node: MirrorProcess, name: str) -> list[dict[str, Any]]:
+    return [e for e in node.log_events() if e.get("event") == name]
+
+
+async def fetch(url: str, progress: dict[str, int] | None = None) -> tuple[float, str, int]:
+    """(wall time of the first body byte, sha256 of the body, its length)."""
+    h = hashlib.sha256()
+    first = 0.0
+    size = 0
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(timeout=timeout) as s, s.get(url) as resp:
+        assert resp.status == 200, await resp.text()
+        async for chunk in resp.content.iter_any():
+            first = first or time.time()
+            h.update(chunk)
+            size += len(chunk)
+            if progress is not None:
+                progress[url] = size
+    return first, "sha256:" + h.hexdigest(), size
+
+
+async def object_digest(bucket: S3BlobStore, digest: str) -> str | None:
+    body = await bucket.open_stream(digest)  # type: ignore[arg-type]
+    if body is None:
+        return None
+    h = hashlib.sha256()
+    try:
+        async for chunk in body.chunks:
+            h.update(chunk)
+    finally:
+        await body.close()
+    return "sha256:" + h.hexdigest()
+
+
+@pytest.fixture
+async def slow_upstream(upstream: Upstream) -> AsyncIterator[str]:
+    """The upstream behind a 40 MB/s link, so a 64 MiB fill lasts long enough to watch."""
+    throttle = Throttle(upstream.registry.port, 40e6)
+    await throttle.start()
+    try:
+        yield f"http://127.0.0.1:{throttle.port}"
+    finally:
+        await throttle.close()
+
+
+def big_blob(upstream: Upstream) -> Any:
+    image = upstream.images["big"]
+    return image, next(b for b in image.blobs if 64 * MiB <= b.size < 128 * MiB)
+
+
+async def test_thirty_clients_on_three_nodes_one_upstream_fetch(
+    upstream: Upstream, slow_upstream: str, redis_url: str, seaweed: Any, tmp_path: Path
+) -> None:
+    image, blob = big_blob(upstream)
+    cluster = Cluster(tmp_path, slow_upstream, redis_url, seaweed)
+    await asyncio.to_thread(cluster.start)
+    before = upstream.registry.blob_gets(blob.digest)
+    try:
+        urls = [f"{n.url}/v2/{image.repo}/blobs/{blob.digest}" for n in cluster.nodes]
+        results = await asyncio.gather(*(fetch(urls[i % 3]) for i in range(30)))
+        assert all(d == blob.digest and size == blob.size for _, d, size in results)
+        await asyncio.sleep(0.5)
+        assert upstream.registry.blob_gets(blob.digest) - before == 1
+        owners = [n for n in cluster.nodes if events(n, "shared_store_put")]
+        assert len(owners) == 1, "exactly one node fetched and stored it"
+        owner = owners[0]
+        committed = events(owner, "blob_fill_committed")[0]["timestamp"]
+        done = dt.datetime.fromisoformat(str(committed)).timestamp()
+        assert max(first for first, _, _ in results) < done, "all stream before the fill ends"
+        followers = [n for n in cluster.nodes if n is not owner]
+        assert all(events(n, "blob_fill_committed") for n in followers)
+        bucket = await cluster.bucket()
+        try:
+            assert await bucket.stat(blob.digest) == blob.size
+            assert await object_digest(bucket, blob.digest) == blob.digest
+            assert await bucket.uploads_in_progress() == []
+        finally:
+            await bucket.close()
+        # A node restarted with an empty disk serves it from the shared store, not upstream.
+        fresh = MirrorProcess(
+            tmp_path / "fresh", slow_upstream, *cluster.nodes[0].args,
+            log_path=tmp_path / "fresh.log",
+        )  # fmt: skip
+        await asyncio.to_thread(fresh.start)
+        try:
+            _, digest, _ = await fetch(f"{fresh.url}/v2/{image.repo}/blobs/{blob.digest}")
+            assert digest == blob.digest
+        finally:
+            await asyncio.to_thread(fresh.stop)
+        assert upstream.registry.blob_gets(blob.digest) - before == 1
+    finally:
+        await asyncio.to_thread(cluster.stop)
+
+
+async def test_a_killed_owner_is_taken_over_and_nothing_partial_is_left(
+    upstream: Upstream, slow_upstream: str, redis_url: str, seaweed: Any, tmp_path: Path
+) -> None:
+    image, blob = big_blob(upstream)
+    cluster = Cluster(tmp_path, slow_upstream, redis_url, seaweed)
+    await asyncio.to_thread(cluster.start)
+    a, b, c = cluster.nodes
+    before = upstream.registry.blob_gets(blob.digest)
+    try:
+        path = f"/v2/{image.repo}/blobs/{blob.digest}"
+        doomed = asyncio.ensure_future(fetch(a.url + path))
+        deadline = time.monotonic() + 10
+        while await cluster.owner(blob.digest) != a.url:
+            assert time.monotonic() < deadline, "node A never took the fill lease"
+            await asyncio.sleep(0.05)
+        progress: dict[str, int] = {}
+        clients = [
+            asyncio.ensure_future(fetch(f"{node.url}{path}?c={i}", progress))
+            for i in range(4)
+            for node in (b, c)
+        ]
+        while len(progress) < len(clients) or min(progress.values()) < MiB:
+            assert time.monotonic() < deadline + 20, "followers got no bytes from the owner"
+            await asyncio.sleep(0.05)
+        assert a.proc is not None
+        os.kill(a.proc.pid, signal.SIGKILL)  # mid-fill
+        results = await asyncio.gather(*clients)
+        with pytest.raises(aiohttp.ClientError):
+            await doomed
+        assert all(d == blob.digest and size == blob.size for _, d, size in results)
+        assert any(events(n, "fill_taken_over") for n in (b, c))
+        bucket = await cluster.bucket()
+        try:
+            deadline = time.monotonic() + 15
+            while await bucket.stat(blob.digest) is None:
+                assert time.monotonic() < deadline, "the new owner never stored the blob"
+                await asyncio.sleep(0.1)
+            assert await object_digest(bucket, blob.digest) == blob.digest
+            assert await bucket.uploads_in_progress() == [], "the dead owner's upload remains"
+        finally:
+            await bucket.close()
+        # The dead node's fetch and the rest of the blob: not one fetch per node.
+        assert upstream.registry.blob_gets(blob.digest) - before <= 2
+    finally:
+        await asyncio.to_thread(cluster.stop)
+
+
+async def test_a_tag_fetched_on_one_node_is_a_hit_on_the_others(
+    upstream: Upstream, redis_url: str, seaweed: Any, tmp_path: Path
+) -> None:
+    image = upstream.images["ocismall"]
+    cluster = Cluster(tmp_path, upstream.url, redis_url, seaweed)
+    await asyncio.to_thread(cluster.start)
+    manifest_gets = rf"/v2/{image.repo}/manifests/{image.tag}$"
+    before = upstream.registry.count("GET", manifest_gets)
+    try:
+        async with httpx.AsyncClient() as client:
+            for node in cluster.nodes:
+                r = await client.get(
+                    f"{node.url}/v2/{image.repo}/manifests/{image.tag}", headers=ACCEPT
+                )
+                assert r.status_code == 200
+                assert hashlib.sha256(r.content).hexdigest() == image.digest.split(":")[1]
+    finally:
+        await asyncio.to_thread(cluster.stop)
+    assert upstream.registry.count("GET", manifest_gets) - before == 1
+    caches = [
+        [e["cache"] for e in events(n, "request") if "/manifests/" in str(e["path"])]
+        for n in cluster.nodes
+    ]
+    assert caches == [["miss"], ["hit"], ["hit"]]
+
+
+async def test_without_redis_every_node_keeps_serving(
+    upstream: Upstream, redis_server: RedisServer, redis_url: str, seaweed: Any, tmp_path: Path
+) -> None:
+    small, team = upstream.images["small"], upstream.images["team"]
+    cluster = Cluster(tmp_path, upstream.url, redis_url, seaweed)
+    await asyncio.to_thread(cluster.start)
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            cached = small.layers()[0]
+            for node in cluster.nodes:  # cached everywhere while Redis is up
+                r = await client.get(f"{node.url}/v2/{small.repo}/blobs/{cached.digest}")
+                assert hashlib.sha256(r.content).hexdigest() == cached.digest.split(":")[1]
+            await asyncio.to_thread(redis_server.stop)
+            try:
+                for node in cluster.nodes:
+                    r = await client.get(f"{node.url}/v2/{small.repo}/blobs/{cached.digest}")
+                    assert r.status_code == 200
+                    assert hashlib.sha256(r.content).hexdigest() == cached.digest.split(":")[1]
+                    cold = team.layers()[0]
+                    r = await client.get(f"{node.url}/v2/{team.repo}/blobs/{cold.digest}")
+                    assert r.status_code == 200
+                    assert hashlib.sha256(r.content).hexdigest() == cold.digest.split(":")[1]
+                    r = await client.get(
+                        f"{node.url}/v2/{team.repo}/manifests/{team.tag}", headers=ACCEPT
+                    )
+                    assert r.status_code == 200
+                    ready = (await client.get(f"{node.url}/readyz")).json()
+                    assert ready["status"] == "degraded" and ready["cluster"]["redis"] == "degraded"
+            finally:
+                await asyncio.to_thread(redis_server.restart)
+    finally:
+        await asyncio.to_thread(cluster.stop)
+    for node in cluster.nodes:
+        assert events(node, "cluster_service_down")
