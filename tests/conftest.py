@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-pytest_plugins = ["tests.fixtures.real_upstream"]
+pytest_plugins = ["tests.fixtures.real_upstream", "tests.fixtures.seaweed"]
 
 
 @pytest.fixture(autouse=True)
