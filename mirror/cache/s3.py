@@ -115,7 +115,7 @@ class S3BlobStore:
         boto_config = AioConfig(
             connect_timeout=CONNECT_TIMEOUT,
             read_timeout=READ_TIMEOUT,
-            retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
+            retries={"total_max_attempts": MAX_ATTEMPTS, "mode": "standard"},
             max_pool_connections=MAX_POOL_CONNECTIONS,
             signature_version="s3v4",
             # Custom endpoints (SeaweedFS, MinIO) rarely have wildcard DNS for bucket hosts.
