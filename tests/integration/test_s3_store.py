@@ -236,14 +236,22 @@ async def test_closed_port_is_unavailable_quickly() -> None:
     assert "s3cr3t" not in str(info.value)
 
 
-async def test_store_going_away_is_unavailable_quickly(seaweed: SeaweedS3) -> None:
-    """Started fine, then the store's port closes (through a loopback relay we cut)."""
-    connections: set[asyncio.StreamWriter] = set()
+class Relay:
+    """A loopback TCP relay to the store that a test can cut (listener and connections)."""
 
-    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connections.add(writer)
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", seaweed.s3_port)
-        connections.add(up_writer)
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.connections: set[asyncio.StreamWriter] = set()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections.add(writer)
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.connections.add(up_writer)
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             with contextlib.suppress(OSError):
@@ -254,19 +262,30 @@ async def test_store_going_away_is_unavailable_quickly(seaweed: SeaweedS3) -> No
 
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
-    server = await asyncio.start_server(relay, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+    async def cut(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in list(self.connections):
+            writer.transport.abort()
+        await self.server.wait_closed()
+
+
+async def relayed_store(seaweed: SeaweedS3, relay: Relay) -> S3BlobStore:
     config = seaweed.s3_config(prefix=f"t-{secrets.token_hex(4)}/")
-    config.endpoint = f"http://127.0.0.1:{port}"
+    config.endpoint = f"http://127.0.0.1:{await relay.start()}"
     store = S3BlobStore(config)
     await store.start()
+    return store
+
+
+async def test_store_going_away_is_unavailable_quickly(seaweed: SeaweedS3) -> None:
+    """Started fine, then the store's port closes."""
+    relay = Relay(seaweed.s3_port)
+    store = await relayed_store(seaweed, relay)
     try:
         digest = digest_of(b"absent")
         assert await store.stat(digest) is None  # works through the relay
-        server.close()
-        for writer in list(connections):
-            writer.close()
-        await server.wait_closed()
+        await relay.cut()
         started = time.monotonic()
         with pytest.raises(S3Unavailable) as info:
             await store.stat(digest)
@@ -274,5 +293,41 @@ async def test_store_going_away_is_unavailable_quickly(seaweed: SeaweedS3) -> No
         assert seaweed.secret_key not in str(info.value)
         with pytest.raises(S3Unavailable):
             await store.begin_upload(digest)
+    finally:
+        await store.close()
+
+
+async def test_stream_breaking_midway_raises_unavailable(seaweed: SeaweedS3) -> None:
+    relay = Relay(seaweed.s3_port)
+    store = await relayed_store(seaweed, relay)
+    try:
+        data = os.urandom(8 * MiB)
+        digest = await put(store, data)
+        body = await store.open_stream(digest)
+        assert body is not None
+        received = 0
+        with pytest.raises(S3Unavailable):
+            async for chunk in body.chunks:
+                received += len(chunk)
+                if received >= CHUNK_SIZE:
+                    await relay.cut()
+        await body.close()
+        assert CHUNK_SIZE <= received < len(data)
+    finally:
+        await store.close()
+
+
+async def test_presigned_url_expires(seaweed: SeaweedS3) -> None:
+    config = seaweed.s3_config(prefix=f"t-{secrets.token_hex(4)}/")
+    config.presign_ttl = 1
+    store = S3BlobStore(config)
+    await store.start()
+    try:
+        digest = await put(store, b"short-lived")
+        url = await store.presigned_url(digest)
+        async with httpx.AsyncClient(timeout=10) as client:
+            assert (await client.get(url)).content == b"short-lived"
+            await asyncio.sleep(2.1)
+            assert (await client.get(url)).status_code == 403
     finally:
         await store.close()
