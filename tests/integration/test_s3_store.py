@@ -84,6 +84,21 @@ def test_key_layout(seaweed: SeaweedS3) -> None:
     assert store.key(digest) == f"mirror/blobs/sha256/{hexpart[:2]}/{hexpart}"
 
 
+async def test_start_creates_a_missing_bucket(seaweed: SeaweedS3) -> None:
+    config = seaweed.s3_config()
+    config.bucket = f"{seaweed.bucket}-new"
+    store = S3BlobStore(config)
+    await store.start()
+    try:
+        await store.client.head_bucket(Bucket=config.bucket)
+        again = S3BlobStore(config)  # another node starting on the existing bucket
+        await again.start()
+        await again.close()
+    finally:
+        await store.client.delete_bucket(Bucket=config.bucket)
+        await store.close()
+
+
 async def test_multipart_upload_is_visible_only_on_complete(store: S3BlobStore) -> None:
     data = os.urandom(13 * MiB)
     digest = digest_of(data)
