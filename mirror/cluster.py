@@ -300,7 +300,11 @@ class Cluster:
                 return
             if reader is None:  # already committed here before we looked: nothing to copy
                 return
-            upload = await self.s3.begin_upload(digest)
+            # We hold the lease: any other upload of this digest is a dead owner's.
+            if await self.s3.abort_uploads(digest):
+                log.info("shared_store_dead_upload_aborted", digest=digest)
+            # The fill hashes every byte already: no second hash of the same bytes here.
+            upload = await self.s3.begin_upload(digest, verify=False)
             part = self.s3.config.part_size
             buf = bytearray()
             async for offset, count in reader.ranges():

@@ -8,7 +8,11 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-pytest_plugins = ["tests.fixtures.real_upstream", "tests.fixtures.redis_server"]
+pytest_plugins = [
+    "tests.fixtures.real_upstream",
+    "tests.fixtures.redis_server",
+    "tests.fixtures.seaweed",
+]
 
 
 @pytest.fixture(autouse=True)
