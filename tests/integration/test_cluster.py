@@ -19,16 +19,25 @@ import aiohttp
 import httpx
 import pytest
 import yaml
-from mirror.cache.s3 import S3BlobStore
 
 from mirror.cache.redis_store import RedisStore
+from mirror.cache.s3 import S3BlobStore
 from tests.fixtures.mirror_server import MirrorProcess
 from tests.fixtures.real_upstream import Upstream
 from tests.fixtures.redis_server import RedisServer
 from tests.fixtures.throttle import Throttle
 
 MiB = 1024 * 1024
-ACCEPT = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+ACCEPT = {  # every manifest type: what engines send, and what makes a tag record
+    "Accept": ", ".join(
+        [
+            "application/vnd.oci.image.index.v1+json",
+            "application/vnd.oci.image.manifest.v1+json",
+            "application/vnd.docker.distribution.manifest.list.v2+json",
+            "application/vnd.docker.distribution.manifest.v2+json",
+        ]
+    )
+}
 
 
 class Cluster:
