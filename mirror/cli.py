@@ -176,7 +176,7 @@ def _when(ts: float) -> str:
 
 async def _gc(config: Config, dry_run: bool) -> int:
     async with maintenance.open_cache(config) as cache:
-        plan = await maintenance.gc(cache, dry_run=dry_run)
+        plan, shared = await maintenance.gc(cache, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     for digest, entry, reason in plan.victims:
         served = _when(entry.last_served)
@@ -186,6 +186,14 @@ async def _gc(config: Config, dry_run: bool) -> int:
         f"{verb} {len(plan.victims)} entries, {human(plan.freed)}; "
         f"cache was {human(plan.size_before)}, budget {budget}"
     )
+    if shared is not None:
+        for digest, size, reason in shared.victims:
+            print(f"{verb} {digest} {human(size)} from the shared store ({reason})")
+        budget = human(shared.budget) if shared.budget else "none"
+        print(
+            f"shared store: {verb} {len(shared.victims)} objects, {human(shared.freed)}; "
+            f"it held {human(shared.size_before)}, budget {budget}"
+        )
     return 0
 
 

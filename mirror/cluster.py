@@ -25,8 +25,8 @@ import hashlib
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
 
 import structlog
 
@@ -39,7 +39,7 @@ from mirror.cache.metadata import (
     TagKey,
     TagRecord,
 )
-from mirror.cache.redis_store import RedisStore, RedisUnavailable
+from mirror.cache.redis_store import RedisIndex, RedisStore, RedisUnavailable
 from mirror.cache.s3 import S3BlobStore, S3Unavailable
 from mirror.config import Config
 from mirror.errors import UpstreamError
@@ -51,6 +51,8 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 PROBE_SECONDS = 5.0  # a service found down is tried again this often
+TOUCH_FLUSH_SECONDS = 1.0  # hits are reported to the shared index this often
+SERVING_TTL = 120.0  # a node streaming an object from the store renews its mark this often
 FOLLOW_POLL = 0.1  # while waiting for a lease to move
 
 
@@ -113,6 +115,9 @@ class Cluster:
         self.redis_health = ServiceHealth("redis", metrics)
         self.s3_health = ServiceHealth("s3", metrics)
         self._tasks: set[asyncio.Task[None]] = set()
+        # The shared store's LRU index lives in Redis (only with both services).
+        self.index = RedisIndex(redis) if redis is not None and s3 is not None else None
+        self._touched: dict[str, float] = {}
 
     async def start(self) -> None:
         self.peers.open()
@@ -129,6 +134,8 @@ class Cluster:
             except S3Unavailable as exc:
                 self.s3_health.failed(exc)
         self._spawn(self._probe(), "probe")
+        if self.index is not None:
+            self._spawn(self._flush_touches(), "touches")
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -176,6 +183,107 @@ class Cluster:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    # -- the shared index: sizes, last served, pins; one node at a time evicts --------------
+
+    def touched(self, digest: Digest) -> None:
+        """A hit on this node: the object was used (flushed to the shared index each second)."""
+        if self.index is not None:
+            self._touched[digest] = time.time()
+
+    async def _flush_touches(self) -> None:
+        assert self.index is not None
+        while True:
+            await asyncio.sleep(TOUCH_FLUSH_SECONDS)
+            if not self._touched or not self.redis_health.usable:
+                continue
+            batch, self._touched = self._touched, {}
+            try:
+                await self.index.touch(batch)
+            except RedisUnavailable as exc:
+                self.redis_health.failed(exc)
+
+    async def _stored(self, digest: Digest, size: int, kind: str) -> None:
+        if self.index is None:
+            return
+        try:
+            await self.index.add(digest, size, kind, time.time())
+        except RedisUnavailable as exc:
+            self.redis_health.failed(exc)
+
+    async def evict_shared(
+        self,
+        pinned: set[Digest],
+        *,
+        budget: int,
+        ttl: float,
+        high: float,
+        low: float,
+        dry_run: bool = False,
+    ) -> SharedEviction:
+        """One pass over the shared store: objects unserved for `ttl`, then least recently
+        served ones past `high` x `budget` down to `low` x `budget`. Skips pinned objects and
+        objects some node is streaming now."""
+        assert self.index is not None and self.s3 is not None
+        size, entries = await self.index.totals()
+        plan = SharedEviction(size_before=size, entries_before=entries, budget=budget)
+        now = time.time()
+        chosen: set[str] = set()
+
+        async def take(digest: str, length: int, reason: str) -> bool:
+            if digest in pinned or digest in chosen or await self.index.serving(digest):  # type: ignore[union-attr]
+                return False
+            chosen.add(digest)
+            plan.victims.append((Digest(digest), length, reason))
+            return True
+
+        if ttl:
+            for digest, length, _kind, _served in await self.index.least_recent(
+                10_000, before=now - ttl
+            ):
+                await take(digest, length, "ttl")
+        remaining = size - sum(v[1] for v in plan.victims)
+        if budget and remaining > high * budget:
+            for digest, length, _kind, _served in await self.index.least_recent(100_000):
+                if remaining <= low * budget:
+                    break
+                if await take(digest, length, "size"):
+                    remaining -= length
+        if not dry_run:
+            for digest, _length, reason in plan.victims:
+                await self.s3.delete(digest)
+                await self.index.remove(digest)
+                log.info("shared_store_evicted", digest=digest, reason=reason)
+        return plan
+
+    async def lead_eviction(self, pinned: set[Digest], **policy: Any) -> SharedEviction | None:
+        """Run `evict_shared` if this node is (or becomes) the one that evicts."""
+        if self.index is None or self.redis is None or not self.redis_health.usable:
+            return None
+        try:
+            if not await self.redis.try_lead("evict", self.node_url, 120.0):
+                return None
+            return await self.evict_shared(pinned, **policy)
+        except RedisUnavailable as exc:
+            self.redis_health.failed(exc)
+        except S3Unavailable as exc:
+            self.s3_health.failed(exc)
+        return None
+
+    async def shared_pins(self) -> list[str]:
+        """Images pinned cluster-wide (`registry-mirror pin` on any node)."""
+        if self.index is None or not self.redis_health.usable:
+            return []
+        try:
+            return sorted(await self.index.pins())
+        except RedisUnavailable as exc:
+            self.redis_health.failed(exc)
+            return []
+
+    async def iter_shared(self) -> list[tuple[Digest, int]]:
+        """Every object in the shared store (for `verify`)."""
+        assert self.s3 is not None
+        return [item async for item in self.s3.iter_all()]
+
     # -- manifests: small, kept whole in the shared store too -------------------------------
 
     async def get_manifest(self, digest: Digest, limit: int) -> bytes | None:
@@ -216,6 +324,8 @@ class Cluster:
                 raise
         except S3Unavailable as exc:
             self.s3_health.failed(exc)
+            return
+        await self._stored(digest, len(data), "manifest")
 
     # -- where a fill's bytes come from ----------------------------------------------------
 
@@ -242,7 +352,25 @@ class Cluster:
         self.s3_health.ok()
         if found is None:
             return None
-        return _S3Stream(found, self.metrics)
+        self.touched(digest)
+        return _S3Stream(found, self.metrics, self._serving(digest))
+
+    @contextlib.asynccontextmanager
+    async def _serving(self, digest: Digest) -> AsyncIterator[None]:
+        """While this node streams `digest` from the store, eviction leaves it alone."""
+        marked = False
+        if self.index is not None and self.redis_health.usable:
+            try:
+                await self.index.mark_serving(digest, self.node_url, SERVING_TTL)
+                marked = True
+            except RedisUnavailable as exc:
+                self.redis_health.failed(exc)
+        try:
+            yield
+        finally:
+            if marked and self.index is not None:
+                with contextlib.suppress(RedisUnavailable):
+                    await self.index.done_serving(digest, self.node_url)
 
     async def _claim(self, digest: Digest) -> tuple[bool, str | None]:
         """(True, None) if this node now holds the fill lease; else (False, owner or None).
@@ -323,6 +451,7 @@ class Cluster:
             self.metrics.shared_store_bytes.labels("up").inc(fill.written)
             log.info("shared_store_put", digest=digest, size=fill.written)
             upload = None
+            await self._stored(digest, fill.written, "blob")
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -338,16 +467,32 @@ class Cluster:
             await self._release(digest)
 
 
+@dataclass
+class SharedEviction:
+    size_before: int
+    entries_before: int
+    budget: int
+    victims: list[tuple[Digest, int, str]] = field(default_factory=list)
+
+    @property
+    def freed(self) -> int:
+        return sum(size for _, size, _ in self.victims)
+
+
 class _S3Stream:
-    def __init__(self, body: object, metrics: Metrics) -> None:
+    def __init__(
+        self, body: Any, metrics: Metrics, serving: contextlib.AbstractAsyncContextManager[None]
+    ) -> None:
         self._body = body
-        self.size: int | None = body.size  # type: ignore[attr-defined]
+        self.size: int | None = body.size
         self._metrics = metrics
+        self._serving = serving
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        async for chunk in self._body.chunks:  # type: ignore[attr-defined]
-            self._metrics.shared_store_bytes.labels("down").inc(len(chunk))
-            yield chunk
+        async with self._serving:
+            async for chunk in self._body.chunks:
+                self._metrics.shared_store_bytes.labels("down").inc(len(chunk))
+                yield chunk
 
     async def close(self) -> None:
         await self._body.close()  # type: ignore[attr-defined]
@@ -520,6 +665,16 @@ def node_url(config: Config) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"{'https' if config.tls.enabled else 'http'}://{host}:{port}"
+
+
+def shared_policy(config: Config) -> dict[str, Any]:
+    """The shared store's eviction settings, as `Cluster.evict_shared` takes them."""
+    return {
+        "budget": config.storage.s3.max_size,
+        "ttl": config.storage.s3.ttl,
+        "high": config.cache.high_watermark,
+        "low": config.cache.low_watermark,
+    }
 
 
 def build_cluster(config: Config, metrics: Metrics) -> Cluster:

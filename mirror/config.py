@@ -346,6 +346,11 @@ class S3Config:
     # Answer cached blob GETs with a 307 to a presigned URL instead of streaming them.
     presigned_redirects: bool = opt(False, "bool")
     presign_ttl: float = opt(900.0, "duration")
+    # The shared store's own budget and TTL (cache.max_size / blob_ttl are each node's tier):
+    # one node at a time evicts least recently served objects past the high watermark, and
+    # objects not served for `ttl`; never pinned ones, never one a node is streaming.
+    max_size: int = opt(0, "size")
+    ttl: float = opt(0.0, "duration")
 
 
 @dataclass

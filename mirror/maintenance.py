@@ -18,8 +18,17 @@ from mirror.access import build_policy
 from mirror.cache.blobs import FilesystemBlobStore
 from mirror.cache.eviction import EvictionPlan, Evictor
 from mirror.cache.index import CacheIndex
-from mirror.cache.metadata import LocalMetadataStore
+from mirror.cache.metadata import LocalMetadataStore, MetadataStore
+from mirror.cache.redis_store import RedisMetadataStore
+from mirror.cluster import (
+    Cluster,
+    SharedEviction,
+    TieredMetadataStore,
+    build_cluster,
+    shared_policy,
+)
 from mirror.config import Config
+from mirror.metrics import Metrics
 from mirror.mirror import Mirror
 from mirror.reference import Digest, parse_image
 from mirror.upstream.routing import build_router
@@ -29,40 +38,64 @@ from mirror.upstream.routing import build_router
 class CacheHandle:
     config: Config
     store: FilesystemBlobStore
-    metadata: LocalMetadataStore
+    metadata: MetadataStore
     index: CacheIndex
     mirror: Mirror
     evictor: Evictor
+    cluster: Cluster | None = None  # the shared store and Redis, for a cluster's node
 
 
 @asynccontextmanager
 async def open_cache(config: Config) -> AsyncIterator[CacheHandle]:
-    """The cache directory's parts, without a server or upstream connections."""
+    """The cache directory's parts (and a cluster's shared store and Redis), without a
+    server or upstream connections."""
     store = FilesystemBlobStore(config.cache.dir)
     await asyncio.to_thread(store.setup)
-    metadata = await asyncio.to_thread(LocalMetadataStore, config.cache.dir / "meta")
+    local = await asyncio.to_thread(LocalMetadataStore, config.cache.dir / "meta")
+    metadata: MetadataStore = local
     index = await asyncio.to_thread(CacheIndex, config.cache.dir / "index", time.time)
-    mirror = Mirror(store, metadata, index, build_router(config), policy=build_policy(config))
+    cluster = None
+    if config.clustered:
+        cluster = build_cluster(config, Metrics())
+        await cluster.start()
+        if cluster.redis is not None:
+            metadata = TieredMetadataStore(
+                RedisMetadataStore(cluster.redis), local, cluster.redis_health
+            )
+    mirror = Mirror(
+        store, metadata, index, build_router(config), policy=build_policy(config), cluster=cluster
+    )
+    evictor = Evictor(store, index, config.cache, time.time)
     try:
-        yield CacheHandle(
-            config, store, metadata, index, mirror, Evictor(store, index, config.cache, time.time)
-        )
+        yield CacheHandle(config, store, metadata, index, mirror, evictor, cluster)
     finally:
         await index.flush()
         index.close()
+        if cluster is not None:
+            await cluster.close()
         metadata.close()
 
 
 async def all_pins(handle: CacheHandle) -> list[str]:
-    return [*handle.config.cache.pins, *sorted(await asyncio.to_thread(handle.index.pins))]
+    pins = [*handle.config.cache.pins, *sorted(await asyncio.to_thread(handle.index.pins))]
+    if handle.cluster is not None:
+        pins += await handle.cluster.shared_pins()
+    return pins
 
 
-async def gc(handle: CacheHandle, *, dry_run: bool) -> EvictionPlan:
+async def gc(handle: CacheHandle, *, dry_run: bool) -> tuple[EvictionPlan, SharedEviction | None]:
+    """This node's local pass, and in a cluster the shared store's."""
     await asyncio.to_thread(
         handle.index.reconcile, handle.store.blob_dir, handle.metadata.is_manifest
     )
     pinned = await handle.mirror.pinned_digests(await all_pins(handle))
-    return await handle.evictor.run_once(pinned, dry_run=dry_run)
+    plan = await handle.evictor.run_once(pinned, dry_run=dry_run)
+    shared = None
+    cluster = handle.cluster
+    if cluster is not None and cluster.index is not None:
+        policy = shared_policy(handle.config)
+        shared = await cluster.evict_shared(pinned, dry_run=dry_run, **policy)
+    return plan, shared
 
 
 @dataclass(frozen=True)
@@ -89,21 +122,34 @@ async def list_images(handle: CacheHandle) -> list[ImageRow]:
     ):
         digests: set[Digest] = set()
         await handle.mirror.collect_digests(record.digest, digests)
-        entries = [handle.index.get(d) for d in digests]
-        present = [e for e in entries if e is not None]
+        sizes = [await _entry(handle, d) for d in digests]
+        present = [e for e in sizes if e is not None]
         rows.append(
             ImageRow(
                 upstream,
                 repo,
                 tag,
                 record.digest,
-                sum(e.size for e in present),
-                max((e.last_served for e in present), default=0.0),
-                len(present) == len(entries),
+                sum(size for size, _ in present),
+                max((served for _, served in present), default=0.0),
+                len(present) == len(sizes),
                 record.digest in pinned,
             )
         )
     return sorted(rows, key=lambda r: (r.repository, r.tag))
+
+
+async def _entry(handle: CacheHandle, digest: Digest) -> tuple[int, float] | None:
+    """(size, last served) from this node's index, else from the cluster's shared one."""
+    entry = handle.index.get(digest)
+    if entry is not None:
+        return entry.size, entry.last_served
+    cluster = handle.cluster
+    if cluster is not None and cluster.index is not None:
+        shared = await cluster.index.get(digest)
+        if shared is not None:
+            return shared[0], shared[3]
+    return None
 
 
 def _hash_file(path: str) -> str:
@@ -131,7 +177,35 @@ async def verify(handle: CacheHandle, *, repair: bool) -> tuple[int, list[Digest
     if repair:
         await asyncio.to_thread(handle.index.clear)
     await asyncio.to_thread(handle.index.reconcile, store.blob_dir, handle.metadata.is_manifest)
-    return len(digests), bad
+    checked = len(digests)
+    if handle.cluster is not None and handle.cluster.s3 is not None:
+        shared_checked, shared_bad = await verify_shared(handle.cluster)
+        checked += shared_checked
+        bad += shared_bad
+    return checked, bad
+
+
+async def verify_shared(cluster: Cluster) -> tuple[int, list[Digest]]:
+    """Re-hash every object of the shared store; remove the ones that do not match."""
+    assert cluster.s3 is not None
+    objects = await cluster.iter_shared()
+    bad = []
+    for digest, _size in objects:
+        body = await cluster.s3.open_stream(digest)
+        if body is None:
+            continue  # evicted meanwhile
+        sha = hashlib.sha256()
+        try:
+            async for chunk in body.chunks:
+                await asyncio.to_thread(sha.update, chunk)
+        finally:
+            await body.close()
+        if "sha256:" + sha.hexdigest() != digest:
+            bad.append(digest)
+            await cluster.s3.delete(digest)
+            if cluster.index is not None:
+                await cluster.index.remove(digest)
+    return len(objects), bad
 
 
 async def set_pins(handle: CacheHandle, images: list[str], *, pin: bool) -> set[str]:
@@ -140,4 +214,9 @@ async def set_pins(handle: CacheHandle, images: list[str], *, pin: bool) -> set[
     pins = await asyncio.to_thread(handle.index.pins)
     pins = pins | set(images) if pin else pins - set(images)
     await asyncio.to_thread(handle.index.set_pins, pins)
+    cluster = handle.cluster
+    if cluster is not None and cluster.index is not None:  # pins are cluster-wide there
+        for image in images:
+            await (cluster.index.pin(image) if pin else cluster.index.unpin(image))
+        pins = pins | set(await cluster.shared_pins())
     return pins

@@ -290,7 +290,7 @@ class Mirror:
     async def cached_manifest(self, digest: Digest) -> Manifest | None:
         manifest = self._manifests.get(digest)
         if manifest is not None:
-            self.index.touch(digest)
+            self._touch(digest)
             return manifest
         # Bounded by the manifest limit: a layer's digest asked for as a manifest is not read.
         limit = self.router.default.config.manifest_max_size
@@ -306,8 +306,14 @@ class Mirror:
             return None
         manifest = Manifest(data, media_type, digest)
         self._manifests[digest] = manifest
-        self.index.touch(digest)
+        self._touch(digest)
         return manifest
+
+    def _touch(self, digest: Digest) -> None:
+        """A hit: recency for this node's LRU index, and for the cluster's shared one."""
+        self.index.touch(digest)
+        if self.cluster is not None:
+            self.cluster.touched(digest)
 
     async def _fetch_manifest(
         self, target: Target, reference: str, accept: list[str], private: bool
@@ -361,7 +367,7 @@ class Mirror:
         await self._check_digest(target, digest, private, "blob")
         cached = await self.store.open_for_serving(digest)
         if cached is not None:
-            self.index.touch(digest)
+            self._touch(digest)
             return BlobAnswer(cached.size, "hit", file=cached)
         if self.offline:
             raise offline_miss("BLOB_UNKNOWN", "blob")

@@ -19,7 +19,7 @@ from mirror.cache.eviction import EvictionPlan, Evictor
 from mirror.cache.index import CacheIndex
 from mirror.cache.metadata import LocalMetadataStore, MetadataStore
 from mirror.cache.redis_store import RedisMetadataStore
-from mirror.cluster import TieredMetadataStore, build_cluster
+from mirror.cluster import TieredMetadataStore, build_cluster, shared_policy
 from mirror.config import Config, split_host_port
 from mirror.errors import RegistryError, UpstreamError
 from mirror.metrics import UPSTREAM_SECONDS, Metrics
@@ -325,7 +325,12 @@ async def run_policy(
 ) -> EvictionPlan:
     """One eviction pass now, honouring pins from the config and from the CLI."""
     pins = [*config.cache.pins, *await asyncio.to_thread(mirror.index.pins)]
-    plan = await evictor.run_once(await mirror.pinned_digests(pins), dry_run=dry_run)
+    if mirror.cluster is not None:
+        pins += await mirror.cluster.shared_pins()
+    pinned = await mirror.pinned_digests(pins)
+    plan = await evictor.run_once(pinned, dry_run=dry_run)
+    if mirror.cluster is not None and not dry_run:
+        await mirror.cluster.lead_eviction(pinned, **shared_policy(config))
     if not dry_run:
         for _, entry, reason in plan.victims:
             mirror.metrics.evictions.labels(reason).inc()

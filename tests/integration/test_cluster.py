@@ -10,6 +10,8 @@ import hashlib
 import os
 import secrets
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,7 +22,7 @@ import httpx
 import pytest
 import yaml
 
-from mirror.cache.redis_store import RedisStore
+from mirror.cache.redis_store import RedisIndex, RedisStore
 from mirror.cache.s3 import S3BlobStore
 from tests.fixtures.mirror_server import MirrorProcess
 from tests.fixtures.real_upstream import Upstream
@@ -301,3 +303,80 @@ async def test_without_redis_every_node_keeps_serving(
         await asyncio.to_thread(cluster.stop)
     for node in cluster.nodes:
         assert events(node, "cluster_service_down")
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_MIRROR_")}
+    return subprocess.run(
+        [sys.executable, "-m", "mirror", *args],
+        capture_output=True, text=True, timeout=120, check=False, env=env,
+    )  # fmt: skip
+
+
+async def test_ls_gc_and_verify_work_on_the_shared_store(
+    upstream: Upstream, redis_url: str, seaweed: Any, tmp_path: Path
+) -> None:
+    small, oci, team = (upstream.images[k] for k in ("small", "ocismall", "team"))
+    cluster = Cluster(tmp_path, upstream.url, redis_url, seaweed, n=2)
+    await asyncio.to_thread(cluster.start)
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            for node, image in ((0, small), (1, oci), (0, team)):
+                base = cluster.nodes[node].url
+                r = await client.get(
+                    f"{base}/v2/{image.repo}/manifests/{image.tag}", headers=ACCEPT
+                )
+                assert r.status_code == 200
+                for blob in image.blobs:
+                    r = await client.get(f"{base}/v2/{image.repo}/blobs/{blob.digest}")
+                    assert hashlib.sha256(r.content).hexdigest() == blob.digest.split(":")[1]
+                await asyncio.sleep(1.2)  # served times apart (and flushed to the index)
+    finally:
+        await asyncio.to_thread(cluster.stop)
+    conf = ["--config", str(tmp_path / "node.yaml"), "--cache-dir", str(tmp_path / "node1")]
+
+    listing = cli("ls", *conf)
+    assert listing.returncode == 0, listing.stderr
+    for image in (small, oci, team):  # node 1 only pulled ocismall: the rest is cluster-wide
+        assert image.repo in listing.stdout
+
+    assert cli("pin", *conf, team.ref).returncode == 0
+    bucket = await cluster.bucket()
+    try:
+        sizes = dict([item async for item in bucket.iter_all()])
+        total = sum(sizes.values())
+        serving = max(oci.blobs, key=lambda b: b.size).digest
+        store = RedisStore(cluster.redis_url, cluster.prefix)
+        await store.start()
+        await RedisIndex(store).mark_serving(serving, "another-node", 60)
+        await store.close()
+        budget = ["storage.s3.max_size", str(int(total * 0.5))]
+        settings = yaml.safe_load((tmp_path / "node.yaml").read_text())
+        settings["storage"]["s3"]["max_size"] = budget[1]
+        (tmp_path / "small-budget.yaml").write_text(yaml.safe_dump(settings))
+        gc = cli(
+            "gc",
+            "--config",
+            str(tmp_path / "small-budget.yaml"),
+            "--cache-dir",
+            str(tmp_path / "gc"),
+        )
+        assert gc.returncode == 0, gc.stderr
+        assert "shared store: removed" in gc.stdout
+        for blob in small.blobs:  # least recently served: gone from the shared store
+            assert await bucket.stat(blob.digest) is None
+        for blob in team.blobs:  # pinned cluster-wide: kept
+            assert await bucket.stat(blob.digest) == blob.size
+        assert await bucket.stat(serving) is not None, "an object a node is streaming was evicted"
+
+        # verify: an object whose bytes do not match its key is found and removed.
+        liar = max(team.blobs, key=lambda b: b.size).digest
+        upload = await bucket.begin_upload(liar, verify=False)  # type: ignore[arg-type]
+        await upload.upload_part(b"not the blob")
+        await upload.complete()
+        checked = cli("verify", *conf)
+        assert checked.returncode == 1
+        assert f"removed {liar}" in checked.stdout
+        assert await bucket.stat(liar) is None
+    finally:
+        await bucket.close()
