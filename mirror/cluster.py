@@ -269,6 +269,22 @@ class Cluster:
             self.s3_health.failed(exc)
         return None
 
+    async def presigned(self, digest: Digest) -> str | None:
+        """With `presigned_redirects`: a URL to send the client to instead of streaming a
+        blob this node does not hold, if the shared store has it."""
+        s3 = self.s3
+        if s3 is None or not s3.config.presigned_redirects or self.s3_health.degraded:
+            return None
+        try:
+            if await s3.stat(digest) is None:
+                return None
+            url = await s3.presigned_url(digest)
+        except S3Unavailable as exc:
+            self.s3_health.failed(exc)
+            return None
+        self.touched(digest)
+        return url
+
     async def shared_pins(self) -> list[str]:
         """Images pinned cluster-wide (`registry-mirror pin` on any node)."""
         if self.index is None or not self.redis_health.usable:

@@ -66,6 +66,7 @@ class BlobAnswer:
     file: OpenBlob | None = None
     reader: TailReader | None = None
     stream: AsyncIterator[bytes] | None = None
+    redirect: str | None = None  # a presigned URL of the shared store (cluster option)
 
 
 def upstream_trouble(exc: BaseException) -> bool:
@@ -371,6 +372,10 @@ class Mirror:
             return BlobAnswer(cached.size, "hit", file=cached)
         if self.offline:
             raise offline_miss("BLOB_UNKNOWN", "blob")
+        if self.cluster is not None and not whole:
+            url = await self.cluster.presigned(digest)
+            if url is not None:
+                return BlobAnswer(None, "hit", redirect=url)
         upstream, name = target.upstream, target.name
         if self.clock() < self.full_until or (self.cluster is not None and self.cluster.store_down):
             return await self._pass_through(upstream, name, digest)

@@ -121,6 +121,8 @@ async def blob(request: web.Request, route: Route) -> web.StreamResponse:
         route.name, digest, whole=wants_range, namespace=namespace, principal=principal
     )
     request[CACHE_RESULT] = answer.cache
+    if answer.redirect is not None:  # the shared store serves it (presigned, time-limited)
+        return web.Response(status=307, headers={**headers, "Location": answer.redirect})
     if answer.reader is not None:
         return await stream_fill(request, answer.reader, answer.size, headers)
     if answer.stream is not None:

@@ -380,3 +380,76 @@ async def test_ls_gc_and_verify_work_on_the_shared_store(
         assert await bucket.stat(liar) is None
     finally:
         await bucket.close()
+
+
+async def test_presigned_redirects_send_clients_to_the_shared_store(
+    upstream: Upstream, redis_url: str, seaweed: Any, tmp_path: Path
+) -> None:
+    image = upstream.images["team"]
+    blob = max(image.blobs, key=lambda b: b.size)
+    cluster = Cluster(tmp_path, upstream.url, redis_url, seaweed, n=2)
+    settings = yaml.safe_load((tmp_path / "node.yaml").read_text())
+    settings["storage"]["s3"]["presigned_redirects"] = True
+    (tmp_path / "node.yaml").write_text(yaml.safe_dump(settings))
+    await asyncio.to_thread(cluster.start)
+    try:
+        first, second = cluster.nodes
+        async with httpx.AsyncClient(timeout=30) as client:
+            url = f"/v2/{image.repo}/blobs/{blob.digest}"
+            r = await client.get(first.url + url)  # not in the store yet: streamed, and stored
+            assert r.status_code == 200
+            assert hashlib.sha256(r.content).hexdigest() == blob.digest.split(":")[1]
+            bucket = await cluster.bucket()
+            try:
+                deadline = time.monotonic() + 10
+                while await bucket.stat(blob.digest) is None:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.1)
+            finally:
+                await bucket.close()
+            r = await client.get(second.url + url)
+            assert r.status_code == 307
+            location = r.headers["Location"]
+            assert location.startswith(cluster.s3_config.endpoint) and "Signature" in location
+            r = await client.get(location)
+            assert r.status_code == 200
+            assert hashlib.sha256(r.content).hexdigest() == blob.digest.split(":")[1]
+    finally:
+        await asyncio.to_thread(cluster.stop)
+
+
+async def test_without_the_shared_store_blobs_pass_through_uncached(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    image = upstream.images["team"]
+    blob = max(image.blobs, key=lambda b: b.size)
+    config = tmp_path / "node.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "storage": {
+                    "kind": "s3",
+                    "s3": {"endpoint": "http://127.0.0.1:9", "access_key": "k", "secret_key": "s"},
+                },
+                "upstream": {"names": ["docker.io"]},
+            }
+        )
+    )
+    node = MirrorProcess(
+        tmp_path / "cache", upstream.url, "--config", str(config), log_path=tmp_path / "node.log"
+    )
+    await asyncio.to_thread(node.start)
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            for _ in range(2):
+                r = await client.get(f"{node.url}/v2/{image.repo}/blobs/{blob.digest}")
+                assert r.status_code == 200
+                assert hashlib.sha256(r.content).hexdigest() == blob.digest.split(":")[1]
+            ready = (await client.get(f"{node.url}/readyz")).json()
+            assert ready["status"] == "degraded" and ready["cluster"]["s3"] == "degraded"
+    finally:
+        await asyncio.to_thread(node.stop)
+    served = [e["cache"] for e in events(node, "request") if blob.digest in str(e["path"])]
+    assert served == ["bypass", "bypass"]
+    assert not any(p.is_file() for p in (tmp_path / "cache" / "blobs").rglob("*"))
+    assert events(node, "cluster_service_down")
