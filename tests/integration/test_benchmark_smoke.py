@@ -26,3 +26,19 @@ def test_benchmark_runner_smoke(tmp_path: Path) -> None:
     assert copies["mirror"] == 1, "single flight: one upstream copy for 20 clients"
     assert (tmp_path / "results.png").stat().st_size > 10_000
     assert "scenario" in result.stdout
+
+
+def test_cluster_benchmark_smoke(tmp_path: Path) -> None:
+    script = RUNNER.parent / "cluster.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    figures = json.loads((tmp_path / "cluster.json").read_text())
+    assert figures["fan_upstream_copies"] == 1, "one upstream fetch for the whole cluster"
+    assert figures["warm_1_node_MBps"] > 0 and figures["warm_3_node_MBps"] > 0
+    assert "warm_ratio_3_vs_1" in result.stdout
