@@ -7,15 +7,22 @@ the blob in this node's local tier. Anyone without the secret gets 404, as if it
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 
 from aiohttp import web
 
+from mirror.cache.fill import UpstreamBody
 from mirror.errors import RegistryError
 from mirror.reference import parse_digest
 from mirror.upstream.peer import CLUSTER_HEADER, CLUSTER_PATH
 from mirror.web.keys import CONFIG, MIRROR, ROUTE
 from mirror.web.responses import SendfileResponse, stream_fill
+
+
+async def _never() -> UpstreamBody:
+    """The internal endpoint never starts a fill of its own."""
+    raise _not_found()
 
 
 def _not_found() -> RegistryError:
@@ -36,8 +43,15 @@ async def peer_blob(request: web.Request) -> web.StreamResponse:
     mirror = request.app[MIRROR]
     headers = {"Content-Type": "application/octet-stream", "Docker-Content-Digest": digest}
     fill = mirror.fills.get(digest)
+    if fill is None and await asyncio.to_thread(mirror.store.find_partial, digest):
+        # Another worker process of this node is filling it: follow its temp file (the
+        # fill lock decides; if no worker holds it any more, the fill ended).
+        fill, _ = mirror.fills.join(digest, _never)
     if fill is not None:
-        await fill.wait_started()
+        try:
+            await fill.wait_started()
+        except RegistryError:
+            raise _not_found() from None
         reader = fill.open_reader()
         if reader is not None:
             return await stream_fill(request, reader, fill.size, headers, start=offset)

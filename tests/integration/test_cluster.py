@@ -46,7 +46,13 @@ class Cluster:
     """N `registry-mirror serve` processes sharing one bucket prefix and one Redis prefix."""
 
     def __init__(
-        self, tmp_path: Path, upstream_url: str, redis_url: str, seaweed: Any, n: int = 3
+        self,
+        tmp_path: Path,
+        upstream_url: str,
+        redis_url: str,
+        seaweed: Any,
+        n: int = 3,
+        workers: int = 1,
     ) -> None:
         self.prefix = f"t{secrets.token_hex(4)}/"
         self.s3_config = seaweed.s3_config(self.prefix)
@@ -76,6 +82,7 @@ class Cluster:
                 "--config",
                 str(config),
                 log_path=tmp_path / f"node{i}.log",
+                env={"REGISTRY_MIRROR_WORKERS": str(workers)},
             )
             for i in range(n)
         ]
@@ -156,7 +163,8 @@ async def test_thirty_clients_on_three_nodes_one_upstream_fetch(
     upstream: Upstream, slow_upstream: str, redis_url: str, seaweed: Any, tmp_path: Path
 ) -> None:
     image, blob = big_blob(upstream)
-    cluster = Cluster(tmp_path, slow_upstream, redis_url, seaweed)
+    # Two worker processes per node, as production nodes run (one per core).
+    cluster = Cluster(tmp_path, slow_upstream, redis_url, seaweed, workers=2)
     await asyncio.to_thread(cluster.start)
     before = upstream.registry.blob_gets(blob.digest)
     try:
