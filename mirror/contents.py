@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from mirror.cache.metadata import TagKey, TagRecord
-from mirror.mediatypes import sniff_media_type
+from mirror.mediatypes import platform_of, sniff_media_type
 from mirror.mirror import Mirror
 from mirror.reference import SHA256_RE, Digest
 
@@ -123,16 +123,6 @@ class Refs:
     children: tuple[tuple[Digest, str, int], ...]  # (digest, platform, size)
     blobs: tuple[tuple[Digest, str, int], ...]  # (digest, media type, size)
     media_type: str
-
-
-def platform_of(descriptor: dict[str, object]) -> str:
-    platform = descriptor.get("platform")
-    if not isinstance(platform, dict):
-        return "unknown"
-    parts = [str(platform.get("os", "")), str(platform.get("architecture", ""))]
-    if platform.get("variant"):
-        parts.append(str(platform["variant"]))
-    return "/".join(parts)
 
 
 def parse_refs(data: bytes) -> Refs | None:

@@ -57,3 +57,14 @@ def sniff_media_type(data: bytes) -> str | None:
     if "config" in doc:
         return OCI_MANIFEST
     return None
+
+
+def platform_of(descriptor: dict[str, object], unknown: str = "unknown") -> str:
+    """`os/architecture[/variant]` of an index entry (`unknown` when it names none)."""
+    platform = descriptor.get("platform")
+    if not isinstance(platform, dict):
+        return unknown
+    parts = [str(platform.get("os", "")), str(platform.get("architecture", ""))]
+    if platform.get("variant"):
+        parts.append(str(platform["variant"]))
+    return "/".join(parts)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from mirror.access import OPERATOR
 from mirror.errors import RegistryError
-from mirror.mediatypes import ALL_MANIFESTS
+from mirror.mediatypes import ALL_MANIFESTS, platform_of
 from mirror.mirror import Mirror
 from mirror.progress import Progress
 from mirror.reference import SHA256_RE, Digest, Name, Tag, parse_image
@@ -28,16 +28,6 @@ class WarmSummary:
     present_blobs: int = 0
     present_bytes: int = 0
     failures: list[str] = field(default_factory=list)
-
-
-def _platform_of(descriptor: dict[str, object]) -> str:
-    platform = descriptor.get("platform")
-    if not isinstance(platform, dict):
-        return ""
-    parts = [str(platform.get("os", "")), str(platform.get("architecture", ""))]
-    if platform.get("variant"):
-        parts.append(str(platform["variant"]))
-    return "/".join(parts)
 
 
 def _wanted(platform: str, platforms: set[str] | None) -> bool:
@@ -55,7 +45,7 @@ async def _image_blobs(
     for child in manifests[0].get("manifests") or []:
         if not isinstance(child, dict) or not SHA256_RE.fullmatch(str(child.get("digest"))):
             continue
-        if _wanted(_platform_of(child), platforms):
+        if _wanted(platform_of(child, unknown=""), platforms):
             sub = await mirror.manifest(
                 name, Digest(child["digest"]), list(ALL_MANIFESTS), principal=OPERATOR
             )
