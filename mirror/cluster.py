@@ -118,6 +118,8 @@ class Cluster:
         # The shared store's LRU index lives in Redis (only with both services).
         self.index = RedisIndex(redis) if redis is not None and s3 is not None else None
         self._touched: dict[str, float] = {}
+        # Set by the mirror: remove a blob from this node's disk (no local tier).
+        self.drop_local: Callable[[Digest], Awaitable[None]] | None = None
 
     async def start(self) -> None:
         self.peers.open()
@@ -284,6 +286,12 @@ class Cluster:
             return None
         self.touched(digest)
         return url
+
+    async def direct_stream(self, digest: Digest) -> Stream | None:
+        """Without a local tier: the shared store's bytes for the client, not kept here."""
+        if self.s3 is None or self.s3.config.local_tier:
+            return None
+        return await self._shared_stream(digest, 0)
 
     async def shared_pins(self) -> list[str]:
         """Images pinned cluster-wide (`registry-mirror pin` on any node)."""
@@ -468,6 +476,12 @@ class Cluster:
             log.info("shared_store_put", digest=digest, size=fill.written)
             upload = None
             await self._stored(digest, fill.written, "blob")
+            if not self.s3.config.local_tier:  # the store has it now: no copy kept here
+                await fill.wait_done()
+                if fill.task is not None:  # and its commit has been recorded locally
+                    await asyncio.wait([fill.task])
+                if self.drop_local is not None:
+                    await self.drop_local(digest)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

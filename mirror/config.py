@@ -344,6 +344,9 @@ class S3Config:
     # Multipart upload part size (S3's minimum is 5MiB).
     part_size: int = opt(8 * 1024 * 1024, "size")
     # Answer cached blob GETs with a 307 to a presigned URL instead of streaming them.
+    # Keep a copy of what this node serves on its own disk (cache.dir, within cache.max_size)
+    # so hits are sent by sendfile; false: stream every hit from the store.
+    local_tier: bool = opt(True, "bool")
     presigned_redirects: bool = opt(False, "bool")
     presign_ttl: float = opt(900.0, "duration")
     # The shared store's own budget and TTL (cache.max_size / blob_ttl are each node's tier):

@@ -102,6 +102,8 @@ class Mirror:
     ) -> None:
         self.metrics = metrics or Metrics()
         self.cluster = cluster  # several nodes on a shared store and Redis (None: one node)
+        if cluster is not None:
+            cluster.drop_local = self._drop_local
         self.policy = policy or Policy()
         self.offline = offline  # never contact an upstream
         locks = FileLocks(store.root / "locks")
@@ -376,6 +378,10 @@ class Mirror:
             url = await self.cluster.presigned(digest)
             if url is not None:
                 return BlobAnswer(None, "hit", redirect=url)
+            stream = await self.cluster.direct_stream(digest)  # no local tier
+            if stream is not None:
+                chunks = verified(stream.chunks(), digest, stream.close)
+                return BlobAnswer(stream.size, "hit", stream=chunks)
         upstream, name = target.upstream, target.name
         if self.clock() < self.full_until or (self.cluster is not None and self.cluster.store_down):
             return await self._pass_through(upstream, name, digest)
@@ -412,6 +418,11 @@ class Mirror:
         if cached is None:
             raise RegistryError("BLOB_UNKNOWN", "blob vanished from the cache", {"digest": digest})
         return BlobAnswer(cached.size, result, file=cached)
+
+    async def _drop_local(self, digest: Digest) -> None:
+        """Forget this node's copy of a blob (readers holding it open keep their bytes)."""
+        await self.store.delete(digest)
+        await asyncio.to_thread(self.index.remove, [digest])
 
     async def _pass_through(
         self, upstream: UpstreamClient, name: Name, digest: Digest

@@ -461,3 +461,32 @@ async def test_without_the_shared_store_blobs_pass_through_uncached(
     assert served == ["bypass", "bypass"]
     assert not any(p.is_file() for p in (tmp_path / "cache" / "blobs").rglob("*"))
     assert events(node, "cluster_service_down")
+
+
+async def test_without_a_local_tier_nodes_stream_from_the_store_and_keep_nothing(
+    upstream: Upstream, redis_url: str, seaweed: Any, tmp_path: Path
+) -> None:
+    image = upstream.images["team"]
+    blob = max(image.blobs, key=lambda b: b.size)
+    cluster = Cluster(tmp_path, upstream.url, redis_url, seaweed, n=2)
+    settings = yaml.safe_load((tmp_path / "node.yaml").read_text())
+    settings["storage"]["s3"]["local_tier"] = False
+    (tmp_path / "node.yaml").write_text(yaml.safe_dump(settings))
+    await asyncio.to_thread(cluster.start)
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            for node in cluster.nodes:
+                for _ in range(2):
+                    r = await client.get(f"{node.url}/v2/{image.repo}/blobs/{blob.digest}")
+                    assert r.status_code == 200
+                    assert hashlib.sha256(r.content).hexdigest() == blob.digest.split(":")[1]
+        await asyncio.sleep(1.0)
+    finally:
+        await asyncio.to_thread(cluster.stop)
+    caches = [
+        [e["cache"] for e in events(n, "request") if blob.digest in str(e["path"])]
+        for n in cluster.nodes
+    ]
+    assert caches == [["miss", "hit"], ["hit", "hit"]]
+    for i in range(2):
+        assert not any(p.is_file() for p in (tmp_path / f"node{i}" / "blobs").rglob("*"))
