@@ -24,33 +24,24 @@ import contextlib
 import hashlib
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import structlog
 
 from mirror.cache.fill import FillBase, UpstreamBody
-from mirror.cache.metadata import (
-    MetadataStore,
-    Origins,
-    Privacy,
-    RepoKey,
-    TagKey,
-    TagRecord,
-)
 from mirror.cache.redis_store import RedisIndex, RedisStore, RedisUnavailable
 from mirror.cache.s3 import S3BlobStore, S3Unavailable
 from mirror.config import Config
 from mirror.errors import UpstreamError
+from mirror.health import PROBE_SECONDS, ServiceHealth
 from mirror.metrics import Metrics
 from mirror.reference import Digest
 from mirror.upstream.peer import PeerClient
 
 log = structlog.get_logger(__name__)
 
-T = TypeVar("T")
-PROBE_SECONDS = 5.0  # a service found down is tried again this often
 TOUCH_FLUSH_SECONDS = 1.0  # hits are reported to the shared index this often
 SERVING_TTL = 120.0  # a node streaming an object from the store renews its mark this often
 FOLLOW_POLL = 0.1  # while waiting for a lease to move
@@ -62,37 +53,6 @@ class Stream(Protocol):
     def chunks(self) -> AsyncIterator[bytes]: ...
 
     async def close(self) -> None: ...
-
-
-@dataclass
-class ServiceHealth:
-    """Up/down with a retry time, so a dead service costs one timeout per probe interval."""
-
-    name: str
-    metrics: Metrics
-    down_since: float | None = None
-    retry_at: float = 0.0
-
-    @property
-    def usable(self) -> bool:
-        return self.down_since is None or time.monotonic() >= self.retry_at
-
-    @property
-    def degraded(self) -> bool:
-        return self.down_since is not None
-
-    def failed(self, exc: BaseException) -> None:
-        if self.down_since is None:
-            self.down_since = time.time()
-            log.warning("cluster_service_down", service=self.name, error=str(exc)[:200])
-        self.retry_at = time.monotonic() + PROBE_SECONDS
-        self.metrics.cluster_degraded.labels(self.name).set(1)
-
-    def ok(self) -> None:
-        if self.down_since is not None:
-            log.info("cluster_service_back", service=self.name)
-            self.down_since = None
-        self.metrics.cluster_degraded.labels(self.name).set(0)
 
 
 class Cluster:
@@ -607,82 +567,6 @@ class _ClusterBody:
     async def close(self) -> None:
         if self._source is not None:
             await self._source.close()
-
-
-class TieredMetadataStore:
-    """Tags and manifest facts in Redis, shared by every node, written through to this node's
-    local store, which answers alone while Redis is down (a tag fetched by any node is a hit
-    on all; an outage only makes each node work from what it has seen itself)."""
-
-    def __init__(self, shared: MetadataStore, local: MetadataStore, health: ServiceHealth) -> None:
-        self.shared = shared
-        self.local = local
-        self.health = health
-
-    async def _shared(self, call: Callable[[], Awaitable[T]]) -> tuple[bool, T | None]:
-        if not self.health.usable:
-            return False, None
-        try:
-            value = await call()
-        except RedisUnavailable as exc:
-            self.health.failed(exc)
-            return False, None
-        self.health.ok()
-        return True, value
-
-    async def get_tag(self, key: TagKey) -> TagRecord | None:
-        ok, record = await self._shared(lambda: self.shared.get_tag(key))
-        return record if ok else await self.local.get_tag(key)
-
-    async def put_tag(self, key: TagKey, record: TagRecord) -> None:
-        await self.local.put_tag(key, record)
-        await self._shared(lambda: self.shared.put_tag(key, record))
-
-    async def get_media_type(self, digest: Digest) -> str | None:
-        ok, media_type = await self._shared(lambda: self.shared.get_media_type(digest))
-        return media_type if ok and media_type else await self.local.get_media_type(digest)
-
-    async def put_media_type(self, digest: Digest, media_type: str) -> None:
-        await self.local.put_media_type(digest, media_type)
-        await self._shared(lambda: self.shared.put_media_type(digest, media_type))
-
-    async def get_origins(self, digest: Digest) -> Origins | None:
-        ok, origins = await self._shared(lambda: self.shared.get_origins(digest))
-        return origins if ok else await self.local.get_origins(digest)
-
-    async def add_origin(self, digests: list[Digest], repo: str | None) -> None:
-        await self.local.add_origin(digests, repo)
-        await self._shared(lambda: self.shared.add_origin(digests, repo))
-
-    async def get_privacy(self, key: RepoKey) -> Privacy | None:
-        ok, privacy = await self._shared(lambda: self.shared.get_privacy(key))
-        return privacy if ok else await self.local.get_privacy(key)
-
-    async def put_privacy(self, key: RepoKey, privacy: Privacy) -> None:
-        await self.local.put_privacy(key, privacy)
-        await self._shared(lambda: self.shared.put_privacy(key, privacy))
-
-    def cached_privacy(self, key: RepoKey) -> Privacy | None:
-        return self.shared.cached_privacy(key) or self.local.cached_privacy(key)
-
-    def is_manifest(self, digest: Digest) -> bool:
-        return self.local.is_manifest(digest) or self._blocking(
-            lambda: self.shared.is_manifest(digest), False
-        )
-
-    def iter_tags(self) -> Iterator[tuple[TagKey, TagRecord]]:
-        shared = self._blocking(lambda: list(self.shared.iter_tags()), None)
-        return iter(shared) if shared is not None else self.local.iter_tags()
-
-    def _blocking(self, call: Callable[[], T], default: T) -> T:
-        try:
-            return call()
-        except RedisUnavailable:
-            return default
-
-    def close(self) -> None:
-        self.shared.close()
-        self.local.close()
 
 
 def node_url(config: Config) -> str:

@@ -20,10 +20,10 @@ from mirror.cache.eviction import EvictionPlan, Evictor
 from mirror.cache.index import CacheIndex
 from mirror.cache.metadata import LocalMetadataStore, MetadataStore
 from mirror.cache.redis_store import RedisMetadataStore
+from mirror.cache.tiered import TieredMetadataStore
 from mirror.cluster import (
     Cluster,
     SharedEviction,
-    TieredMetadataStore,
     build_cluster,
     shared_policy,
 )

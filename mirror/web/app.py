@@ -19,7 +19,8 @@ from mirror.cache.eviction import EvictionPlan, Evictor
 from mirror.cache.index import CacheIndex
 from mirror.cache.metadata import LocalMetadataStore, MetadataStore
 from mirror.cache.redis_store import RedisMetadataStore
-from mirror.cluster import TieredMetadataStore, build_cluster, shared_policy
+from mirror.cache.tiered import TieredMetadataStore
+from mirror.cluster import build_cluster, shared_policy
 from mirror.config import Config, split_host_port
 from mirror.errors import RegistryError, UpstreamError
 from mirror.metrics import UPSTREAM_SECONDS, Metrics

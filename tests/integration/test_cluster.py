@@ -109,6 +109,19 @@ class Cluster:
         return store
 
 
+async def wait_stored(cluster: Cluster, digest: str, limit: float = 15.0) -> None:
+    """Until the shared store has `digest` (the owner completes its upload after its clients
+    already have every byte)."""
+    bucket = await cluster.bucket()
+    try:
+        deadline = time.monotonic() + limit
+        while await bucket.stat(digest) is None:  # type: ignore[arg-type]
+            assert time.monotonic() < deadline, f"{digest} never reached the shared store"
+            await asyncio.sleep(0.05)
+    finally:
+        await bucket.close()
+
+
 def events(node: MirrorProcess, name: str) -> list[dict[str, Any]]:
     return [e for e in node.log_events() if e.get("event") == name]
 
@@ -181,6 +194,7 @@ async def test_thirty_clients_on_three_nodes_one_upstream_fetch(
         assert max(first for first, _, _ in results) < done, "all stream before the fill ends"
         followers = [n for n in cluster.nodes if n is not owner]
         assert all(events(n, "blob_fill_committed") for n in followers)
+        await wait_stored(cluster, blob.digest)
         bucket = await cluster.bucket()
         try:
             assert await bucket.stat(blob.digest) == blob.size
@@ -480,6 +494,7 @@ async def test_without_a_local_tier_nodes_stream_from_the_store_and_keep_nothing
                     r = await client.get(f"{node.url}/v2/{image.repo}/blobs/{blob.digest}")
                     assert r.status_code == 200
                     assert hashlib.sha256(r.content).hexdigest() == blob.digest.split(":")[1]
+                await wait_stored(cluster, blob.digest)  # before the next node asks
         await asyncio.sleep(1.0)
     finally:
         await asyncio.to_thread(cluster.stop)
