@@ -184,7 +184,8 @@ async def test_thirty_clients_on_three_nodes_one_upstream_fetch(
         urls = [f"{n.url}/v2/{image.repo}/blobs/{blob.digest}" for n in cluster.nodes]
         results = await asyncio.gather(*(fetch(urls[i % 3]) for i in range(30)))
         assert all(d == blob.digest and size == blob.size for _, d, size in results)
-        await asyncio.sleep(0.5)
+        await wait_stored(cluster, blob.digest)
+        await asyncio.sleep(0.5)  # the registry logs a request just after answering it
         assert upstream.registry.blob_gets(blob.digest) - before == 1
         owners = [n for n in cluster.nodes if events(n, "shared_store_put")]
         assert len(owners) == 1, "exactly one node fetched and stored it"
@@ -194,7 +195,6 @@ async def test_thirty_clients_on_three_nodes_one_upstream_fetch(
         assert max(first for first, _, _ in results) < done, "all stream before the fill ends"
         followers = [n for n in cluster.nodes if n is not owner]
         assert all(events(n, "blob_fill_committed") for n in followers)
-        await wait_stored(cluster, blob.digest)
         bucket = await cluster.bucket()
         try:
             assert await bucket.stat(blob.digest) == blob.size
