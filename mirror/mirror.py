@@ -488,6 +488,8 @@ class Mirror:
         manifest = self._manifests.get(digest)  # not cached_manifest: no recency for pins
         limit = self.router.default.config.manifest_max_size
         data = manifest.data if manifest else await self.store.read_bytes(digest, limit)
+        if data is None and self.cluster is not None:  # pinned by another node, say
+            data = await self.cluster.get_manifest(digest, limit)
         if data is None:
             return
         children, blobs = _descriptors(data)
