@@ -601,6 +601,8 @@ def build_cluster(config: Config, metrics: Metrics) -> Cluster:
         lease=config.cluster.fill_lease,
         redis=redis,
         s3=s3,
-        peers=PeerClient(config.cluster.secret or "", metrics=metrics),
+        peers=PeerClient(
+            config.cluster.secret or "", metrics=metrics, ca_file=config.cluster.ca_file
+        ),
         metrics=metrics,
     )

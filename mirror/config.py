@@ -384,6 +384,9 @@ class ClusterConfig:
     secret_file: Path | None = opt(None, "path", optional=True)
     # A fill lock's lease: renewed by its owner; a dead owner's lock frees after this long.
     fill_lease: float = opt(10.0, "duration")
+    # Nodes serving HTTPS with certificates from a private CA: trust this CA bundle (PEM) when
+    # streaming from each other; unset: the system's trust store.
+    ca_file: Path | None = opt(None, "path", optional=True)
 
 
 @dataclass
@@ -700,6 +703,8 @@ def _validate_cluster(config: Config, env: Mapping[str, str]) -> None:
             ) from None
     if cluster.advertise_url and urlsplit(cluster.advertise_url).scheme not in {"http", "https"}:
         raise ConfigError("cluster.advertise_url", "expected an http(s) URL")
+    if cluster.ca_file is not None and not cluster.ca_file.is_file():
+        raise ConfigError("cluster.ca_file", f"cannot read {cluster.ca_file}")
     if cluster.fill_lease < 1:
         raise ConfigError("cluster.fill_lease", "expected a duration of 1s or more")
     if config.clustered and metadata.kind == "redis" and not cluster.secret:

@@ -7,6 +7,9 @@ digest verified, and the follower verifies again while writing its own copy.
 
 from __future__ import annotations
 
+import ssl
+from pathlib import Path
+
 import aiohttp
 
 from mirror.errors import UpstreamError
@@ -26,8 +29,12 @@ class PeerClient:
         metrics: Metrics | None = None,
         connect_timeout: float = 5.0,
         read_timeout: float = 30.0,
+        ca_file: Path | None = None,
     ) -> None:
         self._secret = secret
+        self._ssl: ssl.SSLContext | bool = (
+            ssl.create_default_context(cafile=str(ca_file)) if ca_file else True
+        )
         self.metrics = metrics or Metrics()
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=connect_timeout, sock_read=read_timeout
@@ -37,6 +44,7 @@ class PeerClient:
     def open(self) -> None:
         if self._session is None:
             self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=self._ssl),
                 timeout=self._timeout,
                 auto_decompress=False,
                 read_bufsize=READ_BUFFER,

@@ -281,6 +281,9 @@ async def test_a_tag_fetched_on_one_node_is_a_hit_on_the_others(
                 )
                 assert r.status_code == 200
                 assert hashlib.sha256(r.content).hexdigest() == image.digest.split(":")[1]
+            # The operator page on a node lists what the cluster holds.
+            page = await client.get(f"{cluster.nodes[2].url}/ui/contents")
+            assert page.status_code == 200 and image.repo in page.text
     finally:
         await asyncio.to_thread(cluster.stop)
     assert upstream.registry.count("GET", manifest_gets) - before == 1
