@@ -45,6 +45,7 @@ log = structlog.get_logger(__name__)
 TOUCH_FLUSH_SECONDS = 1.0  # hits are reported to the shared index this often
 SERVING_TTL = 120.0  # a node streaming an object from the store renews its mark this often
 FOLLOW_POLL = 0.1  # while waiting for a lease to move
+UPLOAD_GRACE_SECONDS = 60.0  # on close, uploads in flight get this long to complete
 
 
 class Stream(Protocol):
@@ -100,6 +101,11 @@ class Cluster:
             self._spawn(self._flush_touches(), "touches")
 
     async def close(self) -> None:
+        # Uploads in flight finish (bounded): a `warm` that just completed, or a server
+        # stopping, should leave its blobs in the shared store, not abort them at the end.
+        uploads = [t for t in self._tasks if t.get_name().startswith("upload:")]
+        if uploads:
+            await asyncio.wait(uploads, timeout=UPLOAD_GRACE_SECONDS)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -399,7 +405,7 @@ class Cluster:
     def owned(self, digest: Digest, fill: FillBase) -> None:
         """This node fetches `digest` for the cluster: copy the fill into the shared store as
         it lands, then give the lease back."""
-        self._spawn(self._upload(digest, fill))
+        self._spawn(self._upload(digest, fill), f"upload:{digest}")
 
     async def _upload(self, digest: Digest, fill: FillBase) -> None:
         upload = None

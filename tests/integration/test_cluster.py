@@ -512,3 +512,34 @@ async def test_without_a_local_tier_nodes_stream_from_the_store_and_keep_nothing
     assert caches == [["miss", "hit"], ["hit", "hit"]]
     for i in range(2):
         assert not any(p.is_file() for p in (tmp_path / f"node{i}" / "blobs").rglob("*"))
+
+
+async def test_warm_fills_the_shared_store_for_every_node(
+    upstream: Upstream, redis_url: str, seaweed: Any, tmp_path: Path
+) -> None:
+    image = upstream.images["multi"]
+    cluster = Cluster(tmp_path, upstream.url, redis_url, seaweed, n=1)
+    conf = ["--config", str(tmp_path / "node.yaml"), "--cache-dir", str(tmp_path / "warmer")]
+    warmed = await asyncio.to_thread(cli, "warm", *conf, image.ref)
+    assert warmed.returncode == 0, warmed.stderr
+    bucket = await cluster.bucket()
+    try:
+        for blob in image.all_blobs():  # every platform's blobs, complete in the store
+            assert await bucket.stat(blob.digest) == blob.size
+        assert await bucket.uploads_in_progress() == []
+    finally:
+        await bucket.close()
+    gets = {b.digest: upstream.registry.blob_gets(b.digest) for b in image.all_blobs()}
+    await asyncio.to_thread(cluster.start)  # a node that never saw the image
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            base = cluster.nodes[0].url
+            r = await client.get(f"{base}/v2/{image.repo}/manifests/{image.tag}", headers=ACCEPT)
+            assert r.status_code == 200
+            assert hashlib.sha256(r.content).hexdigest() == image.digest.split(":")[1]
+            for blob in image.all_blobs():
+                r = await client.get(f"{base}/v2/{image.repo}/blobs/{blob.digest}")
+                assert hashlib.sha256(r.content).hexdigest() == blob.digest.split(":")[1]
+    finally:
+        await asyncio.to_thread(cluster.stop)
+    assert {b.digest: upstream.registry.blob_gets(b.digest) for b in image.all_blobs()} == gets
