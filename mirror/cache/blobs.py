@@ -188,6 +188,22 @@ class FilesystemBlobStore:
             return False
         return True
 
+    def partials(self) -> list[tuple[Digest, int | None, int]]:
+        """Fills in progress in any process on this cache: (digest, declared size, bytes so
+        far) from the temp files' names and lengths (blocking)."""
+        out = []
+        for path in self.tmp_dir.glob("*.part"):
+            hexa, declared = [*path.name.split("."), "", ""][:2]
+            digest = f"sha256:{hexa}"
+            if not SHA256_RE.fullmatch(digest):
+                continue
+            try:
+                written = path.stat().st_size
+            except FileNotFoundError:
+                continue  # committed or aborted meanwhile
+            out.append((Digest(digest), int(declared) if declared.isdigit() else None, written))
+        return out
+
     def iter_all(self) -> Iterator[Digest]:
         for sub in sorted(self.blob_dir.iterdir()):
             for entry in sorted(sub.iterdir()):

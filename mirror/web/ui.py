@@ -291,6 +291,13 @@ async def overview(request: web.Request) -> web.Response:
         }
         for f in sorted(mirror.fills.in_flight(), key=lambda f: f.digest)
     ]
+    # Fills by the node's other worker processes, from their temp files.
+    mine = {f["digest"] for f in fills}
+    for digest, declared, written in await asyncio.to_thread(mirror.store.partials):
+        if digest not in mine:
+            mine.add(digest)
+            fills.append({"digest": digest, "written": written, "size": declared,
+                          "state": "streaming", "follower": True})  # fmt: skip
     charts = {}
     for window in ("hour", "day"):
         charts[window] = {

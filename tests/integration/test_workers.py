@@ -70,3 +70,41 @@ async def test_two_workers_twenty_clients_one_upstream_fetch(
         assert await asyncio.to_thread(mirror.proc.wait, 60) == 0
     finally:
         await asyncio.to_thread(mirror.stop)
+
+
+async def test_the_operator_page_shows_every_workers_fills(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    """Whichever worker answers the page, a fill running in the other one is listed."""
+    from tests.fixtures.throttle import Throttle
+
+    image = upstream.images["big"]
+    blob = next(b for b in image.blobs if 64 * 2**20 <= b.size < 128 * 2**20)
+    throttle = Throttle(upstream.registry.port, 20e6)  # ~3 s for the fill: time to look
+    await throttle.start()
+    mirror = MirrorProcess(
+        tmp_path / "cache",
+        f"http://127.0.0.1:{throttle.port}",
+        log_path=tmp_path / "mirror.log",
+        env={"REGISTRY_MIRROR_WORKERS": "2"},
+    )
+    await asyncio.to_thread(mirror.start)
+    try:
+        await asyncio.to_thread(wait_for_workers, mirror, 2)
+        download = asyncio.ensure_future(fetch(f"{mirror.url}/v2/{image.repo}/blobs/{blob.digest}"))
+        await asyncio.sleep(0.5)
+        short = blob.digest.split(":")[1][:12]
+        seen_by: set[str] = set()
+        async with aiohttp.ClientSession() as s:
+            for _ in range(12):  # new connections: both workers answer some of these
+                async with s.get(f"{mirror.url}/ui/", headers={"Connection": "close"}) as r:
+                    assert r.status == 200
+                    page = await r.text()
+                assert short in page, "a fill in flight missing from the page"
+                seen_by.add("other" if "(other worker)" in page else "own")
+        _, digest, _ = await download
+        assert digest == blob.digest
+        assert seen_by == {"own", "other"}, "both workers answered, each listing the fill"
+    finally:
+        await asyncio.to_thread(mirror.stop)
+        await throttle.close()
