@@ -11,7 +11,6 @@ so the two agree.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -20,7 +19,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from mirror.cache.metadata import TagKey, TagRecord
-from mirror.mediatypes import platform_of, sniff_media_type
+from mirror.mediatypes import manifest_doc, platform_of, sniff_media_type
 from mirror.mirror import Mirror
 from mirror.reference import SHA256_RE, Digest
 
@@ -126,11 +125,8 @@ class Refs:
 
 
 def parse_refs(data: bytes) -> Refs | None:
-    try:
-        doc = json.loads(data)
-    except ValueError:
-        return None
-    if not isinstance(doc, dict):
+    doc = manifest_doc(data)
+    if doc is None:
         return None
 
     def descriptors(items: Iterable[object]) -> list[dict[str, object]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from typing import Any
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -39,13 +40,19 @@ def accepts(accept: list[str], media_type: str) -> bool:
     return f"{major}/*" in accept
 
 
-def sniff_media_type(data: bytes) -> str | None:
-    """The media type a manifest declares, or infers from its shape (OCI allows omitting it)."""
+def manifest_doc(data: bytes) -> dict[str, Any] | None:
+    """A manifest's JSON object, or None if the bytes are not one."""
     try:
         doc = json.loads(data)
     except ValueError:
         return None
-    if not isinstance(doc, dict):
+    return doc if isinstance(doc, dict) else None
+
+
+def sniff_media_type(data: bytes) -> str | None:
+    """The media type a manifest declares, or infers from its shape (OCI allows omitting it)."""
+    doc = manifest_doc(data)
+    if doc is None:
         return None
     declared = doc.get("mediaType")
     if isinstance(declared, str) and declared:

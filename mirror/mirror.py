@@ -27,7 +27,7 @@ from mirror.cache.locks import FileLocks
 from mirror.cache.metadata import MetadataStore, Privacy, RepoKey, TagKey, TagRecord
 from mirror.cluster import Cluster
 from mirror.errors import DigestMismatch, RegistryError, UpstreamError
-from mirror.mediatypes import ALL_MANIFESTS, accepts, sniff_media_type
+from mirror.mediatypes import ALL_MANIFESTS, accepts, manifest_doc, sniff_media_type
 from mirror.metrics import Metrics
 from mirror.reference import SHA256_RE, Digest, Name, Tag, is_digest, parse_image
 from mirror.singleflight import SingleFlight
@@ -558,11 +558,8 @@ class Mirror:
 
 def _descriptors(data: bytes) -> tuple[list[Digest], list[Digest]]:
     """A manifest's child manifests (of an index) and blobs (config and layers)."""
-    try:
-        doc = json.loads(data)
-    except ValueError:
-        return [], []
-    if not isinstance(doc, dict):
+    doc = manifest_doc(data)
+    if doc is None:
         return [], []
 
     def digests(items: object) -> list[Digest]:

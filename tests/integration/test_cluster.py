@@ -53,6 +53,7 @@ class Cluster:
         seaweed: Any,
         n: int = 3,
         workers: int = 1,
+        **s3_options: Any,
     ) -> None:
         self.prefix = f"t{secrets.token_hex(4)}/"
         self.s3_config = seaweed.s3_config(self.prefix)
@@ -68,6 +69,7 @@ class Cluster:
                     "access_key": self.s3_config.access_key,
                     "secret_key": self.s3_config.secret_key,
                     "part_size": "5MiB",
+                    **s3_options,
                 },
             },
             "metadata": {"kind": "redis", "redis_url": redis_url, "key_prefix": self.prefix},
@@ -416,10 +418,7 @@ async def test_presigned_redirects_send_clients_to_the_shared_store(
 ) -> None:
     image = upstream.images["team"]
     blob = max(image.blobs, key=lambda b: b.size)
-    cluster = Cluster(tmp_path, upstream.url, redis_url, seaweed, n=2)
-    settings = yaml.safe_load((tmp_path / "node.yaml").read_text())
-    settings["storage"]["s3"]["presigned_redirects"] = True
-    (tmp_path / "node.yaml").write_text(yaml.safe_dump(settings))
+    cluster = Cluster(tmp_path, upstream.url, redis_url, seaweed, n=2, presigned_redirects=True)
     await asyncio.to_thread(cluster.start)
     try:
         first, second = cluster.nodes
@@ -489,10 +488,7 @@ async def test_without_a_local_tier_nodes_stream_from_the_store_and_keep_nothing
 ) -> None:
     image = upstream.images["team"]
     blob = max(image.blobs, key=lambda b: b.size)
-    cluster = Cluster(tmp_path, upstream.url, redis_url, seaweed, n=2)
-    settings = yaml.safe_load((tmp_path / "node.yaml").read_text())
-    settings["storage"]["s3"]["local_tier"] = False
-    (tmp_path / "node.yaml").write_text(yaml.safe_dump(settings))
+    cluster = Cluster(tmp_path, upstream.url, redis_url, seaweed, n=2, local_tier=False)
     await asyncio.to_thread(cluster.start)
     try:
         async with httpx.AsyncClient(timeout=30) as client:
