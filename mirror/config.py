@@ -606,25 +606,37 @@ def _nest(sections: list[str], leaf: dict[str, object]) -> dict[str, Any]:
     return data
 
 
+def _secret_from_file(section: Any, key: str, name: str) -> None:
+    """`<name>_file` set: the value is the file's content (stripped)."""
+    path = getattr(section, f"{name}_file")
+    if path is None:
+        return
+    try:
+        setattr(section, name, path.read_text().strip())
+    except OSError as exc:
+        raise ConfigError(f"{key}.{name}_file", f"cannot read {path}: {exc.strerror}") from None
+
+
+def _secrets_from_env(
+    section: Any, key: str, names: tuple[str, ...], env: Mapping[str, str]
+) -> None:
+    """`<name>_env` set: the value is that environment variable's, which must exist."""
+    for name in names:
+        var = getattr(section, f"{name}_env")
+        if var is not None:
+            if var not in env:
+                raise ConfigError(f"{key}.{name}_env", f"${var} is not set")
+            setattr(section, name, env[var])
+
+
 def _validate_upstream(up: UpstreamConfig, key: str, env: Mapping[str, str]) -> None:
     parts = urlsplit(up.url)
     if parts.scheme not in {"http", "https"} or not parts.hostname:
         raise ConfigError(f"{key}.url", f"expected an http(s) URL, got {up.url!r}")
     if up.library_prefix not in {"auto", "true", "false"}:
         raise ConfigError(f"{key}.library_prefix", "expected auto, true or false")
-    if up.password_file is not None:
-        try:
-            up.password = up.password_file.read_text().strip()
-        except OSError as exc:
-            raise ConfigError(
-                f"{key}.password_file", f"cannot read {up.password_file}: {exc.strerror}"
-            ) from None
-    for field_name in ("username", "password"):
-        var = getattr(up, f"{field_name}_env")
-        if var is not None:
-            if var not in env:
-                raise ConfigError(f"{key}.{field_name}_env", f"${var} is not set")
-            setattr(up, field_name, env[var])
+    _secret_from_file(up, key, "password")
+    _secrets_from_env(up, key, ("username", "password"), env)
     if (up.username is None) != (up.password is None):
         raise ConfigError(f"{key}.username", "username and password go together")
     if up.ca_file is not None and not up.ca_file.is_file():
@@ -677,30 +689,13 @@ def _validate_cluster(config: Config, env: Mapping[str, str]) -> None:
             raise ConfigError("storage.s3.bucket", "expected a bucket name")
         if s3.part_size < 5 * 1024 * 1024:
             raise ConfigError("storage.s3.part_size", "expected 5MiB or more (S3's minimum)")
-    for name in ("access_key", "secret_key"):
-        var = getattr(s3, f"{name}_env")
-        if var is not None:
-            if var not in env:
-                raise ConfigError(f"storage.s3.{name}_env", f"${var} is not set")
-            setattr(s3, name, env[var])
-    if s3.secret_key_file is not None:
-        try:
-            s3.secret_key = s3.secret_key_file.read_text().strip()
-        except OSError as exc:
-            raise ConfigError(
-                "storage.s3.secret_key_file", f"cannot read {s3.secret_key_file}: {exc.strerror}"
-            ) from None
+    _secrets_from_env(s3, "storage.s3", ("access_key", "secret_key"), env)
+    _secret_from_file(s3, "storage.s3", "secret_key")
     if metadata.kind == "redis" and urlsplit(metadata.redis_url).scheme not in {
         "redis", "rediss", "unix"
     }:  # fmt: skip
         raise ConfigError("metadata.redis_url", "expected redis://HOST:PORT/DB (or rediss://)")
-    if cluster.secret_file is not None:
-        try:
-            cluster.secret = cluster.secret_file.read_text().strip()
-        except OSError as exc:
-            raise ConfigError(
-                "cluster.secret_file", f"cannot read {cluster.secret_file}: {exc.strerror}"
-            ) from None
+    _secret_from_file(cluster, "cluster", "secret")
     if cluster.advertise_url and urlsplit(cluster.advertise_url).scheme not in {"http", "https"}:
         raise ConfigError("cluster.advertise_url", "expected an http(s) URL")
     if cluster.ca_file is not None and not cluster.ca_file.is_file():
