@@ -162,15 +162,19 @@ class Mirror:
             return known.private
         if self.offline:
             return True
+
+        async def probe() -> bool:
+            public = await upstream.anonymous_can_read(target.name)
+            # Recorded inside the flight, so a request arriving as it ends finds the answer.
+            await self.metadata.put_privacy(key, Privacy(not public, self.clock()))
+            return public
+
         try:
-            public = await self._privacy_flight.do(
-                key, lambda: upstream.anonymous_can_read(target.name)
-            )
+            public = await self._privacy_flight.do(key, probe)
         except Exception as exc:
             if not upstream_trouble(exc):
                 raise
             return True if known is None else known.private
-        await self.metadata.put_privacy(key, Privacy(not public, self.clock()))
         return not public
 
     async def _check_digest(self, target: Target, digest: Digest, private: bool, kind: str) -> None:

@@ -129,8 +129,15 @@ class Authenticator:
         key = self._key(challenge, scope)
         token = self._tokens.get(key)
         if token is None:
-            token = await self._flight.do(key, lambda: self._fetch(challenge, scope))
-            self._tokens[key] = token
+
+            async def fetch_and_keep() -> Token:
+                # Cached inside the flight: between the flight ending and its waiters resuming,
+                # another request must find the token, not start a second fetch.
+                fetched = await self._fetch(challenge, scope)
+                self._tokens[key] = fetched
+                return fetched
+
+            token = await self._flight.do(key, fetch_and_keep)
         return f"Bearer {token.value}"
 
     async def _fetch(self, challenge: Challenge, scope: str) -> Token:
