@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -152,22 +154,40 @@ def mirror(work: Path, upstream: str) -> tuple[Proc, str]:
     return Proc("mirror", cmd, work / "log"), f"http://127.0.0.1:{port}"
 
 
-def nginx(work: Path, blob: Path) -> tuple[Proc, str]:
+def _nginx(work: Path, server: str, http_extra: str = "") -> tuple[Proc, str]:
     port = free_port()
     work.mkdir(parents=True, exist_ok=True)
+    user = "user root; " if os.geteuid() == 0 else ""  # workers write the proxy's cache
     conf = work / "nginx.conf"
     conf.write_text(
-        f"daemon off; worker_processes auto; pid {work}/nginx.pid; error_log {work}/error.log;\n"
-        "events { worker_connections 1024; }\n"
+        f"{user}daemon off; worker_processes auto; pid {work}/nginx.pid;\n"
+        f"error_log {work}/error.log; events {{ worker_connections 1024; }}\n"
         "http { access_log off; sendfile on; tcp_nopush on;\n"
         f"  client_body_temp_path {work}; proxy_temp_path {work}; fastcgi_temp_path {work};\n"
-        f"  uwsgi_temp_path {work}; scgi_temp_path {work};\n"
-        f"  server {{ listen 127.0.0.1:{port}; location /blob {{ alias {blob}; }} }} }}\n"
+        f"  uwsgi_temp_path {work}; scgi_temp_path {work}; {http_extra}\n"
+        f"  server {{ listen 127.0.0.1:{port}; {server} }} }}\n"
     )
     binary = shutil.which("nginx") or "/usr/sbin/nginx"
-    return Proc("nginx", [binary, "-c", str(conf), "-e", str(work / "error.log")], work / "log"), (
-        f"http://127.0.0.1:{port}/blob"
-    )
+    cmd = [binary, "-c", str(conf), "-e", str(work / "error.log")]
+    return Proc("nginx", cmd, work / "log"), f"http://127.0.0.1:{port}"
+
+
+def nginx(work: Path, blob: Path) -> tuple[Proc, str]:
+    """nginx serving the blob file with sendfile: the practical limit for bytes from disk."""
+    proc, url = _nginx(work, f"location /blob {{ alias {blob}; }}")
+    return proc, f"{url}/blob"
+
+
+def nginx_proxy(work: Path, upstream: str, *, cache: bool) -> tuple[Proc, str]:
+    """nginx in front of the upstream: with `cache` a caching proxy that writes each blob to
+    disk (proxy_cache, no digest check), without it a plain proxy (no disk, no digest check).
+    What a cold fill costs beyond the bytes' own copies, in C, on this machine."""
+    location = f"proxy_pass {upstream}; proxy_http_version 1.1; "
+    extra = ""
+    if cache:
+        extra = f"proxy_cache_path {work}/cache keys_zone=blobs:10m max_size=8g use_temp_path=off;"
+        location += "proxy_cache blobs; proxy_cache_valid 200 1h;"
+    return _nginx(work, f"location / {{ {location} }}", extra)
 
 
 # -- the WAN-like throttle -----------------------------------------------------------------
@@ -206,6 +226,75 @@ async def curl_speed(url: str, runs: int = 3) -> float:
         out = out.stdout
         best = max(best, float(out))
     return best
+
+
+async def settled() -> None:
+    """Let the caches finish storing (the reference proxy stores in the background) and the
+    kernel write back what they wrote, so one measurement does not pay for another's disk."""
+    await asyncio.sleep(1)
+    await asyncio.to_thread(os.sync)
+
+
+async def upstream_quiet(upstream: Registry, digest: str, limit: float = 60) -> int:
+    """The upstream's count of GETs of `digest` once it stops changing: the registry logs a
+    GET when it ends, and the reference proxy fetches a second copy in the background."""
+    deadline = time.monotonic() + limit
+    count = upstream.blob_gets(digest)
+    while time.monotonic() < deadline:
+        await asyncio.sleep(1.5)
+        now = upstream.blob_gets(digest)
+        if now == count:
+            break
+        count = now
+    return count
+
+
+async def measured_get(upstream: Registry, url: str) -> tuple[float, float]:
+    """(bytes/s, CPU seconds per byte of the upstream and curl together) for one download."""
+    before_up = process_cpu(upstream_pid(upstream))
+    before_curl = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = await asyncio.to_thread(
+        subprocess.run,
+        ["curl", "-sf", "-o", "/dev/null", "-w", "%{speed_download} %{size_download}", url],
+        capture_output=True, text=True, check=True, timeout=300,
+    )  # fmt: skip
+    after_curl = resource.getrusage(resource.RUSAGE_CHILDREN)
+    speed, size = map(float, out.stdout.split())
+    used = process_cpu(upstream_pid(upstream)) - before_up
+    used += after_curl.ru_utime + after_curl.ru_stime
+    used -= before_curl.ru_utime + before_curl.ru_stime
+    return speed, used / size
+
+
+def upstream_pid(upstream: Registry) -> int:
+    assert upstream.proc is not None, "the upstream is not running"
+    return upstream.proc.pid
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a running process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def sha256_speed(seconds: float = 0.5) -> float:
+    """Bytes/s one core hashes with SHA-256 (what verifying every byte costs at least)."""
+    chunk = os.urandom(1 << 20)
+    digest = hashlib.sha256()
+    done = 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        digest.update(chunk)
+        done += len(chunk)
+    return done / (time.perf_counter() - start)
+
+
+def cold_ceiling(direct_cpu_per_byte: float) -> float:
+    """Bytes/s no verifying cache can beat here: the upstream's send, the client's receive
+    (measured on the direct GET) and one SHA-256 pass must share the machine's cores. It
+    leaves out the cache's own receive, write and send, so the real limit is lower."""
+    cores = len(os.sched_getaffinity(0))
+    return cores / (direct_cpu_per_byte + 1 / sha256_speed())
 
 
 def wrk(url: str, seconds: int, connections: int = 32) -> tuple[float, float]:
@@ -267,11 +356,12 @@ async def run(sizes: Sizes, out: Path, work: Path) -> list[Row]:
         upstream = Registry(work / "upstream", None)
         upstream.start()
         builder = Builder(work / "images")
-        big = builder.image("bench/big", "1", [sizes.big], oci=True)
+        bigs = [builder.image(f"bench/big{i}", "1", [sizes.big], oci=True) for i in range(3)]
+        big = bigs[0]
         fan = builder.image("bench/fanout", "1", [sizes.fanout], oci=True)
         app = builder.image("bench/app", "1", sizes.layers, oci=True)
         pusher = Pusher(upstream.url, NoTokens())  # type: ignore[arg-type]
-        for image in (big, fan, app):
+        for image in (*bigs, fan, app):
             pusher.push(image)
         pusher.close()
         big_blob = big.layers()[0]
@@ -282,11 +372,35 @@ async def run(sizes: Sizes, out: Path, work: Path) -> list[Row]:
         for url in (f"{ref_url}/v2/", f"{mir_url}/v2/", ngx_url):
             await wait_http(url)
 
-        # 2. cold GET of the big blob (first fetch through each cache), 1. then warm.
-        path = f"/v2/{big.repo}/blobs/{big_blob.digest}"
-        direct = await curl_speed(upstream.url + path, runs=1)
-        ref_cold = await curl_speed(ref_url + path, runs=1)
-        mir_cold = await curl_speed(mir_url + path, runs=1)
+        # 2. cold GET of a big blob (the first fetch through each cache), best of the big
+        # blobs, each cold once for each cache; nginx's plain and caching proxies beside them
+        # show what a cold pass costs on this machine, and `cold_ceiling` what is reachable.
+        ngx_plain, plain_url = started(nginx_proxy(work / "nginx-proxy", upstream.url, cache=False))
+        ngx_cache, cache_url = started(nginx_proxy(work / "nginx-cache", upstream.url, cache=True))
+        for url in (plain_url, cache_url):
+            await wait_http(f"{url}/v2/")
+        cold: dict[str, float] = {}
+        direct_cpu = 0.0
+        caches = [
+            ("reference", ref_url), ("mirror", mir_url),
+            ("nginx proxy_cache", cache_url), ("nginx proxy", plain_url),
+        ]  # fmt: skip
+        copies: dict[str, int] = {}  # upstream GETs of the blob per cold GET through a cache
+        await settled()
+        for turn, image in enumerate(bigs):
+            digest = image.layers()[0].digest
+            path = f"/v2/{image.repo}/blobs/{digest}"
+            speed, cpu = await measured_get(upstream, upstream.url + path)
+            if speed > cold.get("direct", 0.0):
+                cold["direct"], direct_cpu = speed, cpu
+            for name, base in caches[turn:] + caches[:turn]:  # each goes first once
+                before = upstream.blob_gets(digest)
+                cold[name] = max(cold.get(name, 0.0), await curl_speed(base + path, runs=1))
+                await settled()  # no fill's storing or writeback in the next one's time
+                fetched = await upstream_quiet(upstream, digest) - before
+                copies[name] = max(copies.get(name, 0), fetched)
+        ceiling = cold_ceiling(direct_cpu)
+        direct, ref_cold, mir_cold = cold["direct"], cold["reference"], cold["mirror"]
         rows.append(
             Row(
                 "2. cold GET big blob",
@@ -300,8 +414,50 @@ async def run(sizes: Sizes, out: Path, work: Path) -> list[Row]:
                 mir_cold >= 0.8 * direct,
             )
         )
-        await asyncio.sleep(1)  # the reference proxy stores what it streamed in the background
-        os.sync()  # let the cold runs' writeback finish before timing warm reads
+        for name in ("nginx proxy_cache", "nginx proxy"):
+            rows.append(
+                Row(
+                    f"2. cold GET beside {name}",
+                    "MB/s",
+                    name,
+                    cold[name] / 1e6,
+                    ref_cold / 1e6,
+                    mir_cold / 1e6,
+                    mir_cold / cold[name],
+                    f"context: {cold[name] / direct:.2f} x direct",
+                    None,
+                )
+            )
+        rows.append(
+            Row(
+                "2. cold GET: CPU ceiling here",
+                "MB/s",
+                "ceiling",
+                ceiling / 1e6,
+                ref_cold / 1e6,
+                mir_cold / 1e6,
+                mir_cold / ceiling,
+                f"context: ceiling {min(ceiling / direct, 1.0):.2f} x direct",
+                None,
+            )
+        )
+        rows.append(
+            Row(
+                "2. cold GET: upstream copies",
+                "copies",
+                "nginx proxy_cache",
+                copies["nginx proxy_cache"],
+                copies["reference"],
+                copies["mirror"],
+                None,
+                "context: WAN bytes per cold blob",
+                None,
+            )
+        )
+        ngx_plain.stop()
+        ngx_cache.stop()
+        path = f"/v2/{big.repo}/blobs/{big_blob.digest}"
+        await settled()
         nginx_speed = await curl_speed(ngx_url)
         ref_warm = await curl_speed(ref_url + path)
         mir_warm = await curl_speed(mir_url + path)
@@ -513,7 +669,7 @@ def chart(rows: list[Row], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [r for r in rows if r.reference is not None]
+    shown = [r for r in rows if r.reference is not None and r.met is not None]
     columns = (len(shown) + 1) // 2
     fig, grid = plt.subplots(2, columns, figsize=(3.4 * columns, 6.4), squeeze=False)
     axes = list(grid.flat)
@@ -522,9 +678,18 @@ def chart(rows: list[Row], path: Path) -> None:
     for ax, r in zip(axes, shown, strict=False):
         names = ["reference", "mirror"] + ([r.baseline_name] if r.baseline is not None else [])
         values = [r.reference or 0, r.mirror] + ([r.baseline] if r.baseline is not None else [])
-        ax.bar(names, values, color=["#999999", "#2a7ab0", "#66a060"][: len(names)])
+        # Context rows of the same measurement (nginx's proxies, the CPU ceiling) join its panel.
+        scenario = r.scenario.split(" ", 1)[0]
+        for c in rows:
+            same = c.unit == r.unit and c.scenario.startswith(scenario)
+            if same and c.met is None and c.baseline is not None:
+                names.append(c.baseline_name)
+                values.append(c.baseline)
+        colors = ["#999999", "#2a7ab0"] + ["#66a060"] * (len(names) - 2)
+        ax.bar(names, values, color=colors)
         ax.set_title(f"{r.scenario}\n({r.unit})", fontsize=8)
-        ax.tick_params(axis="x", labelsize=7, rotation=20)
+        crowded = len(names) > 3
+        ax.tick_params(axis="x", labelsize=6 if crowded else 7, rotation=40 if crowded else 20)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 

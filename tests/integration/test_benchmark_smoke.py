@@ -22,8 +22,13 @@ def test_benchmark_runner_smoke(tmp_path: Path) -> None:
     rows = json.loads((tmp_path / "results.json").read_text())
     scenarios = {row["scenario"].split(".")[0] for row in rows}
     assert scenarios == {"1", "2", "2b", "3", "4", "5", "6", "7"}
-    copies = next(r for r in rows if "upstream copies" in r["scenario"])
+    copies = next(r for r in rows if r["scenario"] == "3. 20 clients, cold blob: upstream copies")
     assert copies["mirror"] == 1, "single flight: one upstream copy for 20 clients"
+    cold = {r["scenario"]: r for r in rows if r["scenario"].startswith("2. cold GET")}
+    assert cold["2. cold GET: upstream copies"]["mirror"] == 1, "a cold blob crosses once"
+    for name in ("beside nginx proxy_cache", "beside nginx proxy", "CPU ceiling here"):
+        row = next(r for scenario, r in cold.items() if scenario.endswith(name))
+        assert row["baseline"] > 0 and row["met"] is None, row  # shown for context, not judged
     assert (tmp_path / "results.png").stat().st_size > 10_000
     assert "scenario" in result.stdout
 
