@@ -235,18 +235,16 @@ async def settled() -> None:
     await asyncio.to_thread(os.sync)
 
 
-async def upstream_quiet(upstream: Registry, digest: str, limit: float = 60) -> int:
-    """The upstream's count of GETs of `digest` once it stops changing: the registry logs a
-    GET when it ends, and the reference proxy fetches a second copy in the background."""
+async def upstream_quiet(upstream: Registry, digest: str, limit: float = 60) -> None:
+    """Wait until the upstream's count of GETs of `digest` stops changing: the registry logs
+    a GET when it ends, and the reference proxy fetches a second copy in the background."""
     deadline = time.monotonic() + limit
     count = upstream.blob_gets(digest)
     while time.monotonic() < deadline:
         await asyncio.sleep(1.5)
-        now = upstream.blob_gets(digest)
-        if now == count:
-            break
-        count = now
-    return count
+        count, before = upstream.blob_gets(digest), count
+        if count == before:
+            return
 
 
 async def measured_get(upstream: Registry, url: str) -> tuple[float, float]:
