@@ -421,6 +421,9 @@ class Mirror:
         cached = await self.store.open_for_serving(digest)
         if cached is None:
             raise RegistryError("BLOB_UNKNOWN", "blob vanished from the cache", {"digest": digest})
+        if started and not fill.fetched:
+            # Our fill found the blob committed by one that ended after our own look: no fetch.
+            result = "hit"
         return BlobAnswer(cached.size, result, file=cached)
 
     async def _drop_local(self, digest: Digest) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -9,10 +10,14 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
+from mirror.cache.blobs import OpenBlob
+from mirror.reference import Digest, Name
+from mirror.web.keys import MIRROR
 from tests.fixtures.fake_upstream import FakeUpstream, Fault
 from tests.fixtures.mirror_server import (
     cached_files,
     mirror_config,
+    running_app,
     running_mirror,
     sha256_digest,
     wait_cached,
@@ -145,3 +150,36 @@ async def test_manifest_with_wrong_bytes_is_refused_and_not_kept(
         async with s.get(f"{base}/v2/lib/app/manifests/{mdigest}") as resp:
             assert resp.status == 200
             assert sha256_digest(await resp.read()) == mdigest
+
+
+async def test_a_fill_ending_between_the_cache_check_and_the_join_is_a_hit(
+    fake: FakeUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request that finds the blob neither committed nor in flight, because the fill
+    committed in between, is served from the cache with no fetch: a hit, not a miss."""
+    digest = fake.add_blob(BLOB)
+    fake.faults[digest] = Fault(delay_per_chunk=0.005)  # the first fill is still streaming
+    async with running_app(mirror_config(tmp_path, fake.url)) as (_url, app):
+        mirror = app[MIRROR]
+        first = await mirror.blob(Name("lib/app"), digest)
+        assert first.cache == "miss" and first.reader is not None
+        first.reader.close()
+        fill = mirror.fills.get(digest)
+        assert fill is not None and fill.task is not None
+        check = mirror.store.open_for_serving
+
+        async def fill_ends_meanwhile(d: Digest) -> OpenBlob | None:
+            found = await check(d)
+            if found is None:
+                await asyncio.wait([fill.task])  # type: ignore[list-item]
+            return found
+
+        monkeypatch.setattr(mirror.store, "open_for_serving", fill_ends_meanwhile)
+        second = await mirror.blob(Name("lib/app"), digest)
+        monkeypatch.undo()
+        assert second.file is not None
+        try:
+            assert second.cache == "hit"
+        finally:
+            second.file.close()
+        assert fake.requests[("GET", f"/v2/lib/app/blobs/{digest}")] == 1
