@@ -213,19 +213,21 @@ async def curl_get(url: str) -> None:
         raise RuntimeError(f"curl {url} failed")
 
 
+async def curl_once(url: str) -> tuple[float, float]:
+    """(bytes/s, bytes) of one download by curl (a C client, so the client is not the
+    bottleneck). Run from a thread: the throttle lives on this event loop."""
+    out = await asyncio.to_thread(
+        subprocess.run,
+        ["curl", "-sf", "-o", "/dev/null", "-w", "%{speed_download} %{size_download}", url],
+        capture_output=True, text=True, check=True, timeout=300,
+    )  # fmt: skip
+    speed, size = map(float, out.stdout.split())
+    return speed, size
+
+
 async def curl_speed(url: str, runs: int = 3) -> float:
-    """Best of `runs` downloads by curl (a C client, so the client is not the bottleneck).
-    Run from a thread: the throttle lives on this event loop."""
-    best = 0.0
-    for _ in range(runs):
-        out = await asyncio.to_thread(
-            subprocess.run,
-            ["curl", "-sf", "-o", "/dev/null", "-w", "%{speed_download}", url],
-            capture_output=True, text=True, check=True, timeout=300,
-        )  # fmt: skip
-        out = out.stdout
-        best = max(best, float(out))
-    return best
+    """Best of `runs` downloads by curl."""
+    return max([(await curl_once(url))[0] for _ in range(runs)])
 
 
 async def settled() -> None:
@@ -251,13 +253,8 @@ async def measured_get(upstream: Registry, url: str) -> tuple[float, float]:
     """(bytes/s, CPU seconds per byte of the upstream and curl together) for one download."""
     before_up = process_cpu(upstream_pid(upstream))
     before_curl = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out = await asyncio.to_thread(
-        subprocess.run,
-        ["curl", "-sf", "-o", "/dev/null", "-w", "%{speed_download} %{size_download}", url],
-        capture_output=True, text=True, check=True, timeout=300,
-    )  # fmt: skip
+    speed, size = await curl_once(url)
     after_curl = resource.getrusage(resource.RUSAGE_CHILDREN)
-    speed, size = map(float, out.stdout.split())
     used = process_cpu(upstream_pid(upstream)) - before_up
     used += after_curl.ru_utime + after_curl.ru_stime
     used -= before_curl.ru_utime + before_curl.ru_stime

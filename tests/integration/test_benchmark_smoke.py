@@ -10,15 +10,21 @@ from pathlib import Path
 RUNNER = Path(__file__).parents[2] / "benchmarks" / "runner.py"
 
 
-def test_benchmark_runner_smoke(tmp_path: Path) -> None:
+def run_smoke(script: Path, out: Path) -> subprocess.CompletedProcess[str]:
+    """A benchmark script at tiny sizes; it must succeed."""
     result = subprocess.run(
-        [sys.executable, str(RUNNER), "--smoke", "--out", str(tmp_path)],
+        [sys.executable, str(script), "--smoke", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_benchmark_runner_smoke(tmp_path: Path) -> None:
+    result = run_smoke(RUNNER, tmp_path)
     rows = json.loads((tmp_path / "results.json").read_text())
     scenarios = {row["scenario"].split(".")[0] for row in rows}
     assert scenarios == {"1", "2", "2b", "3", "4", "5", "6", "7"}
@@ -34,15 +40,7 @@ def test_benchmark_runner_smoke(tmp_path: Path) -> None:
 
 
 def test_cluster_benchmark_smoke(tmp_path: Path) -> None:
-    script = RUNNER.parent / "cluster.py"
-    result = subprocess.run(
-        [sys.executable, str(script), "--smoke", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_smoke(RUNNER.parent / "cluster.py", tmp_path)
     figures = json.loads((tmp_path / "cluster.json").read_text())
     assert figures["fan_upstream_copies"] == 1, "one upstream fetch for the whole cluster"
     assert figures["warm_1_node_MBps"] > 0 and figures["warm_3_node_MBps"] > 0
