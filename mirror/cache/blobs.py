@@ -1,4 +1,5 @@
-"""Content-addressed blob storage: the `BlobStore` seam and its filesystem implementation.
+"""Content-addressed blob storage on the node's file system (a `BlobStore` and `FillTarget`
+of mirror/interfaces.py, whose protocols are re-exported here).
 
 Layout: `<root>/blobs/sha256/<first two hex>/<hex>`. A blob appears at its final path only by
 an atomic rename after its bytes hashed to its digest and were fsynced, so whatever a crash
@@ -19,17 +20,22 @@ import hashlib
 import os
 import secrets
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO
 
 import structlog
 
 from mirror.errors import DigestMismatch, UpstreamError
+from mirror.interfaces import BlobStore as BlobStore  # re-exported
+from mirror.interfaces import BlobStream
+from mirror.interfaces import BlobWriter as BlobWriter  # re-exported
 from mirror.reference import SHA256_RE, Digest
 
 log = structlog.get_logger(__name__)
+
+STREAM_CHUNK = 1024 * 1024  # bytes per read of `open_stream`
 
 
 @dataclass(frozen=True)
@@ -41,54 +47,6 @@ class OpenBlob:
 
     def close(self) -> None:
         self.file.close()
-
-
-class BlobWriter(Protocol):
-    """Receives one blob's bytes; nothing is visible to readers of the store until `commit`."""
-
-    digest: Digest
-    written: int
-
-    async def write(self, data: bytes) -> None: ...
-
-    async def write_chunks(self, chunks: list[bytes]) -> None:
-        """Several pieces in order, without joining them first (one copy fewer)."""
-
-    async def verify(self) -> None:
-        """Check size and digest (raises `DigestMismatch`): from then on the bytes may be
-        released to readers, before they are durable, since a crash only loses the temp file."""
-
-    async def commit(self) -> None:
-        """Verify (unless done), make durable, make visible. Raises `DigestMismatch`."""
-
-    async def abort(self) -> None: ...
-
-    def open_tail(self) -> int:
-        """A new read-only file descriptor onto the bytes written so far (for tail readers)."""
-        ...
-
-
-class BlobStore(Protocol):
-    async def stat(self, digest: Digest) -> int | None: ...
-
-    async def open_for_serving(self, digest: Digest) -> OpenBlob | None: ...
-
-    def find_partial(self, digest: Digest) -> tuple[Path, int | None] | None:
-        """Another writer's temp file for `digest` and its declared size (blocking)."""
-        for path in self.tmp_dir.glob(f"{digest.split(':', 1)[1]}.*.part"):
-            declared = path.name.split(".")[1]
-            return path, int(declared) if declared.isdigit() else None
-        return None
-
-    async def read_bytes(self, digest: Digest, max_size: int) -> bytes | None: ...
-
-    async def put_bytes(self, digest: Digest, data: bytes) -> None: ...
-
-    async def begin_write(self, digest: Digest, size: int | None) -> BlobWriter: ...
-
-    async def delete(self, digest: Digest) -> bool: ...
-
-    def iter_all(self) -> Iterator[Digest]: ...
 
 
 def _fsync_dir(path: Path) -> None:
@@ -148,6 +106,24 @@ class FilesystemBlobStore:
             return None
         return OpenBlob(f, os.fstat(f.fileno()).st_size)
 
+    async def open_stream(self, digest: Digest, offset: int = 0) -> BlobStream | None:
+        """Its bytes from `offset` in ~1 MiB reads from a worker thread; None if absent. The
+        open file keeps the bytes readable even if the blob is evicted meanwhile."""
+        blob = await self.open_for_serving(digest)
+        if blob is None:
+            return None
+        f = blob.file
+
+        async def chunks() -> AsyncIterator[bytes]:
+            await asyncio.to_thread(f.seek, offset)
+            while data := await asyncio.to_thread(f.read, STREAM_CHUNK):
+                yield data
+
+        async def close() -> None:
+            f.close()
+
+        return BlobStream(max(0, blob.size - offset), chunks(), close)
+
     def find_partial(self, digest: Digest) -> tuple[Path, int | None] | None:
         """Another writer's temp file for `digest` and its declared size (blocking)."""
         for path in self.tmp_dir.glob(f"{digest.split(':', 1)[1]}.*.part"):
@@ -205,11 +181,31 @@ class FilesystemBlobStore:
         return out
 
     def iter_all(self) -> Iterator[Digest]:
+        """Every committed blob, in digest order (blocking)."""
         for sub in sorted(self.blob_dir.iterdir()):
             for entry in sorted(sub.iterdir()):
                 digest = f"sha256:{entry.name}"
                 if SHA256_RE.fullmatch(digest) and entry.name.startswith(sub.name):
                     yield Digest(digest)
+
+    async def scan(self) -> AsyncIterator[tuple[Digest, int]]:
+        """Every committed blob with its size, one shard directory per worker-thread call."""
+        shards = await asyncio.to_thread(
+            lambda: sorted(p for p in self.blob_dir.iterdir() if p.is_dir())
+        )
+        for sub in shards:
+            for found in await asyncio.to_thread(self._scan_shard, sub):
+                yield found
+
+    @staticmethod
+    def _scan_shard(sub: Path) -> list[tuple[Digest, int]]:
+        out = []
+        for entry in sorted(os.scandir(sub), key=lambda e: e.name):
+            digest = f"sha256:{entry.name}"
+            if SHA256_RE.fullmatch(digest) and entry.name.startswith(sub.name):
+                with contextlib.suppress(FileNotFoundError):  # evicted meanwhile
+                    out.append((Digest(digest), entry.stat().st_size))
+        return out
 
 
 class FileBlobWriter:

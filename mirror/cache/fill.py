@@ -14,15 +14,16 @@ import asyncio
 import contextlib
 import enum
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
 import structlog
 
-from mirror.cache.blobs import BlobStore, BlobWriter, FilesystemBlobStore, verified_marker
+from mirror.cache.blobs import FilesystemBlobStore, verified_marker
 from mirror.cache.locks import FileLocks
 from mirror.errors import DigestMismatch, UpstreamError
+from mirror.interfaces import BlobWriter, FillTarget
 from mirror.reference import Digest
 
 log = structlog.get_logger(__name__)
@@ -103,7 +104,7 @@ class FillBase:
 class Fill(FillBase):
     """This process fetches the blob from the upstream into the store."""
 
-    def __init__(self, digest: Digest, store: BlobStore) -> None:
+    def __init__(self, digest: Digest, store: FillTarget) -> None:
         super().__init__(digest)
         self.store = store
         self._writer: BlobWriter | None = None
@@ -267,7 +268,7 @@ class TailReader:
         self.fill = fill
         self.file: BinaryIO = open(fd, "rb", buffering=0, closefd=True)  # noqa: SIM115
 
-    async def ranges(self, start: int = 0) -> AsyncIterator[tuple[int, int]]:
+    async def ranges(self, start: int = 0) -> AsyncGenerator[tuple[int, int], None]:
         fill = self.fill
         pos = start
         while True:

@@ -14,7 +14,7 @@ import asyncio
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,9 +101,13 @@ class CacheIndex:
                 yield digest, entry
 
     def get(self, digest: Digest) -> Entry | None:
-        return self._entries.get(digest)
+        """The durable entry (blocking; serves not yet flushed are not in it); None if absent."""
+        entry: Entry | None = self._entries.get(digest)
+        return entry
 
-    def remove(self, digests: list[Digest]) -> None:
+    def remove(self, digests: list[Digest]) -> int:
+        """Drop entries (blocking); absent ones are skipped. Returns how many were indexed."""
+        removed = 0
         for start in range(0, len(digests), WRITE_CHUNK):
             time.sleep(0)  # hand the GIL to the event loop between transactions
             with self._lock, self._entries.transact():
@@ -111,12 +115,14 @@ class CacheIndex:
                 for digest in digests[start : start + WRITE_CHUNK]:
                     old = self._entries.pop(digest, None)
                     if old is not None:
-                        size, count = size - old.size, count - 1
+                        size, count, removed = size - old.size, count - 1, removed + 1
                 self._set_totals(size, count)
+        return removed
 
-    def reconcile(self, blob_dir: Path, kind_of: Callable[[Digest], str]) -> tuple[int, int]:
-        """Bring the index in step with the files: add files it lacks (dated by mtime), drop
-        entries whose files are gone. Returns (added, dropped)."""
+    def reconcile(self, blob_dir: Path, is_manifest: Callable[[Digest], bool]) -> tuple[int, int]:
+        """Bring the index in step with the files: add files it lacks (dated by mtime, of kind
+        "manifest" where `is_manifest` says so, else "blob", so the per-kind TTLs apply to
+        them), drop entries whose files are gone. Returns (added, dropped)."""
         on_disk: dict[Digest, os.stat_result] = {}
         for sub in os.scandir(blob_dir):
             if not sub.is_dir():
@@ -134,10 +140,68 @@ class CacheIndex:
                 if digest in self._entries:
                     continue  # another process added it meanwhile
                 st = on_disk[digest]
-                self._entries[digest] = Entry(st.st_size, kind_of(digest), st.st_mtime, st.st_mtime)
+                kind = "manifest" if is_manifest(digest) else "blob"
+                self._entries[digest] = Entry(st.st_size, kind, st.st_mtime, st.st_mtime)
                 size, count = size + st.st_size, count + 1
             self._set_totals(size, count)
         return len(missing), len(gone)
+
+    # -- the `Index` protocol (mirror/interfaces.py): durable at once, for the contract -------
+
+    async def note_stored(self, digest: Digest, size: int, kind: str, now: float) -> None:
+        """`add` with an explicit time, written at once; an indexed digest is only touched."""
+        entry = await self.entry(digest)
+        if entry is None:
+            self._pending[digest] = (now, Entry(size, kind, now, now))
+        elif now > entry.last_served:
+            self._note(digest, now)
+        await self.flush()
+
+    def _note(self, digest: Digest, when: float) -> None:
+        """A serve at `when`, keeping an entry a concurrent `add` left pending."""
+        pending_when, pending_entry = self._pending.pop(digest, (when, None))
+        self._pending[digest] = (max(when, pending_when), pending_entry)
+
+    async def note_served(self, served: Mapping[Digest, float]) -> None:
+        """`touch` with explicit times, written at once; never moves a time backwards."""
+        await self.flush()
+        known = await asyncio.to_thread(lambda: {d: self.get(d) for d in served})
+        for digest, when in served.items():
+            entry = known[digest]
+            if entry is not None and when > entry.last_served:
+                self._note(digest, when)
+        await self.flush()
+
+    async def entry(self, digest: Digest) -> Entry | None:
+        await self.flush()
+        return await asyncio.to_thread(self.get, digest)
+
+    async def usage(self) -> tuple[int, int]:
+        """What SQLite holds, so other processes' writes count too."""
+        await self.flush()
+        size, count = await asyncio.to_thread(self._meta.get, TOTALS_KEY, (0, 0))
+        return int(size), int(count)
+
+    async def drop(self, digest: Digest) -> bool:
+        await self.flush()
+        return await asyncio.to_thread(self.remove, [digest]) == 1
+
+    async def least_recent(
+        self, limit: int, before: float | None = None
+    ) -> list[tuple[str, int, str, float]]:
+        """As `RedisIndex.least_recent` (walks the index in a thread)."""
+        await self.flush()
+
+        def walk() -> list[tuple[str, int, str, float]]:
+            out: list[tuple[str, int, str, float]] = []
+            for digest, entry in self.lru():
+                if len(out) >= limit:
+                    break
+                if before is None or entry.last_served < before:
+                    out.append((digest, entry.size, entry.kind, entry.last_served))
+            return out
+
+        return await asyncio.to_thread(walk)
 
     def clear(self) -> None:
         with self._lock:

@@ -2,8 +2,9 @@
 
 Durable in a diskcache (SQLite) store under `<cache>/meta`, so tags survive restarts (an offline
 mirror answers from them); a bounded in-memory LRU in front keeps hits off SQLite. SQLite calls
-run in a worker thread so the event loop never waits on the disk. Later: a Redis implementation
-of the same methods for a cluster.
+run in a worker thread so the event loop never waits on the disk. The `MetadataStore` protocol
+(re-exported here) lives in mirror/interfaces.py; Redis and tiered implementations of it are in
+redis_store.py and tiered.py.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import diskcache
 from cachetools import LRUCache
 
+from mirror.interfaces import MetadataStore as MetadataStore  # re-exported
 from mirror.reference import Digest
 
 
@@ -53,34 +54,6 @@ class Privacy:
 
     private: bool
     checked_at: float
-
-
-class MetadataStore(Protocol):
-    async def get_tag(self, key: TagKey) -> TagRecord | None: ...
-
-    async def put_tag(self, key: TagKey, record: TagRecord) -> None: ...
-
-    async def delete_tag(self, key: TagKey) -> None: ...
-
-    async def get_media_type(self, digest: Digest) -> str | None: ...
-
-    async def put_media_type(self, digest: Digest, media_type: str) -> None: ...
-
-    async def get_origins(self, digest: Digest) -> Origins | None: ...
-
-    async def add_origin(self, digests: list[Digest], repo: str | None) -> None: ...
-
-    async def get_privacy(self, key: RepoKey) -> Privacy | None: ...
-
-    async def put_privacy(self, key: RepoKey, privacy: Privacy) -> None: ...
-
-    def cached_privacy(self, key: RepoKey) -> Privacy | None: ...
-
-    def is_manifest(self, digest: Digest) -> bool: ...
-
-    def iter_tags(self) -> Iterator[tuple[TagKey, TagRecord]]: ...
-
-    def close(self) -> None: ...
 
 
 class LocalMetadataStore:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import redis
@@ -29,7 +29,9 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry as SyncRetry
 
+from mirror.cache.index import Entry
 from mirror.cache.metadata import Origins, Privacy, RepoKey, TagKey, TagRecord
+from mirror.interfaces import Unavailable
 from mirror.reference import Digest
 
 TOUCH_CHUNK = 1000  # last-served times per ZADD
@@ -37,7 +39,7 @@ PUBLIC = ""  # member of an origin set meaning "some public repository" (no repo
 _ERRORS = (redis.RedisError, OSError, asyncio.TimeoutError)
 
 
-class RedisUnavailable(Exception):
+class RedisUnavailable(Unavailable):
     """Redis cannot be reached or failed (connection refused, timeout): callers degrade to
     local operation."""
 
@@ -221,8 +223,8 @@ class RedisStore:
 
     async def fill_owner(self, digest: str) -> str | None:
         with _unavailable("fill_owner"):
-            owner: str | None = await self.redis.get(self.key("fill", digest))
-            return owner
+            owner = await self.redis.get(self.key("fill", digest))
+        return None if owner is None else _text(owner)
 
     # -- leader ------------------------------------------------------------------------------
 
@@ -231,6 +233,15 @@ class RedisStore:
         with _unavailable("try_lead"):
             key = self.key("lead", name)
             return bool(await self._lead(keys=[key], args=[owner, _ms(lease)]))
+
+
+def _text(value: bytes | str) -> str:
+    """A reply as text (the clients decode replies; redis-py's types cannot say so)."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _texts(values: set[bytes] | set[str] | set[bytes | str]) -> set[str]:
+    return {_text(v) for v in values}
 
 
 def _field(*parts: str) -> str:
@@ -251,7 +262,8 @@ def _origins(members: set[str]) -> Origins | None:
 
 
 class RedisMetadataStore:
-    """The `MetadataStore` of mirror/cache/metadata.py, shared by every node through Redis."""
+    """The `MetadataStore` (mirror/interfaces.py) shared by every node through Redis; every
+    method that reaches Redis raises `RedisUnavailable` when it is down."""
 
     def __init__(self, store: RedisStore, memory_entries: int = 100_000) -> None:
         self.store = store
@@ -272,20 +284,26 @@ class RedisMetadataStore:
         field = _field(*key)
         with _unavailable("get_tag"):
             raw = await self._r.hget(self._tags, field)
-        return None if raw is None else _tag(field, raw)[1]
+        return None if raw is None else _tag(field, _text(raw))[1]
 
     async def put_tag(self, key: TagKey, record: TagRecord) -> None:
         value = json.dumps([record.digest, record.media_type, record.fetched_at])
         with _unavailable("put_tag"):
             await self._r.hset(self._tags, _field(*key), value)
 
+    async def delete_tag(self, key: TagKey) -> None:
+        """Forget a tag for every node (its image was evicted); absent: no-op."""
+        with _unavailable("delete_tag"):
+            await self._r.hdel(self._tags, _field(*key))
+
     async def get_media_type(self, digest: Digest) -> str | None:
         media_type = self._media.get(digest)
         if media_type is None:
             with _unavailable("get_media_type"):
-                media_type = await self._r.hget(self._types, digest)
-            if media_type is not None:
-                self._media[digest] = media_type
+                raw = await self._r.hget(self._types, digest)
+            if raw is None:
+                return None
+            media_type = self._media[digest] = _text(raw)
         return media_type
 
     async def put_media_type(self, digest: Digest, media_type: str) -> None:
@@ -299,7 +317,7 @@ class RedisMetadataStore:
         """Read every time: another node may have learnt of a repository since."""
         with _unavailable("get_origins"):
             members = await self._r.smembers(self._origin_key(digest))
-        origins = _origins(set(members))
+        origins = _origins(_texts(members))
         if origins is None:
             self._origins.pop(digest, None)  # Redis lost it (restart): add_origin must write
         else:
@@ -380,7 +398,8 @@ class RedisMetadataStore:
 
 
 class RedisIndex:
-    """The shared LRU/TTL index and pins for the shared object store.
+    """The shared LRU/TTL index and pins for the shared object store (an `Index`; every
+    method raises `RedisUnavailable` when Redis is down).
 
     Entries in a hash (size, kind, stored_at), last-served times as scores of a sorted set
     (least_recent is O(log n + limit)), totals in a hash kept by the same scripts that add and
@@ -458,11 +477,30 @@ class RedisIndex:
             out.append((flat[i], int(size), kind, float(flat[i + 2])))
         return out
 
+    # -- the `Index` protocol (mirror/interfaces.py), over the native methods ----------------
+
+    async def note_stored(self, digest: Digest, size: int, kind: str, now: float) -> None:
+        await self.add(digest, size, kind, now)
+
+    async def note_served(self, served: Mapping[Digest, float]) -> None:
+        times: dict[str, float] = {digest: when for digest, when in served.items()}
+        await self.touch(times)
+
+    async def entry(self, digest: Digest) -> Entry | None:
+        found = await self.get(digest)
+        return None if found is None else Entry(*found)
+
+    async def usage(self) -> tuple[int, int]:
+        return await self.totals()
+
+    async def drop(self, digest: Digest) -> bool:
+        return await self.remove(digest)
+
     # -- pins --------------------------------------------------------------------------------
 
     async def pins(self) -> set[str]:
         with _unavailable("pins"):
-            return set(await self._r.smembers(self._pins))
+            return _texts(await self._r.smembers(self._pins))
 
     async def pin(self, ref: str) -> None:
         with _unavailable("pin"):

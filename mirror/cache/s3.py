@@ -17,9 +17,8 @@ import asyncio
 import contextlib
 import hashlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -29,6 +28,7 @@ from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
 from mirror.errors import DigestMismatch
+from mirror.interfaces import BlobStream, Unavailable
 from mirror.reference import SHA256_RE, Digest
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ CHUNK_SIZE = 1024 * 1024
 _THREAD_HASH_MIN = 256 * 1024
 
 
-class S3Unavailable(Exception):
+class S3Unavailable(Unavailable):
     """The object store cannot be reached or failed (connection error, timeout, 5xx)."""
 
 
@@ -83,17 +83,12 @@ def _is_absent(exc: BaseException) -> bool:
     )
 
 
-@dataclass
-class S3Body:
-    """A blob being streamed from the store; `close` releases the connection (call it always)."""
-
-    size: int
-    chunks: AsyncIterator[bytes]
-    close: Callable[[], Awaitable[None]]
+S3Body = BlobStream  # a blob being streamed from the store (the name callers knew first)
 
 
 class S3BlobStore:
-    """The `BlobStore` operations the cluster needs, on one bucket (under an optional prefix)."""
+    """A `BlobStore` (mirror/interfaces.py) on one bucket, under an optional prefix; every
+    failure of the store raises `S3Unavailable`."""
 
     def __init__(self, config: S3Config, *, clock: Callable[[], float] = time.time) -> None:
         self.config = config
@@ -249,13 +244,48 @@ class S3BlobStore:
             raise _unavailable("CreateMultipartUpload", exc) from exc
         return S3Upload(self, digest, key, str(created["UploadId"]), verify=verify)
 
-    async def delete(self, digest: Digest) -> None:
-        """Remove the blob; deleting an absent blob is not an error (S3 semantics)."""
+    async def delete(self, digest: Digest) -> bool:
+        """Remove the blob; True if it was there. S3's DELETE cannot tell, so a HEAD asks
+        first (an absent blob costs no DELETE; one uploaded between the two stays)."""
+        if await self.stat(digest) is None:
+            return False
         try:
             await self.client.delete_object(Bucket=self.bucket, Key=self.key(digest))
         except _FAILURES as exc:
             if not _is_absent(exc):
                 raise _unavailable("DeleteObject", exc) from exc
+        return True
+
+    async def read_bytes(self, digest: Digest, max_size: int) -> bytes | None:
+        """A small blob (a manifest) whole, re-verified; None if absent, larger than
+        `max_size` (not downloaded then) or not matching its digest."""
+        body = await self.open_stream(digest)
+        if body is None:
+            return None
+        try:
+            if body.size > max_size:
+                return None
+            data = b"".join([chunk async for chunk in body.chunks])
+        finally:
+            await body.close()
+        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+            return None
+        return data
+
+    async def put_bytes(self, digest: Digest, data: bytes) -> None:
+        """Store a small blob in one part, verified (raises `DigestMismatch`, stores nothing)."""
+        upload = await self.begin_upload(digest)
+        try:
+            await upload.upload_part(data)
+            await upload.complete()
+        except BaseException:
+            with contextlib.suppress(S3Unavailable):
+                await upload.abort()
+            raise
+
+    def scan(self) -> AsyncIterator[tuple[Digest, int]]:
+        """Every stored blob with its size (the `BlobReader` name for `iter_all`)."""
+        return self.iter_all()
 
     async def iter_all(self) -> AsyncIterator[tuple[Digest, int]]:
         """Every stored blob with its size; other keys under the prefix are ignored."""

@@ -23,7 +23,9 @@ T = TypeVar("T")
 class TieredMetadataStore:
     """Tags and manifest facts in Redis, shared by every node, written through to this node's
     local store, which answers alone while Redis is down (a tag fetched by any node is a hit
-    on all; an outage only makes each node work from what it has seen itself)."""
+    on all; an outage only makes each node work from what it has seen itself). Never raises
+    `RedisUnavailable`: reads fall back to local, writes land locally and the shared write is
+    dropped (and the outage noted in `health`)."""
 
     def __init__(self, shared: MetadataStore, local: MetadataStore, health: ServiceHealth) -> None:
         self.shared = shared
@@ -48,6 +50,12 @@ class TieredMetadataStore:
     async def put_tag(self, key: TagKey, record: TagRecord) -> None:
         await self.local.put_tag(key, record)
         await self._shared(lambda: self.shared.put_tag(key, record))
+
+    async def delete_tag(self, key: TagKey) -> None:
+        """Forget the tag here and for every node; a Redis outage drops the shared delete
+        (as for every write here), so the shared record may outlive the local one."""
+        await self.local.delete_tag(key)
+        await self._shared(lambda: self.shared.delete_tag(key))
 
     async def get_media_type(self, digest: Digest) -> str | None:
         ok, media_type = await self._shared(lambda: self.shared.get_media_type(digest))

@@ -10,6 +10,7 @@ import pytest
 from mirror.cache.blobs import FilesystemBlobStore
 from mirror.cache.eviction import Evictor
 from mirror.cache.index import CacheIndex
+from mirror.cache.metadata import LocalMetadataStore
 from mirror.config import CacheConfig
 from mirror.reference import Digest
 from tests.fixtures.clock import Clock
@@ -119,7 +120,33 @@ async def test_index_survives_reopen_and_reconciles_with_files(
     extra = store.path_for(d(9))
     extra.parent.mkdir(exist_ok=True)
     extra.write_bytes(b"y" * 70)
-    assert reopened.reconcile(store.blob_dir, lambda _d: "blob") == (1, 1)
+    assert reopened.reconcile(store.blob_dir, lambda _d: False) == (1, 1)
     assert reopened.totals() == (170, 3)
     assert {digest for digest, _ in reopened.lru()} == {d(1), d(2), d(9)}
     reopened.close()
+
+
+async def test_entries_rebuilt_at_start_get_their_kind_and_its_ttl(
+    tmp_path: Path, store: FilesystemBlobStore, index: CacheIndex, clock: Clock
+) -> None:
+    """`reconcile` is given `metadata.is_manifest` (a bool) by every caller: entries it adds
+    must still be "blob" or "manifest", or the per-kind TTLs never apply to them."""
+    day = 86400.0
+    for n in (1, 2):
+        path = store.path_for(d(n))
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"x" * 10)
+        os.utime(path, (clock.now - 10 * day, clock.now - 10 * day))  # idle 10 days
+    metadata = LocalMetadataStore(tmp_path / "meta")
+    try:
+        await metadata.put_media_type(d(2), "application/vnd.oci.image.manifest.v1+json")
+        assert index.reconcile(store.blob_dir, metadata.is_manifest) == (2, 0)
+    finally:
+        metadata.close()
+    config = CacheConfig(blob_ttl=day)  # manifests: no TTL
+    plan = await Evictor(store, index, config, clock).run_once(set(), dry_run=True)
+    assert [(digest, reason) for digest, _, reason in plan.victims] == [(d(1), "ttl")]
+    assert {digest: entry.kind for digest, entry in index.lru()} == {
+        d(1): "blob",
+        d(2): "manifest",
+    }
