@@ -92,6 +92,15 @@ class Policy:
                 return rule.allow
         return self.default
 
+    def allows_all_private(self, principal: Principal) -> bool:
+        """Whether no rule can refuse `principal` anything (admins, the operator, and users
+        no deny rule names when the default allows): who may have content of unknown origin."""
+        if principal is OPERATOR or principal.admin:
+            return True
+        if not principal.authenticated or not self.default:
+            return False
+        return not any(r.applies_to(principal) and not r.allow for r in self.rules)
+
 
 def build_policy(config: Config) -> Policy:
     rules = [

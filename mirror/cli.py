@@ -10,6 +10,7 @@ import ssl
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeAlias
 
 from aiohttp import web
 
@@ -22,9 +23,11 @@ from mirror.reference import parse_image
 from mirror.warm import warm as warm_images
 
 GIL_SWITCH_INTERVAL = 0.001
+if TYPE_CHECKING:  # argparse names no public type for it; generic only to the checker
+    Subcommands: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
-def _serve_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _serve_parser(sub: Subcommands) -> None:
     p = sub.add_parser("serve", help="run the mirror")
     p.add_argument("--config", type=Path, help="YAML config file (default: none, built-ins)")
     p.add_argument("--listen", help="HOST:PORT to listen on (default 0.0.0.0:5000)")
@@ -104,10 +107,9 @@ def serve(config: Config, argv: list[str], *, reuse_port: bool = False) -> int:
         access_log=None,
         print=None,
         shutdown_timeout=config.shutdown_timeout,
-        keepalive_timeout=config.limits.idle_timeout,
         ssl_context=ssl_context,
         reuse_port=reuse_port,
-        handler_args=handler_options(config),
+        **handler_options(config),
     )
     return 0
 
@@ -118,8 +120,8 @@ async def _freeze_heap(app: web.Application) -> None:
     gc.freeze()
 
 
-def _cache_parser(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:  # type: ignore[type-arg]
-    p = sub.add_parser(name, help=help)
+def _cache_parser(sub: Subcommands, name: str, help: str) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help)
     p.add_argument("--config", type=Path, help="YAML config file")
     p.add_argument("--cache-dir", help="cache directory (default: from the config)")
     return p

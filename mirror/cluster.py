@@ -191,35 +191,36 @@ class Cluster:
         """One pass over the shared store: objects unserved for `ttl`, then least recently
         served ones past `high` x `budget` down to `low` x `budget`. Skips pinned objects and
         objects some node is streaming now."""
-        assert self.index is not None and self.s3 is not None
-        size, entries = await self.index.totals()
+        index, s3 = self.index, self.s3
+        assert index is not None and s3 is not None
+        size, entries = await index.totals()
         plan = SharedEviction(size_before=size, entries_before=entries, budget=budget)
         now = time.time()
         chosen: set[str] = set()
 
         async def take(digest: str, length: int, reason: str) -> bool:
-            if digest in pinned or digest in chosen or await self.index.serving(digest):  # type: ignore[union-attr]
+            if digest in pinned or digest in chosen or await index.serving(digest):
                 return False
             chosen.add(digest)
             plan.victims.append((Digest(digest), length, reason))
             return True
 
         if ttl:
-            for digest, length, _kind, _served in await self.index.least_recent(
+            for digest, length, _kind, _served in await index.least_recent(
                 10_000, before=now - ttl
             ):
                 await take(digest, length, "ttl")
         remaining = size - sum(v[1] for v in plan.victims)
         if budget and remaining > high * budget:
-            for digest, length, _kind, _served in await self.index.least_recent(100_000):
+            for digest, length, _kind, _served in await index.least_recent(100_000):
                 if remaining <= low * budget:
                     break
                 if await take(digest, length, "size"):
                     remaining -= length
         if not dry_run:
             for digest, _length, reason in plan.victims:
-                await self.s3.delete(digest)
-                await self.index.remove(digest)
+                await s3.delete(digest)
+                await index.remove(digest)
                 log.info("shared_store_evicted", digest=digest, reason=reason)
         return plan
 
@@ -491,7 +492,7 @@ class _S3Stream:
                 yield chunk
 
     async def close(self) -> None:
-        await self._body.close()  # type: ignore[attr-defined]
+        await self._body.close()
 
 
 class _ClusterBody:

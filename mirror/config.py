@@ -244,6 +244,11 @@ class UpstreamConfig:
     names: list[str] = field(
         default_factory=list, metadata={"kind": "list", "optional": False, "secret": False}
     )
+    # Where this upstream's blob redirects (and token realm) may lead. false: public addresses,
+    # and addresses of the upstream's own kind (a registry on a private network may use its
+    # storage there; one on this host, private ones too). true: loopback, private and
+    # link-local addresses as well (e.g. a public registry whose storage is on your network).
+    redirect_to_internal: bool = opt(False, "bool")
     tag_ttl: float = opt(600.0, "duration")
     connect_timeout: float = opt(10.0, "duration")
     read_timeout: float = opt(60.0, "duration")

@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -25,6 +26,9 @@ from mirror.reference import SHA256_RE, Digest
 
 log = structlog.get_logger(__name__)
 YIELD_EVERY = 50  # tags walked between GIL hand-overs to the event loop
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsRichComparison
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,7 @@ class RepoRow:
         return all(t.complete for t in self.tags)
 
 
-SORTS: dict[str, tuple[Callable[[RepoRow], object], bool]] = {
+SORTS: dict[str, tuple[Callable[[RepoRow], SupportsRichComparison], bool]] = {
     "name": (lambda r: (r.repository, r.upstream), False),
     "size": (lambda r: r.size, True),
     "last_used": (lambda r: r.last_used, True),
@@ -86,7 +90,7 @@ class Snapshot:
         rows = self._orders.get(sort)
         if rows is None:
             key, reverse = SORTS.get(sort, SORTS["name"])
-            rows = sorted(self.repos, key=key, reverse=reverse)  # type: ignore[arg-type,return-value]
+            rows = sorted(self.repos, key=key, reverse=reverse)
             self._orders[sort] = rows
         return rows
 

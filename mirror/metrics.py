@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import os
+from collections.abc import Callable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -43,6 +44,9 @@ LATENCY_BUCKETS = (
     30,
     60,
 )
+
+# prometheus_client ships no annotations; typed here once: registers every worker's series.
+_merge_workers: Callable[[CollectorRegistry], object] = multiprocess.MultiProcessCollector
 
 
 class Metrics:
@@ -168,7 +172,7 @@ class Metrics:
         """The text exposition; with several workers, all of theirs merged."""
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             merged = CollectorRegistry()
-            multiprocess.MultiProcessCollector(merged)
+            _merge_workers(merged)
             return generate_latest(merged)
         return generate_latest(self.registry)
 

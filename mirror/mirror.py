@@ -12,12 +12,12 @@ import asyncio
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 import structlog
-from cachetools import LRUCache
+from cachetools import LRUCache, TTLCache
 
 from mirror.access import ANONYMOUS, Policy, Principal
 from mirror.cache.blobs import FilesystemBlobStore, OpenBlob, is_disk_full
@@ -29,6 +29,7 @@ from mirror.cluster import Cluster
 from mirror.errors import DigestMismatch, RegistryError, UpstreamError
 from mirror.mediatypes import ALL_MANIFESTS, accepts, manifest_doc, sniff_media_type
 from mirror.metrics import Metrics
+from mirror.provenance import Provenance, Verdict
 from mirror.reference import SHA256_RE, Digest, Name, Tag, is_digest, parse_image
 from mirror.singleflight import SingleFlight
 from mirror.upstream.client import BlobStream, FetchedManifest, TagList, UpstreamClient
@@ -40,6 +41,7 @@ CacheResult = Literal["hit", "miss", "revalidated", "joined", "bypass", "stale"]
 MANIFEST_MEMORY_BYTES = 64 * 1024 * 1024
 FULL_RETRY_SECONDS = 30.0  # while the disk is full, try caching again this often
 PRIVACY_TTL = 3600.0  # how long a repository's private/public status is trusted
+PROBED_REPOSITORIES = 10_000  # privacy answers held in memory until content proves the repo
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ class BlobAnswer:
     cache: CacheResult
     file: OpenBlob | None = None
     reader: TailReader | None = None
-    stream: AsyncIterator[bytes] | None = None
+    stream: AsyncGenerator[bytes, None] | None = None
     redirect: str | None = None  # a presigned URL of the shared store (cluster option)
 
 
@@ -121,9 +123,23 @@ class Mirror:
         self._manifest_flight: SingleFlight[tuple[str, ...], FetchedManifest] = SingleFlight()
         self._revalidate_flight: SingleFlight[TagKey, bool] = SingleFlight()
         self._privacy_flight: SingleFlight[RepoKey, bool] = SingleFlight()
-        # Private content exists only where the mirror holds upstream credentials; without
-        # any, every digest is public and no provenance is kept.
-        self.guarded = any(u.config.has_credentials for u in router.upstreams.values())
+        # A probe's answer stays in memory only: a repository is written down (durably) once
+        # content came from it, so requests for names that do not exist leave no record.
+        self._probed: TTLCache[RepoKey, Privacy] = TTLCache(
+            PROBED_REPOSITORIES, PRIVACY_TTL, timer=clock
+        )
+        # Private content exists only where the mirror holds upstream credentials, and
+        # anyone may name a registry of their own with `allow_any_upstream`; with neither,
+        # every digest is public and no provenance is kept.
+        guarded = router.allow_any or any(
+            u.config.has_credentials for u in router.upstreams.values()
+        )
+        self.provenance = Provenance(metadata, self.policy, guarded=guarded, offline=offline)
+        self._background: set[asyncio.Future[None]] = set()  # records made after a fill
+
+    @property
+    def guarded(self) -> bool:
+        return self.provenance.guarded
 
     def may_pull(self, principal: Principal, upstream: str, repository: str) -> bool:
         """Whether `principal` may pull `repository` (as `upstream` names it) here, as far as
@@ -157,6 +173,9 @@ class Mirror:
         if not upstream.config.has_credentials:
             return False
         key: RepoKey = (upstream.name, target.repository)
+        probed = self._probed.get(key)
+        if probed is not None:
+            return probed.private
         known = await self.metadata.get_privacy(key)
         if known is not None and (self.offline or self.clock() - known.checked_at < PRIVACY_TTL):
             return known.private
@@ -166,7 +185,7 @@ class Mirror:
         async def probe() -> bool:
             public = await upstream.anonymous_can_read(target.name)
             # Recorded inside the flight, so a request arriving as it ends finds the answer.
-            await self.metadata.put_privacy(key, Privacy(not public, self.clock()))
+            self._probed[key] = Privacy(not public, self.clock())
             return public
 
         try:
@@ -177,37 +196,14 @@ class Mirror:
             return True if known is None else known.private
         return not public
 
-    async def _check_digest(self, target: Target, digest: Digest, private: bool, kind: str) -> None:
-        """Blobs are stored once by digest whatever repository they came from: serve one under
-        `target` only if it is public or known (or, asked now, confirmed) to belong there, so
-        private content never leaks through another repository's name."""
-        if not self.guarded:
-            return
-        origins = await self.metadata.get_origins(digest)
-        if origins is not None and (origins.public or target.key in origins.repos):
-            return
-        code = "BLOB_UNKNOWN" if kind == "blob" else "MANIFEST_UNKNOWN"
-        if self.offline:
-            if origins is None:
-                return  # cached before anything was recorded (e.g. imported): nothing to go by
-            raise RegistryError(code, "blob unknown to this repository", {"digest": digest})
-        try:
-            if kind == "blob":
-                await target.upstream.head_blob(target.name, digest)
-            else:
-                await target.upstream.head_manifest(target.name, digest, list(ALL_MANIFESTS))
-        except RegistryError as exc:
-            if upstream_trouble(exc):
-                raise
-            raise RegistryError(
-                code, f"{kind} unknown to this repository", {"digest": digest}
-            ) from None
-        await self._record(target, [digest], private)
-
     async def _record(self, target: Target, digests: list[Digest], private: bool) -> None:
-        """Remember that `target` holds `digests` (what `_check_digest` goes by)."""
-        if self.guarded:
-            await self.metadata.add_origin(digests, target.key if private else None)
+        """`target` holds `digests`, on evidence (see `provenance`); the repository exists, so
+        its privacy answer is kept durably now."""
+        await self.provenance.record(target, digests, private=private)
+        key: RepoKey = (target.upstream.name, target.repository)
+        probed = self._probed.pop(key, None)
+        if probed is not None:
+            await self.metadata.put_privacy(key, probed)
 
     # -- manifests --------------------------------------------------------------------------
 
@@ -225,8 +221,14 @@ class Mirror:
             digest = Digest(reference)
             cached = await self.cached_manifest(digest)
             if cached is not None:
-                await self._check_digest(target, digest, private, "manifest")
-                return ManifestAnswer(cached, "hit")
+                verdict = await self.provenance.check(
+                    target, digest, private=private, principal=principal, kind="manifest"
+                )
+                if verdict is Verdict.SERVE:
+                    return ManifestAnswer(cached, "hit")
+                # Only the target's own verified copy proves it holds this manifest.
+                fetched = await self._fetch_manifest(target, digest, accept, private)
+                return ManifestAnswer(fetched, "bypass")
             if self.offline:
                 raise offline_miss("MANIFEST_UNKNOWN", "manifest")
             fetched = await self._fetch_manifest(target, digest, accept, private)
@@ -331,8 +333,8 @@ class Mirror:
 
         async def fetch() -> FetchedManifest:
             fetched = await upstream.get_manifest(target.name, reference, accept)
-            # The upstream vouches for the manifest and everything it references being here.
-            await self._record(target, [fetched.digest, *references(fetched.data)], private)
+            # Verified bytes from this repository; what the manifest references proves nothing.
+            await self._record(target, [fetched.digest], private)
             await self.metadata.put_media_type(fetched.digest, fetched.media_type)
             await self._keep_manifest(fetched.digest, fetched.data)
             if self.cluster is not None:
@@ -371,7 +373,11 @@ class Mirror:
         answer (disk full) is always the whole blob."""
         target = self.router.route(name, namespace)
         private = await self._authorize(principal, target)
-        await self._check_digest(target, digest, private, "blob")
+        verdict = await self.provenance.check(
+            target, digest, private=private, principal=principal, kind="blob"
+        )
+        if verdict is Verdict.PROVE:
+            return await self._blob_from_target_only(target, digest, private, whole)
         cached = await self.store.open_for_serving(digest)
         if cached is not None:
             self._touch(digest)
@@ -391,9 +397,7 @@ class Mirror:
             return await self._pass_through(upstream, name, digest)
 
         async def from_upstream(offset: int = 0) -> BlobStream:
-            stream = await upstream.open_blob(name, digest, offset)
-            await self._record(target, [digest], private)
-            return stream
+            return await upstream.open_blob(name, digest, offset)
 
         async def open_body() -> UpstreamBody:
             if self.cluster is not None:  # the shared store, the node filling it, or upstream
@@ -407,17 +411,13 @@ class Mirror:
         # Joining a fill whose bytes all verified already costs no upstream traffic: a hit.
         result: CacheResult = "miss" if started else "hit" if fill.verified else "joined"
         try:
-            if whole:
-                await fill.wait_done()
-            else:
-                await fill.wait_started()
-                reader = fill.open_reader()
-                if reader is not None:
-                    return BlobAnswer(fill.size, result, reader=reader)
+            answer = await self._follow_fill(fill, result, whole)
         except Exception as exc:
             if not is_disk_full(exc):
                 raise
             return await self._pass_through(upstream, name, digest)
+        if answer is not None:
+            return answer
         cached = await self.store.open_for_serving(digest)
         if cached is None:
             raise RegistryError("BLOB_UNKNOWN", "blob vanished from the cache", {"digest": digest})
@@ -425,6 +425,66 @@ class Mirror:
             # Our fill found the blob committed by one that ended after our own look: no fetch.
             result = "hit"
         return BlobAnswer(cached.size, result, file=cached)
+
+    async def _follow_fill(
+        self, fill: FillBase, result: CacheResult, whole: bool
+    ) -> BlobAnswer | None:
+        """A reader of the fill's bytes, or None once they are in the store (read it there)."""
+        if whole:
+            await fill.wait_done()
+            return None
+        await fill.wait_started()
+        reader = fill.open_reader()
+        return None if reader is None else BlobAnswer(fill.size, result, reader=reader)
+
+    async def _blob_from_target_only(
+        self, target: Target, digest: Digest, private: bool, whole: bool
+    ) -> BlobAnswer:
+        """`Verdict.PROVE`: the client gets the target upstream's own bytes, verified, and
+        nothing else: no cached copy, no other request's fill, no peer or shared store. Once
+        they matched, the target is recorded as holding the digest. If the blob is not cached
+        and nobody is filling it, this fill caches it too."""
+        upstream, name = target.upstream, target.name
+        opened = False
+
+        async def open_body() -> UpstreamBody:
+            nonlocal opened
+            stream = await upstream.open_blob(name, digest)
+            opened = True
+            return UpstreamBody(stream.size, stream.chunks(), stream.close)
+
+        async def proven() -> None:
+            await self._record(target, [digest], private)
+
+        def committed(_task: object) -> None:
+            if fill.fetched:
+                task = asyncio.ensure_future(proven())
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+        free = not self.offline and self.clock() >= self.full_until
+        if free and await self.store.stat(digest) is None:
+            fill, started = self.fills.join(digest, open_body)
+            if started and fill.task is not None:
+                fill.task.add_done_callback(lambda _t: self._fill_ended(fill))
+                fill.task.add_done_callback(committed)
+                await fill.wait_started()
+                if opened:  # the bytes in this fill are the target's own
+                    answer = await self._follow_fill(fill, "miss", whole)
+                    answer = answer or await self._open_fetched(fill)
+                    if answer is not None:
+                        return answer
+        self.metrics.cache_bypassed.inc()
+        stream = await upstream.open_blob(name, digest)
+        chunks = verified(stream.chunks(), digest, stream.close, on_match=proven)
+        return BlobAnswer(stream.size, "bypass", stream=chunks)
+
+    async def _open_fetched(self, fill: FillBase) -> BlobAnswer | None:
+        """The store's copy of a blob this request's own fill committed."""
+        if not fill.fetched:
+            return None
+        cached = await self.store.open_for_serving(fill.digest)
+        return None if cached is None else BlobAnswer(cached.size, "miss", file=cached)
 
     async def _drop_local(self, digest: Digest) -> None:
         """Forget this node's copy of a blob (readers holding it open keep their bytes)."""
@@ -516,13 +576,16 @@ class Mirror:
         private = await self._authorize(principal, target)
         size = await self.store.stat(digest)
         if size is not None:
-            await self._check_digest(target, digest, private, "blob")
-            return size, "hit"
-        if self.offline:
+            verdict = await self.provenance.check(
+                target, digest, private=private, principal=principal, kind="blob"
+            )
+            if verdict is Verdict.SERVE:
+                return size, "hit"
+        elif self.offline:
             raise offline_miss("BLOB_UNKNOWN", "blob")
-        upstream_size = await target.upstream.head_blob(target.name, digest)
-        await self._record(target, [digest], private)
-        return upstream_size, "bypass"
+        # The upstream's own answer: a claim that says nothing about the cached copy, so it
+        # is not recorded as provenance (a GET then proves or confirms it).
+        return await target.upstream.head_blob(target.name, digest), "bypass"
 
     # -- tags list --------------------------------------------------------------------------
 
@@ -586,9 +649,13 @@ def references(data: bytes) -> list[Digest]:
 
 
 async def verified(
-    chunks: AsyncIterator[bytes], digest: Digest, close: Callable[[], Awaitable[None]]
-) -> AsyncIterator[bytes]:
-    """Pass bytes on as they come, but release the last one only once the digest matched."""
+    chunks: AsyncIterator[bytes],
+    digest: Digest,
+    close: Callable[[], Awaitable[None]],
+    on_match: Callable[[], Awaitable[None]] | None = None,
+) -> AsyncGenerator[bytes, None]:
+    """Pass bytes on as they come, but release the last one only once the digest matched
+    (and `on_match` ran)."""
     sha = hashlib.sha256()
     held = b""
     try:
@@ -601,6 +668,8 @@ async def verified(
         if actual != digest:
             log.warning("digest_mismatch", digest=digest, actual=actual, cache="bypass")
             raise DigestMismatch(digest, actual)
+        if on_match is not None:
+            await on_match()
         if held:
             yield held
     finally:

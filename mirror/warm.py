@@ -99,7 +99,7 @@ async def warm(
                 answer.file.close()
             if answer.stream is not None:  # the cache could not take it (disk full)
                 with contextlib.suppress(Exception):
-                    await answer.stream.aclose()  # type: ignore[attr-defined]
+                    await answer.stream.aclose()
                 summary.failures.append(f"{image}: {digest}: the cache is full")
                 return
             summary.fetched_blobs += 1

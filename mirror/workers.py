@@ -15,12 +15,15 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
 from prometheus_client import multiprocess
 
 log = structlog.get_logger(__name__)
+# prometheus_client leaves this one unannotated; its signature is (pid) -> None.
+mark_process_dead: Callable[[int], None] = multiprocess.mark_process_dead
 
 MAX_RESTARTS_PER_MINUTE = 5
 WORKER_FLAG = "--reuse-port"  # how a worker knows it shares the port
@@ -64,7 +67,7 @@ def supervise(argv: list[str], count: int, cache_dir: Path, shutdown_timeout: fl
             code = proc.poll()
             if code is None or stopping:
                 continue
-            multiprocess.mark_process_dead(proc.pid)
+            mark_process_dead(proc.pid)
             now = time.monotonic()
             while restarts and now - restarts[0] > 60:
                 restarts.popleft()

@@ -20,6 +20,7 @@ from cachetools import TLRUCache
 
 from mirror.errors import UpstreamError
 from mirror.singleflight import SingleFlight
+from mirror.upstream.failures import describe
 
 log = structlog.get_logger(__name__)
 
@@ -163,9 +164,11 @@ class Authenticator:
                     )
                 body = await resp.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            why = "not JSON" if isinstance(exc, ValueError) else describe(exc)
+            log.warning("upstream_token_fetch_failed", realm=challenge.realm, why=why)
             raise UpstreamError(
                 "upstream token service unreachable or answered nonsense",
-                {"realm": challenge.realm, "error": type(exc).__name__},
+                {"realm": challenge.realm, "reason": why},
             ) from exc
         value = body.get("token") or body.get("access_token") if isinstance(body, dict) else None
         if not isinstance(value, str) or not value:

@@ -29,6 +29,8 @@ from mirror.mediatypes import ALL_MANIFESTS, sniff_media_type
 from mirror.metrics import Metrics, add_upstream_time
 from mirror.reference import SHA256_RE, Digest, Name, docker_hub_name
 from mirror.upstream.auth import Authenticator, parse_www_authenticate
+from mirror.upstream.failures import describe
+from mirror.upstream.guard import AddressGuard, GuardedResolver, UpstreamNetwork
 
 log = structlog.get_logger(__name__)
 
@@ -80,7 +82,12 @@ def _origin(url: str) -> tuple[str, str | None, int | None]:
 
 
 class UpstreamClient:
-    """Reads from one upstream registry on behalf of the mirror."""
+    """Reads from one upstream registry on behalf of the mirror.
+
+    `dynamic`: made on demand for a registry a client named (`allow_any_upstream`), not one
+    the operator configured: it may reach public addresses only, and its metrics carry the
+    label `dynamic` rather than a host a client chose.
+    """
 
     def __init__(
         self,
@@ -89,10 +96,26 @@ class UpstreamClient:
         *,
         metrics: Metrics | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        dynamic: bool = False,
+        network: UpstreamNetwork | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
         self.config = config
+        self.dynamic = dynamic
+        self.metric_label = "dynamic" if dynamic else name  # bounded label values
         self.metrics = metrics or Metrics()
+        self.network = network or UpstreamNetwork()
+        self.guard = AddressGuard(
+            name,
+            None if dynamic else urlsplit(config.url).hostname,
+            redirect_to_internal=config.redirect_to_internal,
+            classify=self.network.classify,
+        )
+        self._clock = clock  # for idle time
+        self.in_flight = 0  # requests (and blob streams) under way
+        self.last_used = clock()
+        self._retired = False  # close the session once the last request ends
         self.last_success: float | None = None  # wall time of the last answer below 500
         self.last_failure: str | None = None
         self.backoff_until = 0.0  # monotonic: no requests to this upstream before then
@@ -101,6 +124,7 @@ class UpstreamClient:
         self._library = config.uses_library_prefix()
         self._sleep = sleep
         self._session: aiohttp.ClientSession | None = None
+        self._resolver: GuardedResolver | None = None
         self.auth: Authenticator | None = None
         self.anonymous_auth: Authenticator | None = None  # probes what anyone may read
         limit = config.max_concurrent_fetches
@@ -126,25 +150,63 @@ class UpstreamClient:
             sock_connect=self.config.connect_timeout,
             sock_read=self.config.read_timeout,
         )
+        # Every address the session connects to passes the guard: names once resolved (the
+        # resolver), IP literals before each request and redirect hop (the middleware).
+        self._resolver = GuardedResolver(self.guard, self.network.resolver)
+        connector = aiohttp.TCPConnector(
+            limit=256, ttl_dns_cache=300, ssl=self._ssl(), resolver=self._resolver
+        )
         self._session = aiohttp.ClientSession(
             timeout=timeout,
             auto_decompress=False,
             read_bufsize=READ_BUFFER,
-            connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=300, ssl=self._ssl()),
+            connector=connector,
+            middlewares=(self.guard.middleware,),
             headers={"User-Agent": "registry-mirror", "Accept-Encoding": "identity"},
         )
         self.auth = Authenticator(
             self._session,
             self.config.username,
             self.config.password,
-            on_fetch=self.metrics.token_fetches.labels(self.name).inc,
+            on_fetch=self.metrics.token_fetches.labels(self.metric_label).inc,
         )
         if self.config.has_credentials:
             self.anonymous_auth = Authenticator(self._session, None, None)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+        if self._resolver is not None:
+            await self._resolver.close()
+            self._resolver = None
+
+    async def retire(self) -> None:
+        """Close now if idle, else when the last request under way ends (a caller routed
+        here before the router let go may still use it: the session reopens meanwhile)."""
+        self._retired = True
+        if self.in_flight == 0:
+            await self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._session is None
+
+    def touch(self) -> None:
+        """Mark as used now (a request was just routed here)."""
+        self.last_used = self._clock()
+
+    def _enter(self) -> None:
+        self.in_flight += 1
+        self.touch()
+        if self._session is None:
+            self.open()
+
+    async def _leave(self) -> None:
+        self.in_flight -= 1
+        self.touch()
+        if self._retired and self.in_flight == 0:
+            await self.close()
 
     def repository(self, name: Name) -> Name:
         """The name the upstream knows: Docker Hub puts one-segment names under `library/`."""
@@ -193,16 +255,19 @@ class UpstreamClient:
                     resp = await self._follow(method, url, resp, hdrs)
             except (aiohttp.ClientConnectionError, TimeoutError) as exc:
                 self._observe(method, "error", started)
-                self.last_failure = type(exc).__name__
+                why = self.last_failure = describe(exc)
                 if attempt < self.config.retries:
                     attempt += 1
-                    await self._backoff(attempt, method, url, type(exc).__name__)
+                    await self._backoff(attempt, method, url, why)
                     continue
+                log.warning("upstream_unreachable", upstream=self.name, url=url, why=why)
                 self._outage(None)
-                raise UpstreamError(
-                    "upstream registry unreachable",
-                    {"upstream": self.name, "error": type(exc).__name__},
-                ) from exc
+                raise UpstreamError("upstream registry unreachable", self._detail(why)) from exc
+            except aiohttp.ClientError as exc:  # a bad URL or a malformed answer: not retried
+                self._observe(method, "error", started)
+                why = self.last_failure = describe(exc)
+                log.warning("upstream_request_failed", upstream=self.name, url=url, why=why)
+                raise UpstreamError("upstream registry failed", self._detail(why)) from exc
             self._observe(method, str(resp.status), started)
             self._note_answer(resp)
             if resp.status == 401 and not reauthed:
@@ -253,6 +318,11 @@ class UpstreamClient:
         resp.release()
         raise UpstreamError("upstream redirected too many times", {"upstream": self.name})
 
+    def _detail(self, why: str) -> dict[str, str]:
+        """Error detail for the client: the reason in words, except for a dynamic upstream,
+        where a reason per host and port would let a client map what it can reach."""
+        return {"upstream": self.name} if self.dynamic else {"upstream": self.name, "reason": why}
+
     def _outage(self, retry_after: float | None) -> None:
         """The upstream failed us (retries spent, or 429): back off instead of hammering it."""
         self._outages += 1
@@ -264,8 +334,8 @@ class UpstreamClient:
 
     def _observe(self, method: str, status: str, started: float) -> None:
         elapsed = time.perf_counter() - started
-        self.metrics.upstream_requests.labels(self.name, method, status).inc()
-        self.metrics.upstream_seconds.labels(self.name, method).observe(elapsed)
+        self.metrics.upstream_requests.labels(self.metric_label, method, status).inc()
+        self.metrics.upstream_seconds.labels(self.metric_label, method).observe(elapsed)
         add_upstream_time(elapsed)
 
     def _note_answer(self, resp: aiohttp.ClientResponse) -> None:
@@ -277,7 +347,7 @@ class UpstreamClient:
         if remaining:
             with contextlib.suppress(ValueError):
                 value = float(remaining.split(";", 1)[0])
-                self.metrics.ratelimit_remaining.labels(self.name).set(value)
+                self.metrics.ratelimit_remaining.labels(self.metric_label).set(value)
 
     async def _backoff(self, attempt: int, method: str, url: str, why: str) -> None:
         delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (attempt - 1)) * (0.5 + random.random())
@@ -307,12 +377,17 @@ class UpstreamClient:
 
     @contextlib.asynccontextmanager
     async def _slot(self) -> AsyncIterator[None]:
-        """One of `max_concurrent_fetches` places (a blob stream keeps its own until closed)."""
-        if self._slots is None:
-            yield
-            return
-        async with self._slots:
-            yield
+        """One of `max_concurrent_fetches` places (a blob stream keeps its own until closed),
+        counted as in flight so that the router never releases this upstream under it."""
+        self._enter()
+        try:
+            if self._slots is None:
+                yield
+                return
+            async with self._slots:
+                yield
+        finally:
+            await self._leave()
 
     async def get_manifest(self, repo: Name, reference: str, accept: list[str]) -> FetchedManifest:
         """GET a manifest whole (bounded by `manifest_max_size`), checked against its digest."""
@@ -333,17 +408,17 @@ class UpstreamClient:
             limit = self.config.manifest_max_size
             if (resp.content_length or 0) > limit:
                 raise UpstreamError("upstream manifest too large", {"limit": limit})
-            data = bytearray()
+            received = bytearray()
             async for chunk in resp.content.iter_any():
-                data += chunk
-                if len(data) > limit:
+                received += chunk
+                if len(received) > limit:
                     raise UpstreamError("upstream manifest too large", {"limit": limit})
-            if resp.content_length is not None and len(data) != resp.content_length:
+            if resp.content_length is not None and len(received) != resp.content_length:
                 raise UpstreamError("upstream manifest truncated", {"repository": repo})
             content_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
             header_digest = resp.headers.get("Docker-Content-Digest")
-        data = bytes(data)
-        self.metrics.upstream_fetched_bytes.labels(self.name).inc(len(data))
+        data = bytes(received)
+        self.metrics.upstream_fetched_bytes.labels(self.metric_label).inc(len(data))
         digest = Digest("sha256:" + hashlib.sha256(data).hexdigest())
         expected = reference if ":" in reference else header_digest
         if expected and SHA256_RE.fullmatch(expected) and expected != digest:
@@ -383,8 +458,13 @@ class UpstreamClient:
         that ignores it sends everything and the first bytes are dropped here)."""
         upstream_repo = self.repository(repo)
         headers = {"Range": f"bytes={offset}-"} if offset else None
-        if self._slots is not None:
-            await self._slots.acquire()
+        self._enter()
+        try:
+            if self._slots is not None:
+                await self._slots.acquire()
+        except BaseException:
+            await self._leave()
+            raise
         try:
             resp = await self._request(
                 "GET",
@@ -405,9 +485,10 @@ class UpstreamClient:
         except BaseException:
             if self._slots is not None:
                 self._slots.release()
+            await self._leave()
             raise
-        count = self.metrics.upstream_fetched_bytes.labels(self.name).inc
-        return BlobStream(resp, count, self._slots, skip=skip)
+        count = self.metrics.upstream_fetched_bytes.labels(self.metric_label).inc
+        return BlobStream(resp, count, self._slots, skip=skip, done=self._leave)
 
     async def head_blob(self, repo: Name, digest: Digest) -> int | None:
         """The blob's size if the upstream has it (None if it does not say)."""
@@ -468,10 +549,12 @@ class BlobStream:
         slots: asyncio.Semaphore | None = None,
         *,
         skip: int = 0,
+        done: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._resp = resp
         self._count = count
         self._slots = slots  # released on close
+        self._done = done  # called once on close: the upstream's request has ended
         self._skip = skip  # leading bytes the caller did not ask for
         length = resp.content_length
         self.size = None if length is None else length - skip
@@ -490,9 +573,10 @@ class BlobStream:
                 received += len(chunk)
                 yield chunk
         except (aiohttp.ClientError, TimeoutError) as exc:
+            why = describe(exc)
+            log.warning("upstream_blob_broke_off", received=received, why=why)
             raise UpstreamError(
-                "upstream blob transfer broke off",
-                {"received": received, "error": type(exc).__name__},
+                "upstream blob transfer broke off", {"received": received, "reason": why}
             ) from exc
         if self.size is not None and received != self.size:
             raise UpstreamError(
@@ -504,6 +588,9 @@ class BlobStream:
         if self._slots is not None:
             self._slots.release()
             self._slots = None
+        done, self._done = self._done, None
+        if done is not None:
+            await done()
 
 
 def _accept_headers(accept: list[str]) -> CIMultiDict[str]:

@@ -16,6 +16,7 @@ from mirror.errors import UpstreamError
 from mirror.metrics import Metrics
 from mirror.reference import Digest
 from mirror.upstream.client import READ_BUFFER, BlobStream
+from mirror.upstream.failures import describe
 
 CLUSTER_HEADER = "X-Registry-Mirror-Cluster"  # carries the shared cluster secret
 CLUSTER_PATH = "/_cluster/blobs/"
@@ -64,7 +65,7 @@ class PeerClient:
             resp = await self._session.get(url, params={"offset": str(offset)})
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise UpstreamError(
-                "cluster peer unreachable", {"peer": peer_url, "error": type(exc).__name__}
+                "cluster peer unreachable", {"peer": peer_url, "reason": describe(exc)}
             ) from exc
         if resp.status != 200:
             resp.release()

@@ -6,12 +6,20 @@ names one in the repository path; anything else goes to the default upstream (Do
 dockerd's `registry-mirrors` keeps working. A registry that no upstream stands for is refused
 (`NAME_UNKNOWN`), never answered with another registry's content, unless the operator has set
 `allow_any_upstream`, which makes the mirror pull from `https://<host>` anonymously.
+
+Such dynamic upstreams are named by clients, so nothing about them may grow with what clients
+ask: at most `MAX_DYNAMIC_UPSTREAMS` at once, each let go after `DYNAMIC_IDLE_SECONDS` unused
+(or sooner, the least recently used idle one, when a new one needs its place: only when all
+are busy is a new registry refused), and their metrics share the one label value `dynamic`.
+Where they may connect is the address guard's business (`guard.py`): public addresses only.
 """
 
 from __future__ import annotations
 
-import ipaddress
+import asyncio
+import contextlib
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,12 +28,15 @@ from mirror.errors import RegistryError
 from mirror.metrics import Metrics
 from mirror.reference import Name
 from mirror.upstream.client import UpstreamClient
+from mirror.upstream.guard import UpstreamNetwork, ip_literal, looks_numeric
 
 _HOST_RE = re.compile(
     r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)+"
     r"(?::[0-9]{1,5})?"
 )
 MAX_DYNAMIC_UPSTREAMS = 64
+DYNAMIC_IDLE_SECONDS = 600.0  # a dynamic upstream unused this long is closed and forgotten
+SWEEP_SECONDS = 60.0  # how often idle dynamic upstreams are looked for
 
 
 @dataclass(frozen=True)
@@ -51,14 +62,14 @@ def looks_like_host(segment: str) -> bool:
 
 
 def _dynamic_host(host: str) -> bool:
-    """A registry host `allow_any_upstream` may reach: a DNS name, never an IP literal."""
+    """A registry host `allow_any_upstream` may reach: a DNS name, never an IP address in
+    any spelling (`127.1`, `0x7f.1` and `2130706433` are 127.0.0.1 to the C library)."""
     if len(host) > 259 or not _HOST_RE.fullmatch(host):
         return False
-    try:
-        ipaddress.ip_address(host.rsplit(":", 1)[0])
-    except ValueError:
-        return True
-    return False
+    name, _, port = host.partition(":")
+    if port and not 0 < int(port) < 65536:
+        return False
+    return ip_literal(name) is None and not looks_numeric(name)
 
 
 class Router:
@@ -69,6 +80,7 @@ class Router:
         *,
         allow_any: bool = False,
         make_client: Callable[[str, UpstreamConfig], UpstreamClient] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.default = default
         self.upstreams = {default.name: default}
@@ -89,7 +101,10 @@ class Router:
             self._by_prefix.setdefault(host, default)
         self.allow_any = allow_any
         self._make_client = make_client
+        self._clock = clock  # the clients' clock too: idle time is `clock() - last_used`
         self._dynamic_upstreams: dict[str, UpstreamClient] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
 
     def route(self, name: Name, namespace: str | None = None) -> Target:
         """The upstream for a repository; `namespace` is containerd's `?ns=<registry host>`."""
@@ -98,9 +113,9 @@ class Router:
             return Target(upstream, name)
         first, sep, rest = name.partition("/")
         if sep:
-            upstream = self._by_prefix.get(first)
-            if upstream is not None:
-                return Target(upstream, Name(rest))
+            prefixed = self._by_prefix.get(first)
+            if prefixed is not None:
+                return Target(prefixed, Name(rest))
             if looks_like_host(first):
                 return Target(self._dynamic(first), Name(rest))
         return Target(self.default, name)
@@ -108,6 +123,7 @@ class Router:
     def _dynamic(self, host: str) -> UpstreamClient:
         known = self._dynamic_upstreams.get(host)
         if known is not None:
+            known.touch()
             return known
         if not self.allow_any or self._make_client is None or not _dynamic_host(host):
             raise RegistryError(
@@ -115,12 +131,17 @@ class Router:
                 "this mirror does not mirror that registry",
                 {"registry": host[:256], "mirrors": sorted(self._by_ns)},
             )
+        self.release_idle()
         if len(self._dynamic_upstreams) >= MAX_DYNAMIC_UPSTREAMS:
-            raise RegistryError("TOOMANYREQUESTS", "too many registries mirrored at once")
+            idle = [u for u in self._dynamic_upstreams.values() if u.in_flight == 0]
+            if not idle:
+                raise RegistryError("TOOMANYREQUESTS", "too many registries mirrored at once")
+            self._release(min(idle, key=lambda u: u.last_used))
         template = self.default.config
         hub = host in DOCKER_HUB_HOSTS
+        scheme = self.default.network.dynamic_scheme
         config = UpstreamConfig(
-            url=DOCKER_HUB_URL if hub else f"https://{host}",
+            url=DOCKER_HUB_URL if hub else f"{scheme}://{host}",
             library_prefix="auto",
             tag_ttl=template.tag_ttl,
             connect_timeout=template.connect_timeout,
@@ -130,29 +151,63 @@ class Router:
             max_concurrent_fetches=template.max_concurrent_fetches,
         )
         upstream = self._make_client(host, config)
+        if not upstream.dynamic:  # its guard would trust a host a client chose
+            raise RuntimeError("make_client must make dynamic upstreams")
         upstream.open()
         self._dynamic_upstreams[host] = self.upstreams[host] = upstream
         return upstream
 
+    def release_idle(self) -> None:
+        """Let go of the dynamic upstreams unused for `DYNAMIC_IDLE_SECONDS`."""
+        now = self._clock()
+        for upstream in list(self._dynamic_upstreams.values()):
+            if upstream.in_flight == 0 and now - upstream.last_used >= DYNAMIC_IDLE_SECONDS:
+                self._release(upstream)
+
+    def _release(self, upstream: UpstreamClient) -> None:
+        """Forget a dynamic upstream and close its session (once its requests end)."""
+        del self._dynamic_upstreams[upstream.name]
+        del self.upstreams[upstream.name]
+        task = asyncio.get_running_loop().create_task(upstream.retire())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            self.release_idle()
+
     async def start(self) -> None:
         for upstream in self.upstreams.values():
             upstream.open()
+        if self.allow_any and self._sweeper is None:
+            self._sweeper = asyncio.ensure_future(self._sweep())
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
         for upstream in self.upstreams.values():
             await upstream.close()
+        await asyncio.gather(*self._closing, return_exceptions=True)
 
 
-def build_router(config: Config, metrics: Metrics | None = None) -> Router:
-    """The default upstream, the named ones, and (if allowed) any other on demand."""
+def build_router(
+    config: Config, metrics: Metrics | None = None, *, network: UpstreamNetwork | None = None
+) -> Router:
+    """The default upstream, the named ones, and (if allowed) any other on demand; `network`
+    is how they are reached (tests substitute a resolver that never touches DNS)."""
+    network = network or UpstreamNetwork()
 
-    def make(name: str, upstream: UpstreamConfig) -> UpstreamClient:
-        return UpstreamClient(name, upstream, metrics=metrics)
+    def make(name: str, upstream: UpstreamConfig, *, dynamic: bool = False) -> UpstreamClient:
+        return UpstreamClient(name, upstream, metrics=metrics, dynamic=dynamic, network=network)
 
     others = [make(name, upstream) for name, upstream in config.upstreams.items()]
     return Router(
         make("default", config.upstream),
         others,
         allow_any=config.allow_any_upstream,
-        make_client=make,
+        make_client=lambda name, upstream: make(name, upstream, dynamic=True),
     )

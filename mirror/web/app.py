@@ -9,9 +9,11 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypedDict
 
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from mirror.access import ANONYMOUS, Principal, build_policy
 from mirror.cache.blobs import FilesystemBlobStore
@@ -25,6 +27,7 @@ from mirror.config import Config, split_host_port
 from mirror.errors import RegistryError, UpstreamError
 from mirror.metrics import UPSTREAM_SECONDS, Metrics
 from mirror.mirror import Mirror
+from mirror.upstream.guard import UpstreamNetwork
 from mirror.upstream.routing import build_router
 from mirror.web import cluster as cluster_routes
 from mirror.web import ops
@@ -64,7 +67,7 @@ def _error_response(error: RegistryError) -> web.Response:
 
 
 @web.middleware
-async def access_and_errors(request: web.Request, handler) -> web.StreamResponse:  # type: ignore[no-untyped-def]
+async def access_and_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Render `RegistryError` as OCI JSON; count and log one access line per request."""
     request_id = request.headers.get("X-Request-ID", "")[:128] or _new_request_id()
     request[REQUEST_ID] = request_id
@@ -191,16 +194,40 @@ async def _add_common_headers(request: web.Request, response: web.StreamResponse
         response.headers["X-Request-ID"] = request[REQUEST_ID]
 
 
-def handler_options(config: Config) -> dict[str, int]:
-    """Connection-level limits for aiohttp's request handler (header sizes)."""
+class HandlerOptions(TypedDict):
+    """What `handler_options` returns, typed so `**` into `run_app` stays checked."""
+
+    max_line_size: int
+    max_field_size: int
+    keepalive_timeout: float
+
+
+def handler_options(config: Config) -> HandlerOptions:
+    """Connection-level limits for aiohttp's request handler: header sizes and idle keep-alive.
+
+    The one source for `serve` and the test server. They go to `AppRunner`/`run_app` as plain
+    keyword arguments, which aiohttp hands on to each `RequestHandler`; nested under
+    `handler_args` (older aiohttp's way), aiohttp 3.14 fails to make the handler, drops every
+    option and logs "Failed to create request handler" on each connection.
+    """
     limit = config.limits.max_header_size
-    return {"max_line_size": limit, "max_field_size": limit}
+    return {
+        "max_line_size": limit,
+        "max_field_size": limit,
+        "keepalive_timeout": config.limits.idle_timeout,
+    }
 
 
-def make_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.Application:
+def make_app(
+    config: Config,
+    *,
+    clock: Callable[[], float] = time.time,
+    network: UpstreamNetwork | None = None,
+) -> web.Application:
     """The mirror as an aiohttp application; storage and upstream sessions open on start-up.
 
-    `clock` (wall-clock seconds) drives the TTL policy; tests pass their own.
+    `clock` (wall-clock seconds) drives the TTL policy and `network` how upstreams are reached;
+    tests pass their own.
     """
     app = web.Application(middlewares=[access_and_errors], client_max_size=1024)
     app[CONFIG] = config
@@ -210,8 +237,13 @@ def make_app(config: Config, *, clock: Callable[[], float] = time.time) -> web.A
         signer = TokenSigner.from_file(config.cache.dir / "token.key")
         client_auth = ClientAuth(config.auth, signer, client_certs=config.tls.client_ca is not None)
         app[CLIENT_AUTH] = client_auth
+
+        async def _stop_password_checks(_app: web.Application) -> None:
+            client_auth.close()
+
+        app.on_cleanup.append(_stop_password_checks)
         app.router.add_get("/token", client_auth.token)
-    app.cleanup_ctx.append(functools.partial(_lifecycle, clock=clock))
+    app.cleanup_ctx.append(functools.partial(_lifecycle, clock=clock, network=network))
     app.cleanup_ctx.append(_metrics_listener)
     app.on_response_prepare.append(_add_common_headers)
     ops.add_routes(app.router, with_metrics=not config.metrics.listen)
@@ -241,7 +273,9 @@ async def _metrics_listener(app: web.Application) -> AsyncIterator[None]:
         await runner.cleanup()
 
 
-async def _lifecycle(app: web.Application, *, clock: Callable[[], float]) -> AsyncIterator[None]:
+async def _lifecycle(
+    app: web.Application, *, clock: Callable[[], float], network: UpstreamNetwork | None
+) -> AsyncIterator[None]:
     config = app[CONFIG]
     # Disk, hashing and SQLite work runs in threads; asyncio's default pool (cores + 4) would
     # queue cache hits behind a few large fills.
@@ -259,7 +293,7 @@ async def _lifecycle(app: web.Application, *, clock: Callable[[], float]) -> Asy
         if cluster.redis is not None:
             shared = RedisMetadataStore(cluster.redis)
             metadata = TieredMetadataStore(shared, metadata, cluster.redis_health)
-    router = build_router(config, metrics)
+    router = build_router(config, metrics, network=network)
     await router.start()
     mirror = app[MIRROR] = Mirror(
         store,

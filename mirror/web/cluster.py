@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import re
 
 from aiohttp import web
 
@@ -18,6 +19,8 @@ from mirror.reference import parse_digest
 from mirror.upstream.peer import CLUSTER_HEADER, CLUSTER_PATH
 from mirror.web.keys import CONFIG, MIRROR, ROUTE
 from mirror.web.responses import SendfileResponse, stream_fill
+
+_OFFSET_RE = re.compile(r"[0-9]{1,19}")  # ASCII digits; a blob is smaller than 10**19 bytes
 
 
 async def _never() -> UpstreamBody:
@@ -37,13 +40,13 @@ async def peer_blob(request: web.Request) -> web.StreamResponse:
         raise _not_found()
     digest = parse_digest(request.match_info["digest"])
     offset_text = request.query.get("offset", "0")
-    if not offset_text.isdigit():
+    if _OFFSET_RE.fullmatch(offset_text) is None:  # not isdigit(): it takes `²`
         raise RegistryError("RANGE_INVALID", "offset must be a whole number")
     offset = int(offset_text)
     mirror = request.app[MIRROR]
     headers = {"Content-Type": "application/octet-stream", "Docker-Content-Digest": digest}
     fill = mirror.fills.get(digest)
-    if fill is None and await asyncio.to_thread(mirror.store.find_partial, digest):
+    if fill is None and await asyncio.to_thread(mirror.store.find_partial, digest) is not None:
         # Another worker process of this node is filling it: follow its temp file (the
         # fill lock decides; if no worker holds it any more, the fill ended).
         fill, _ = mirror.fills.join(digest, _never)

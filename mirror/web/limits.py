@@ -29,3 +29,32 @@ class RateLimiter:
             return (1 - tokens) / self.rate
         self._buckets[client] = (tokens - 1, now)
         return 0.0
+
+
+class FailureLimiter:
+    """Failed logins per key (client address, user name): `burst` at once, then one per
+    `window / burst` seconds. Password guessing is then too slow to matter, and a flood of bad
+    logins is refused before it costs a bcrypt check."""
+
+    def __init__(
+        self, burst: int, window: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.burst = float(burst)
+        self.rate = burst / window  # failures forgiven per second
+        self._clock = clock
+        # (failures still counted, last update); idle keys are forgotten once forgiven.
+        self._counts: TTLCache[str, tuple[float, float]] = TTLCache(100_000, window, timer=clock)
+
+    def _current(self, key: str, now: float) -> float:
+        count, last = self._counts.get(key, (0.0, now))
+        return max(0.0, count - (now - last) * self.rate)
+
+    def wait(self, key: str) -> float:
+        """0 if `key` may try again now, else the seconds until it may."""
+        over = self._current(key, self._clock()) + 1 - self.burst
+        return 0.0 if over <= 0 else over / self.rate
+
+    def failed(self, key: str) -> None:
+        """Count one failure against `key`."""
+        now = self._clock()
+        self._counts[key] = (self._current(key, now) + 1, now)

@@ -2,6 +2,10 @@
 
 Readiness is about this node's cache (writable, index open); upstream reachability is reported
 in the body but never fails readiness, because a cache keeps serving while its upstream is down.
+
+With `auth.anonymous: false`, `/metrics` and `/readyz` want a login like `/v2/` does: they name
+upstream URLs, failures and traffic. `/metrics` on its own `metrics.listen` address stays open
+(that address is the operator's choice of who may reach it), and `/healthz` says only "ok".
 """
 
 from __future__ import annotations
@@ -13,10 +17,27 @@ import time
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from mirror.web.keys import MIRROR
+from mirror.access import ANONYMOUS
+from mirror.errors import RegistryError
+from mirror.web.keys import CLIENT_AUTH, CONFIG, MIRROR, PRINCIPAL
+
+
+def _require_login(request: web.Request) -> None:
+    """Refuse anonymous callers when the mirror admits no anonymous clients (the middleware has
+    already identified the caller, and refused wrong credentials)."""
+    config = request.app.get(CONFIG)
+    if config is None or config.auth.anonymous:
+        return  # the `metrics.listen` app has no config: its address is the guard
+    if request.get(PRINCIPAL, ANONYMOUS).authenticated:
+        return
+    auth = request.app.get(CLIENT_AUTH)
+    if auth is not None:
+        raise auth.unauthorized(request, "this mirror needs credentials")
+    raise RegistryError("UNAUTHORIZED", "this mirror needs credentials")
 
 
 async def metrics(request: web.Request) -> web.Response:
+    _require_login(request)
     mirror = request.app[MIRROR]
     mirror.refresh_gauges()
     body = await asyncio.to_thread(mirror.metrics.scrape)
@@ -24,10 +45,12 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """Liveness for anyone: it tells nothing but that the process answers."""
     return web.json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
+    _require_login(request)
     mirror = request.app[MIRROR]
     tmp_dir = mirror.store.tmp_dir
     checks: dict[str, object] = {

@@ -8,6 +8,7 @@ import os
 from collections.abc import AsyncIterator, Iterator
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
 from mirror.cache.blobs import OpenBlob
 from mirror.cache.fill import TailReader
@@ -35,7 +36,7 @@ class SendfileResponse(web.StreamResponse):
         self._count = count
         self.content_length = count
 
-    async def prepare(self, request: web.BaseRequest):  # type: ignore[override]
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self.prepared:  # aiohttp prepares once more after the handler: nothing to resend
             return await super().prepare(request)
         try:

@@ -23,6 +23,7 @@ API_VERSION_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
 _ROUTE_RE = re.compile(r"/v2/(?P<name>.+)/(?:(?P<kind>manifests|blobs)/(?P<ref>[^/]+)|tags/list)")
 READ_METHODS = frozenset({"GET", "HEAD"})
 MAX_PAGE = 10_000
+_COUNT_RE = re.compile(r"[0-9]{1,9}")
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,11 @@ class Route:
     kind: str  # "base", "manifests", "blobs" or "tags"
     name: Name | None = None
     reference: str | None = None
+
+
+def is_count(text: str) -> bool:
+    """ASCII digits only: `str.isdigit()` also takes `²` and other digits `int()` refuses."""
+    return _COUNT_RE.fullmatch(text) is not None
 
 
 def unsupported(request: web.BaseRequest) -> RegistryError:
@@ -166,7 +172,7 @@ async def tags(request: web.Request, route: Route) -> web.Response:
     params: dict[str, str] = {}
     if "n" in request.query:
         n = request.query["n"]
-        if not n.isdigit() or int(n) > MAX_PAGE:
+        if not is_count(n) or int(n) > MAX_PAGE:
             raise RegistryError(
                 "PAGINATION_NUMBER_INVALID",
                 f"n must be a whole number from 0 to {MAX_PAGE}",

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import io
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from aiohttp import web
 
 from mirror.access import ANONYMOUS, Principal
 from mirror.config import Config
-from mirror.contents import Catalog, evict_image, select
+from mirror.contents import Catalog, Refs, evict_image, select
 from mirror.errors import RegistryError
 from mirror.mirror import Mirror
 from mirror.progress import Progress
@@ -36,6 +36,7 @@ from mirror.stats import Sampler, parse_scrape
 from mirror.warm import warm
 from mirror.web import ui_support as s
 from mirror.web.keys import CLIENT_AUTH, CONFIG, EVICTOR, MIRROR, PRINCIPAL
+from mirror.web.routes import is_count
 
 log = structlog.get_logger(__name__)
 
@@ -61,6 +62,9 @@ SECURITY_HEADERS = {
 class WarmJob:
     image: str
     by: str
+    # Which repository it pulls (as routed): only viewers who may pull it see the job.
+    upstream: str
+    repository: str
     started: float = field(default_factory=time.time)
     state: str = "running"  # running / done / failed
     detail: str = ""
@@ -97,13 +101,7 @@ def setup_ui(app: web.Application, config: Config) -> None:
         autoescape=jinja2.select_autoescape(default=True),
         default_helpers=False,
         undefined=jinja2.StrictUndefined,
-        filters={
-            "bytes": s.human_bytes,
-            "ago": s.ago,
-            "when": s.clock_time,
-            "gib": s.gib,
-            "short": lambda d: str(d).split(":", 1)[-1][:12],
-        },
+        filters=FILTERS,
     )
     app.cleanup_ctx.append(_lifecycle)
     r = app.router
@@ -146,8 +144,23 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 # -- request helpers -------------------------------------------------------------------------
 
 
+def short_digest(digest: object) -> str:
+    """A digest's first 12 hex characters, as `docker images` shows them."""
+    return str(digest).split(":", 1)[-1][:12]
+
+
+FILTERS: dict[str, Callable[..., str]] = {  # each renders text
+    "bytes": s.human_bytes,
+    "ago": s.ago,
+    "when": s.clock_time,
+    "gib": s.gib,
+    "short": short_digest,
+}
+
+
 def principal_of(request: web.Request) -> Principal:
-    return request.get(PRINCIPAL, ANONYMOUS)
+    principal: Principal = request.get(PRINCIPAL, ANONYMOUS)
+    return principal
 
 
 async def to_root(request: web.Request) -> web.Response:
@@ -281,6 +294,7 @@ async def overview(request: web.Request) -> web.Response:
                 ),
             }
         )
+    principal = principal_of(request)
     fills = [
         {
             "digest": f.digest,
@@ -298,6 +312,12 @@ async def overview(request: web.Request) -> web.Response:
             mine.add(digest)
             fills.append({"digest": digest, "written": written, "size": declared,
                           "state": "streaming", "follower": True})  # fmt: skip
+    shown_fills = [f for f in fills if await _may_see_digest(mirror, principal, str(f["digest"]))]
+    warms = [
+        w
+        for w in reversed(state.warms)
+        if principal.admin or mirror.may_pull(principal, w.upstream, w.repository)
+    ][:10]
     charts = {}
     for window in ("hour", "day"):
         charts[window] = {
@@ -325,20 +345,34 @@ async def overview(request: web.Request) -> web.Response:
         "entries": scrape.value("registry_mirror_cache_entries") or 0.0,
         "budget": budget,
         "budget_share": s.ratio(size, budget),
-        "fills": fills,
+        "fills": shown_fills,
+        "hidden_fills": len(fills) - len(shown_fills),
         "upstreams": upstreams,
         "charts": charts,
-        "warms": list(reversed(state.warms[-10:])),
+        "warms": warms,
         "offline": mirror.offline,
     }
     return _render(request, "overview.html", context)
 
 
+async def _may_see_digest(mirror: Mirror, principal: Principal, digest: str) -> bool:
+    """Whether the page may show `principal` a fill's digest: a fill has no repository, so go
+    by where the digest is known to come from (a digest of private content tells what is
+    being pulled). Admins see all; with no provenance kept, nothing cached is private."""
+    if principal.admin or not mirror.guarded:
+        return True
+    origins = await mirror.metadata.get_origins(Digest(digest))
+    if origins is None:
+        return False  # not yet known to be public: it may be private
+    return origins.public or any(
+        mirror.may_pull(principal, *repo.split("/", 1)) for repo in origins.repos if "/" in repo
+    )
+
+
 def _int_param(request: web.Request, name: str, default: int) -> int:
-    try:
-        return max(0, int(request.query.get(name, default)))
-    except ValueError:
-        return default
+    """A whole number from the query (ASCII digits only), else `default`."""
+    text = request.query.get(name, "")
+    return int(text) if is_count(text) else default
 
 
 async def contents(request: web.Request) -> web.Response:
@@ -447,9 +481,11 @@ def _platforms(catalog: Catalog, digest: Digest) -> list[dict[str, Any]]:
     top = catalog.refs(digest)
     if top is None:
         return [{"name": "unknown", "digest": digest, "cached": False, "blobs": []}]
-    wanted = [(digest, "single platform", top)] if not top.children else []
+    wanted: list[tuple[Digest, str, Refs | None]] = []
+    if not top.children:
+        wanted.append((digest, "single platform", top))
     for child, platform, _ in top.children:
-        wanted.append((child, platform, catalog.refs(child)))  # type: ignore[arg-type]
+        wanted.append((child, platform, catalog.refs(child)))
     out = []
     for manifest, name, refs in wanted:
         blobs = []
@@ -552,7 +588,7 @@ async def _warm(request: web.Request, reference: str) -> web.Response:
         return _done(request, state.root, f"cannot warm: {exc.message}")
     if not mirror.may_pull(principal, target.upstream.name, target.repository):
         return _refuse(request, 403, "you may not pull that repository")
-    job = WarmJob(reference, principal.name or "?")
+    job = WarmJob(reference, principal.name or "?", target.upstream.name, target.repository)
     state.warms.append(job)
     del state.warms[:-50]
 

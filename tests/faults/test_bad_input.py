@@ -10,7 +10,13 @@ import aiohttp
 import pytest
 
 from tests.fixtures.fake_upstream import FakeUpstream
-from tests.fixtures.mirror_server import cached_files, mirror_config, running_mirror
+from tests.fixtures.htpasswd import basic, write_htpasswd
+from tests.fixtures.mirror_server import (
+    cached_files,
+    free_port,
+    mirror_config,
+    running_mirror,
+)
 
 GOOD = "sha256:" + "a" * 64
 
@@ -51,6 +57,11 @@ CASES = [
     ("GET", "/v2/library/alpine/blobs/latest", 400, "DIGEST_INVALID"),
     ("GET", "/v2/library/alpine/tags/list?n=-1", 400, "PAGINATION_NUMBER_INVALID"),
     ("GET", "/v2/library/alpine/tags/list?n=abc", 400, "PAGINATION_NUMBER_INVALID"),
+    # `str.isdigit()` takes a superscript two, which `int()` refuses: once a 500.
+    ("GET", "/v2/library/alpine/tags/list?n=%C2%B2", 400, "PAGINATION_NUMBER_INVALID"),
+    ("GET", "/v2/library/alpine/tags/list?n=%D9%A3", 400, "PAGINATION_NUMBER_INVALID"),
+    ("GET", "/v2/library/alpine/tags/list?n=%201", 400, "PAGINATION_NUMBER_INVALID"),
+    ("GET", "/v2/library/alpine/tags/list?n=1&last=%C2%B2", 400, "TAG_INVALID"),
     ("PUT", "/v2/library/alpine/manifests/latest", 405, "UNSUPPORTED"),
     ("DELETE", "/v2/library/alpine/manifests/" + GOOD, 405, "UNSUPPORTED"),
     ("DELETE", "/v2/library/alpine/blobs/" + GOOD, 405, "UNSUPPORTED"),
@@ -103,3 +114,87 @@ async def test_ns_for_another_registry_is_refused(fake: FakeUpstream, tmp_path: 
             assert r.status == 404
             assert (await r.json())["errors"][0]["code"] == "NAME_UNKNOWN"
     assert fake.count("GET", "/manifests/v1") == 1
+
+
+@pytest.mark.parametrize("offset", ["%C2%B2", "-1", "1e3", "%EF%BC%91"])
+async def test_cluster_offset_must_be_ascii_digits(
+    fake: FakeUpstream, tmp_path: Path, redis_url: str, offset: str
+) -> None:
+    """The internal endpoint, called with the right secret, refuses a bad offset with an OCI
+    error (a `²` once passed `isdigit()` and made `int()` raise: a 500)."""
+    settings = {
+        "metadata.kind": "redis",
+        "metadata.redis_url": redis_url,
+        "metadata.key_prefix": f"bad-input-{free_port()}:",
+        "cluster.secret": "test-secret",
+    }
+    async with running_mirror(mirror_config(tmp_path, fake.url, settings=settings)) as base:
+        host, port = base.removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(
+                f"GET /_cluster/blobs/{GOOD}?offset={offset} HTTP/1.1\r\nHost: {host}\r\n"
+                "X-Registry-Mirror-Cluster: test-secret\r\nConnection: close\r\n\r\n".encode()
+            )
+            await writer.drain()
+            raw = await asyncio.wait_for(reader.read(), 10)
+        finally:
+            writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    assert 400 <= status < 500, raw[:300]
+    assert json.loads(body)["errors"][0]["code"] == "RANGE_INVALID"
+
+
+USERS = {"alice": "alice-pw"}
+
+
+async def test_ops_endpoints_want_a_login_when_anonymous_is_off(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """`auth.anonymous: false`: `/metrics` and `/readyz` (upstream URLs, failures) need a
+    login; `/healthz` stays open and says nothing; `/metrics` on `metrics.listen` stays open."""
+    users = write_htpasswd(tmp_path / "htpasswd", USERS)
+    settings = {"auth.htpasswd": str(users), "auth.anonymous": False}
+    for cache in ("a", "b"):
+        (tmp_path / cache).mkdir()
+    async with (
+        running_mirror(mirror_config(tmp_path / "a", fake.url, settings=settings)) as base,
+        aiohttp.ClientSession() as s,
+    ):
+        for path in ("/metrics", "/readyz"):
+            async with s.get(base + path) as r:
+                text = await r.text()
+                assert r.status == 401, (path, text[:200])
+                assert json.loads(text)["errors"][0]["code"] == "UNAUTHORIZED"
+                assert fake.url not in text and "registry_mirror" not in text
+            async with s.get(base + path, headers=basic("alice", "wrong")) as r:
+                assert r.status == 401
+            async with s.get(base + path, headers=basic("alice", USERS["alice"])) as r:
+                assert r.status == 200, path
+        async with s.get(f"{base}/readyz", headers=basic("alice", USERS["alice"])) as r:
+            assert (await r.json())["upstreams"]["default"]["url"] == fake.url
+        async with s.get(f"{base}/healthz") as r:
+            assert r.status == 200 and await r.json() == {"status": "ok"}
+
+    port = free_port()
+    settings |= {"metrics.listen": f"127.0.0.1:{port}"}
+    async with (
+        running_mirror(mirror_config(tmp_path / "b", fake.url, settings=settings)) as base,
+        aiohttp.ClientSession() as s,
+    ):
+        async with s.get(f"http://127.0.0.1:{port}/metrics") as r:
+            assert r.status == 200 and "registry_mirror_" in await r.text()
+        async with s.get(f"{base}/readyz") as r:
+            assert r.status == 401
+
+
+async def test_ops_endpoints_stay_open_when_anonymous_is_on(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    users = write_htpasswd(tmp_path / "htpasswd", USERS)
+    config = mirror_config(tmp_path, fake.url, settings={"auth.htpasswd": str(users)})
+    async with running_mirror(config) as base, aiohttp.ClientSession() as s:
+        for path in ("/metrics", "/readyz", "/healthz"):
+            async with s.get(base + path) as r:
+                assert r.status == 200, path

@@ -40,7 +40,9 @@ def test_tokens_carry_the_user_and_refuse_tampering_and_expiry(tmp_path: Path) -
     signer = TokenSigner.from_file(tmp_path / "token.key")
     signer = TokenSigner((tmp_path / "token.key").read_bytes(), clock=lambda: now[0])
     token = signer.issue(Principal("alice", via="basic"))
-    assert signer.read(token) == ("alice", "basic")
+    assert signer.read(token) == ("alice", "basic", None)
+    stamped = signer.issue(Principal("alice", via="basic"), stamp="s1")
+    assert signer.read(stamped) == ("alice", "basic", "s1")
     body, mac = token.split(".")
     forged = TokenSigner(b"x" * 32, clock=lambda: now[0]).issue(Principal("admin"))
     assert signer.read(forged) is None
@@ -53,5 +55,5 @@ def test_tokens_carry_the_user_and_refuse_tampering_and_expiry(tmp_path: Path) -
 def test_every_worker_shares_one_token_key(tmp_path: Path) -> None:
     a = TokenSigner.from_file(tmp_path / "token.key")
     b = TokenSigner.from_file(tmp_path / "token.key")
-    assert b.read(a.issue(Principal("bob", via="basic"))) == ("bob", "basic")
+    assert b.read(a.issue(Principal("bob", via="basic"))) == ("bob", "basic", None)
     assert (tmp_path / "token.key").stat().st_mode & 0o777 == 0o600
