@@ -1,7 +1,9 @@
 """Scale-out benchmark: 3 nodes vs 1 on the same machine, same run.
 
-Usage: python benchmarks/cluster.py [--smoke] [--out DIR]   (after `bash benchmarks/run`'s
-set-up, or `bash tests/run`, has installed redis-server, weed and the package)
+Usage: .venv/bin/python benchmarks/cluster.py [--smoke] [--out DIR] [--publish [DIR]]
+(after `bash benchmarks/run`'s set-up, or `bash tests/run`, has installed redis-server, weed and
+the package into .venv). Writes cluster.json to --out (benchmarks/out/, which git ignores);
+--publish copies it into benchmarks/results/, the figures the README shows.
 
 Starts on loopback: the upstream (Debian's docker-registry), redis-server, SeaweedFS
 (`weed server -s3`), and registry-mirror nodes in cluster mode, each node one process. Then:
@@ -36,6 +38,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from runner import MiB, NoTokens, Proc, curl_get, wait_http  # noqa: E402
 
+from benchmarks.output import add_arguments, progress, publish  # noqa: E402
 from tests.fixtures.distribution import Registry  # noqa: E402
 from tests.fixtures.mirror_server import free_port  # noqa: E402
 from tests.fixtures.redis_server import RedisServer  # noqa: E402
@@ -115,6 +118,7 @@ async def run(smoke: bool, work: Path) -> dict[str, object]:
         for image in (warm, cold, cold1):
             pusher.push(image)
         pusher.close()
+        progress("upstream, redis and S3 up, 3 images pushed")
         result: dict[str, object] = {"blob_bytes": blob_size}
 
         # Warm hits: 1 node, then 3 nodes (each node warmed once first).
@@ -130,6 +134,7 @@ async def run(smoke: bool, work: Path) -> dict[str, object]:
                 [u + warm_path for u in urls], clients, rounds, warm_blob.size
             )
             result[f"warm_{n}_node_MBps"] = round(rate / 1e6, 1)
+            progress(f"warm hits on {n} node{'s' if n > 1 else ''}: {rate / 1e6:.1f} MB/s")
             for proc in nodes:
                 proc.stop()
         result["warm_ratio_3_vs_1"] = round(
@@ -155,6 +160,8 @@ async def run(smoke: bool, work: Path) -> dict[str, object]:
                 start = time.perf_counter()
                 await asyncio.gather(*(curl_get(urls[i % n] + path) for i in range(count)))
                 times[name] = time.perf_counter() - start
+                progress(f"cold, {count} client{'s' if count > 1 else ''} on {n} node"
+                         f"{'s' if n > 1 else ''}: {times[name]:.2f}s")  # fmt: skip
                 await asyncio.sleep(1.0)
                 if name == "fan":
                     result["fan_upstream_copies"] = upstream.blob_gets(blob.digest) - before
@@ -178,7 +185,7 @@ async def run(smoke: bool, work: Path) -> dict[str, object]:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    add_arguments(parser)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mirror-cluster-bench-") as tmp:
         result = asyncio.run(run(args.smoke, Path(tmp)))
@@ -187,6 +194,8 @@ def main() -> int:
     width = max(map(len, result))
     for key, value in result.items():
         print(f"{key:{width}}  {value}")
+    progress(f"wrote cluster.json into {args.out}")
+    publish(args.out, args.publish, ["cluster.json"])
     copies = result.get("fan_upstream_copies")
     return 0 if copies == 1 else 1
 

@@ -1,12 +1,14 @@
 """registry-mirror side by side with the reference pull-through cache and nginx, same machine.
 
-Usage: bash benchmarks/run [--smoke] [--out DIR]
+Usage: bash benchmarks/run [--smoke] [--out DIR] [--publish [DIR]]
 
 On loopback it starts: a real upstream (Debian's docker-registry, distribution v2.8), the
 reference pull-through cache (the same docker-registry with `proxy: remoteurl:`), nginx serving
 the same blob file with sendfile, and registry-mirror with its default settings. It loads the
 same synthetic images into the upstream, runs every scenario against both caches, prints a
-table, and writes results.json and results.png (matplotlib) to --out.
+table, and writes results.json and results.png (matplotlib) to --out (benchmarks/out/, which
+git ignores); --publish copies them into benchmarks/results/, the figures the README shows. A
+progress line is printed (and flushed) as each measurement ends.
 
 Scenario 3 puts a throttle between each cache and the upstream that shares one link rate
 across all connections (a branch office's WAN), so that single flight shows as users feel it.
@@ -36,6 +38,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.output import add_arguments, progress, publish  # noqa: E402
 from tests.fixtures.distribution import Registry  # noqa: E402
 from tests.fixtures.mirror_server import free_port  # noqa: E402
 from tests.fixtures.synthetic_images import Builder, Image, Pusher  # noqa: E402
@@ -359,6 +362,13 @@ async def run(sizes: Sizes, out: Path, work: Path) -> list[Row]:
     rows: list[Row] = []
     procs: list[Proc] = []
 
+    def add(row: Row) -> None:
+        rows.append(row)
+        met = {True: "met", False: "MISSED", None: ""}[row.met]
+        ref = f", reference {row.reference:.1f}" if row.reference is not None else ""
+        base = f", {row.baseline_name} {row.baseline:.1f}" if row.baseline is not None else ""
+        progress(f"{row.scenario}: mirror {row.mirror:.1f} {row.unit}{ref}{base} {met}".rstrip())
+
     def started(pair: tuple[Proc, str]) -> tuple[Proc, str]:
         procs.append(pair[0])
         return pair
@@ -376,6 +386,7 @@ async def run(sizes: Sizes, out: Path, work: Path) -> list[Row]:
         for image in (*bigs, fan, app):
             pusher.push(image)
         pusher.close()
+        progress(f"upstream up, {len(bigs) + 2} images pushed")
         big_blob = big.layers()[0]
 
         ref, ref_url = started(reference_proxy(work / "reference", upstream.url))
@@ -421,7 +432,7 @@ async def run(sizes: Sizes, out: Path, work: Path) -> list[Row]:
         ceiling = cold_ceiling(direct_cpu)
         page_cache = await asyncio.to_thread(page_cache_write_speed, work / "written", sizes.big)
         direct, ref_cold, mir_cold = cold["direct"], cold["reference"], cold["mirror"]
-        rows.append(
+        add(
             Row(
                 "2. cold GET big blob",
                 "MB/s",
@@ -435,7 +446,7 @@ async def run(sizes: Sizes, out: Path, work: Path) -> list[Row]:
             )
         )
         for name in ("nginx proxy_cache", "nginx proxy"):
-            rows.append(
+            add(
                 Row(
                     f"2. cold GET beside {name}",
                     "MB/s",
@@ -448,7 +459,7 @@ async def run(sizes: Sizes, out: Path, work: Path) -> list[Row]:
                     None,
                 )
             )
-        rows.append(
+        add(
             Row(
                 "2. cold GET: CPU ceiling here",
                 "MB/s",
@@ -461,7 +472,7 @@ async def run(sizes: Sizes, out: Path, work: Path) -> list[Row]:
                 None,
             )
         )
-        rows.append(
+        add(
             Row(
                 "2. cold GET: page-cache writes here",
                 "MB/s",
@@ -474,7 +485,7 @@ async def run(sizes: Sizes, out: Path, work: Path) -> list[Row]:
                 None,
             )
         )
-        rows.append(
+        add(
             Row(
                 "2. cold GET: upstream copies",
                 "copies",
@@ -494,7 +505,7 @@ async def run(sizes: Sizes, out: Path, work: Path) -> list[Row]:
         nginx_speed = await curl_speed(ngx_url)
         ref_warm = await curl_speed(ref_url + path)
         mir_warm = await curl_speed(mir_url + path)
-        rows.append(
+        add(
             Row(
                 "1. warm GET big blob",
                 "MB/s",
@@ -516,7 +527,7 @@ async def run(sizes: Sizes, out: Path, work: Path) -> list[Row]:
         digest_path = f"/v2/{app.repo}/manifests/{app.digest}"
         ref_tag, ref_tag_p99 = wrk(ref_url + tag_path, sizes.wrk_seconds)
         mir_tag, mir_tag_p99 = wrk(mir_url + tag_path, sizes.wrk_seconds)
-        rows.append(
+        add(
             Row(
                 "4. manifest by tag, 32 conns",
                 "req/s",
@@ -529,7 +540,7 @@ async def run(sizes: Sizes, out: Path, work: Path) -> list[Row]:
                 mir_tag >= 10 * ref_tag,
             )
         )
-        rows.append(
+        add(
             Row(
                 "4. manifest by tag p99",
                 "ms",
@@ -544,7 +555,7 @@ async def run(sizes: Sizes, out: Path, work: Path) -> list[Row]:
         )
         ref_dig, _ = wrk(ref_url + digest_path, sizes.wrk_seconds)
         mir_dig, _ = wrk(mir_url + digest_path, sizes.wrk_seconds)
-        rows.append(
+        add(
             Row(
                 "5. manifest by digest, 32 conns",
                 "req/s",
@@ -561,7 +572,7 @@ async def run(sizes: Sizes, out: Path, work: Path) -> list[Row]:
         # 6. whole-image pulls by many clients on a warm cache.
         ref_pull = await many_pulls(ref_url, app, sizes.pulls)
         mir_pull = await many_pulls(mir_url, app, sizes.pulls)
-        rows.append(
+        add(
             Row(
                 f"6. {sizes.pulls} whole-image pulls, warm",
                 "s",
@@ -588,7 +599,7 @@ async def run(sizes: Sizes, out: Path, work: Path) -> list[Row]:
         finally:
             proc.stop()
             await throttle.close()
-        rows.append(
+        add(
             Row(
                 f"2b. cold GET via {sizes.link_rate / 1e6:.0f} MB/s link",
                 "MB/s",
@@ -632,7 +643,7 @@ async def run(sizes: Sizes, out: Path, work: Path) -> list[Row]:
             results[name] = (times[0], times[1], fetches)
         ref1, ref20, ref_fetches = results["reference"]
         mir1, mir20, mir_fetches = results["mirror"]
-        rows.append(
+        add(
             Row(
                 "3. 20 clients, cold blob: upstream copies",
                 "copies",
@@ -645,7 +656,7 @@ async def run(sizes: Sizes, out: Path, work: Path) -> list[Row]:
                 mir_fetches == 1,
             )
         )
-        rows.append(
+        add(
             Row(
                 "3. 20 clients vs 1 client (time)",
                 "x one",
@@ -659,7 +670,7 @@ async def run(sizes: Sizes, out: Path, work: Path) -> list[Row]:
             )
         )
 
-        rows.append(
+        add(
             Row(
                 "7. mirror peak RSS",
                 "MiB",
@@ -694,6 +705,7 @@ def report(rows: list[Row], out: Path) -> None:
         print("{:42} {:7} {:>18} {:>11} {:>11} {:>7}  ".format(*cells) + f"{r.target} {met}")
     (out / "results.json").write_text(json.dumps([r.__dict__ for r in rows], indent=2))
     chart(rows, out / "results.png")
+    progress(f"wrote results.json and results.png into {out}")
 
 
 def chart(rows: list[Row], path: Path) -> None:
@@ -730,11 +742,13 @@ def chart(rows: list[Row], path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    add_arguments(parser)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="rm-bench-") as tmp:
         os.chmod(tmp, 0o755)  # nginx's workers run as an unprivileged user
         rows = asyncio.run(run(SMOKE if args.smoke else FULL, args.out, Path(tmp)))
+    if rows:
+        publish(args.out, args.publish, ["results.json", "results.png"])
     return 0 if rows else 1
 
 

@@ -1,47 +1,85 @@
-"""The benchmark runner, at tiny sizes, so it cannot rot (figures are not judged here)."""
+"""The benchmark runner, at tiny sizes, so it cannot rot (figures are not judged here); and it
+behaves: progress as it goes, its files in an output directory, the repository left clean."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-RUNNER = Path(__file__).parents[2] / "benchmarks" / "runner.py"
+ROOT = Path(__file__).parents[2]
+RUNNER = ROOT / "benchmarks" / "runner.py"
+PROGRESS = re.compile(r"^\[ *\d+\.\ds\] (.+)$")
 
 
-def run_smoke(script: Path, out: Path) -> subprocess.CompletedProcess[str]:
-    """A benchmark script at tiny sizes; it must succeed."""
+def git_status(path: Path) -> str:
     result = subprocess.run(
-        [sys.executable, str(script), "--smoke", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+        ["git", "status", "--porcelain", "--", str(path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    return result.stdout
+
+
+class Run:
+    """A benchmark script at tiny sizes, its output read into a pipe (not a terminal) line by
+    line with the time each line arrived; it must succeed and leave the repository as it was."""
+
+    def __init__(self, script: Path, *args: str) -> None:
+        before = git_status(ROOT / "benchmarks")
+        proc = subprocess.Popen(
+            [sys.executable, str(script), "--smoke", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        self.lines: list[tuple[float, str]] = []
+        for line in proc.stdout:
+            self.lines.append((time.monotonic(), line.rstrip("\n")))
+        self.ended = time.monotonic()
+        assert proc.wait(300) == 0, "\n".join(text for _, text in self.lines[-60:])
+        self.stdout = "\n".join(text for _, text in self.lines)
+        assert git_status(ROOT / "benchmarks") == before, "the run changed tracked files"
+        self.progress = [(at, m[1]) for at, text in self.lines if (m := PROGRESS.match(text))]
+
+    def shown_as_it_went(self) -> None:
+        """Progress lines arrived while the run went on, not all at its end."""
+        assert len(self.progress) >= 3, self.stdout[-3000:]
+        first, last = self.progress[0][0], self.progress[-2][0]
+        assert self.ended - first > 1.0 and last - first > 0.5, self.stdout[-3000:]
 
 
 def test_benchmark_runner_smoke(tmp_path: Path) -> None:
-    result = run_smoke(RUNNER, tmp_path)
-    rows = json.loads((tmp_path / "results.json").read_text())
+    started = time.time()
+    run = Run(RUNNER, "--publish", str(tmp_path / "published"))  # --out: its default
+    out = ROOT / "benchmarks" / "out"
+    assert (out / "results.json").stat().st_mtime >= started - 1, "written to benchmarks/out/"
+    rows = json.loads((out / "results.json").read_text())
+    for name in ("results.json", "results.png"):
+        assert (tmp_path / "published" / name).read_bytes() == (out / name).read_bytes()
     scenarios = {row["scenario"].split(".")[0] for row in rows}
     assert scenarios == {"1", "2", "2b", "3", "4", "5", "6", "7"}
     copies = next(r for r in rows if r["scenario"] == "3. 20 clients, cold blob: upstream copies")
     assert copies["mirror"] == 1, "single flight: one upstream copy for 20 clients"
     cold = {r["scenario"]: r for r in rows if r["scenario"].startswith("2. cold GET")}
     assert cold["2. cold GET: upstream copies"]["mirror"] == 1, "a cold blob crosses once"
-    for name in ("nginx proxy_cache", "nginx proxy", "CPU ceiling here", "page-cache writes here"):
+    for name in ("nginx proxy", "nginx proxy_cache", "CPU ceiling here", "page-cache writes here"):
         row = next(r for scenario, r in cold.items() if scenario.endswith(name))
         assert row["baseline"] > 0 and row["met"] is None, row  # shown for context, not judged
-    assert (tmp_path / "results.png").stat().st_size > 10_000
-    assert "scenario" in result.stdout
+    assert (out / "results.png").stat().st_size > 10_000
+    assert "scenario" in run.stdout
+    # One progress line per measurement, as it ended.
+    run.shown_as_it_went()
+    for row in rows:
+        assert any(text.startswith(row["scenario"] + ": ") for _, text in run.progress), row
 
 
 def test_cluster_benchmark_smoke(tmp_path: Path) -> None:
-    result = run_smoke(RUNNER.parent / "cluster.py", tmp_path)
+    run = Run(RUNNER.parent / "cluster.py", "--out", str(tmp_path))
     figures = json.loads((tmp_path / "cluster.json").read_text())
     assert figures["fan_upstream_copies"] == 1, "one upstream fetch for the whole cluster"
     assert figures["warm_1_node_MBps"] > 0 and figures["warm_3_node_MBps"] > 0
-    assert "warm_ratio_3_vs_1" in result.stdout
+    assert "warm_ratio_3_vs_1" in run.stdout
+    run.shown_as_it_went()
+    assert any(text.startswith("warm hits on 3 nodes") for _, text in run.progress)

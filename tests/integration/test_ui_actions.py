@@ -24,7 +24,12 @@ from mirror.cache.fill import UpstreamBody
 from mirror.reference import Digest
 from mirror.web.app import make_app
 from mirror.web.keys import MIRROR, PRINCIPAL
-from tests.fixtures.mirror_server import mirror_config, running_app, sha256_digest
+from tests.fixtures.mirror_server import (
+    fills_settled,
+    mirror_config,
+    running_app,
+    sha256_digest,
+)
 from tests.fixtures.real_upstream import Upstream
 from tests.integration.test_cache_policy import cached, pull
 
@@ -96,6 +101,7 @@ async def test_admin_actions_csrf_and_policy(upstream: Upstream, tmp_path: Path)
         async with aiohttp.ClientSession() as raw:
             for image in (small, multi, team):
                 await pull(raw, base, image)
+        await fills_settled(app)  # committed: a client has its bytes before the rename
         mirror = app[MIRROR]
         async with (
             aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as s_admin,
@@ -155,6 +161,7 @@ async def test_admin_actions_csrf_and_policy(upstream: Upstream, tmp_path: Path)
             assert f'data-repository="{small.repo}"' not in html
             async with aiohttp.ClientSession() as raw:  # pulled again: fetched again, intact
                 await pull(raw, base, small)
+            await fills_settled(app)  # committed: a client has its bytes before the rename
             assert cached(cache, small)
 
             # Warm: fetched in the background, every blob verified into the cache.
