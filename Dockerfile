@@ -6,7 +6,7 @@ RUN useradd --system --uid 10001 --home-dir /var/cache/registry-mirror mirror \
  && install -d -o mirror -m 0750 /var/cache/registry-mirror \
  && install -d /etc/registry-mirror
 COPY . /src
-RUN pip install --no-cache-dir /src \
+RUN pip install --no-cache-dir '/src[cluster]' \
  && install -m 0644 /src/conf/mirror.yaml /etc/registry-mirror/mirror.yaml \
  && rm -rf /src
 USER mirror

@@ -95,8 +95,7 @@ async def export(handle: CacheHandle, images: list[str], out: Path, fmt: str) ->
         manifest = await mirror.cached_manifest(digest)
         if manifest is None:
             raise BundleError(f"{image}: manifest {digest} is not in the cache (warm it first)")
-        needed: set[Digest] = set()
-        await mirror.collect_digests(digest, needed)
+        needed = await handle.policy.references(digest)
         missing = [d for d in sorted(needed) if not handle.store.path_for(d).exists()]
         if missing:
             raise BundleError(
@@ -359,6 +358,8 @@ class Plan:
     tags: list[tuple[str, Name, str, Digest, str]] = field(default_factory=list)
     origins: dict[Digest, Origins] = field(default_factory=dict)  # absent: unknown
     privacy: dict[tuple[str, Name], bool] = field(default_factory=dict)  # (upstream, repo)
+    # Filled by `import_bundle`: the blobs this import wrote (the rest were cached already).
+    written: dict[Digest, int] = field(default_factory=dict)
 
 
 def plan_import(layout: Layout, repository: str | None, progress: Progress) -> Plan:
@@ -505,7 +506,7 @@ async def import_bundle(
         tagged = await asyncio.to_thread(
             lambda: {(up, repo) for (up, repo, _), _ in metadata.iter_tags()}
         )
-        await _write_blobs(handle, layout, plan)
+        plan.written = await _write_blobs(handle, layout, plan)
         for digest, media_type in plan.manifest_types.items():
             await metadata.put_media_type(digest, media_type)
         await _restore_origins(metadata, plan.origins)
@@ -518,8 +519,10 @@ async def import_bundle(
         layout.close()
 
 
-async def _write_blobs(handle: CacheHandle, layout: Layout, plan: Plan) -> None:
+async def _write_blobs(handle: CacheHandle, layout: Layout, plan: Plan) -> dict[Digest, int]:
+    """Store the blobs not cached yet; returns those written (digest -> size)."""
     store = handle.store
+    written: dict[Digest, int] = {}
     for digest, size in plan.blobs.items():
         if await store.stat(digest) is not None:
             continue
@@ -542,6 +545,8 @@ async def _write_blobs(handle: CacheHandle, layout: Layout, plan: Plan) -> None:
             await writer.abort()
             raise
         handle.index.add(digest, size, "manifest" if digest in plan.manifest_types else "blob")
+        written[digest] = size
+    return written
 
 
 async def _restore_origins(metadata: MetadataStore, origins: dict[Digest, Origins]) -> None:

@@ -6,20 +6,22 @@ import argparse
 import asyncio
 import gc
 import os
+import signal
 import ssl
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
 
+import structlog
 from aiohttp import web
 
-from mirror import __version__, bundle, maintenance, workers
+from mirror import __version__, bundle, doctor, maintenance, workers
 from mirror.config import Config, ConfigError, load_config
 from mirror.errors import RegistryError
 from mirror.logs import setup_logging
-from mirror.progress import Progress, human
-from mirror.reference import parse_image
+from mirror.progress import Progress, human, plural
+from mirror.reference import Digest, is_digest, parse_image
 from mirror.warm import warm as warm_images
 
 GIL_SWITCH_INTERVAL = 0.001
@@ -44,7 +46,9 @@ def _serve_parser(sub: Subcommands) -> None:
     p.add_argument("--log-level", help="debug, info, warning or error")
     p.add_argument("--workers", help="worker processes on the port (0: one per core)")
     p.add_argument("--offline", action="store_const", const=True, help="never contact any upstream")
-    p.add_argument(workers.WORKER_FLAG, action="store_true", help=argparse.SUPPRESS)
+    # A worker's inherited listening sockets and status pipe (workers.py), from its supervisor.
+    p.add_argument(workers.LISTEN_FDS_FLAG, help=argparse.SUPPRESS)
+    p.add_argument(workers.STATUS_FD_FLAG, type=int, help=argparse.SUPPRESS)
 
 
 def build_config(args: argparse.Namespace) -> Config:
@@ -64,8 +68,20 @@ def build_config(args: argparse.Namespace) -> Config:
     )
 
 
+def _not_a_directory(directory: Path) -> None:
+    """One clear line when the cache directory, or a directory it would be made in, is a file
+    (rather than `[Errno 17] File exists` from mkdir)."""
+    for path in (directory, *directory.parents):
+        if path.exists():
+            if not path.is_dir():
+                what = directory if path == directory else f"{directory}: {path}"
+                raise ConfigError("cache.dir", f"{what} is a file, not a directory")
+            return
+
+
 def _check_cache_dir(config: Config) -> None:
     directory = config.cache.dir
+    _not_a_directory(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -74,44 +90,105 @@ def _check_cache_dir(config: Config) -> None:
         raise ConfigError("cache.dir", f"{directory} is not writable by this user")
 
 
-def serve(config: Config, argv: list[str], *, reuse_port: bool = False) -> int:
+def serve(
+    config: Config,
+    argv: list[str],
+    *,
+    listen_fds: str | None = None,
+    status_fd: int | None = None,
+) -> int:
+    """Serve until SIGTERM/SIGINT, then 0. This process binds the port (and with several
+    workers supervises them), or, given `listen_fds`, is a worker serving its supervisor's
+    sockets. A start failure raises StartError (see workers.py)."""
     from mirror.web import tls  # the web layer is only for the serving command
     from mirror.web.app import handler_options, make_app
 
+    stop = workers.StopSignals()  # from here on, SIGINT/SIGTERM ask for a clean stop
+    # `systemctl reload` (SIGHUP) must never end the mirror, also before the reload handler is
+    # in place: the port listens (and clients connect) before the application has started,
+    # whose certificate is the one on disk anyway.
+    signal.signal(signal.SIGHUP, _reload_while_starting)
     _check_cache_dir(config)
     setup_logging(config.log.level, config.log.format)
-    count = config.worker_count()
-    if count > 1 and not reuse_port:
-        return workers.supervise(argv, count, config.cache.dir, config.shutdown_timeout)
-    # Let the event loop take the GIL back from worker threads (hashing, SQLite) within 1 ms
-    # rather than Python's default 5 ms, which would show up in request latency.
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-    host, port = config.listen_address()
-    app = make_app(config)
-    app.on_startup.append(_freeze_heap)
     ssl_context = None
-    if config.tls.enabled:
+    if config.tls.enabled:  # checked before binding, by the supervisor too
         try:
             ssl_context = tls.make_context(config.tls)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError("tls.cert", f"cannot load the certificate and key: {exc}") from None
+    if listen_fds is not None:
+        sockets = workers.inherited(listen_fds)
+    else:
+        count = config.worker_count()
+        if count > 1:
+            lock = workers.instance_lock(*config.listen_address())
+            groups = workers.bind_groups(*config.listen_address(), count)
+            try:
+                return workers.supervise(
+                    argv,
+                    count,
+                    groups,
+                    config.cache.dir,
+                    config.shutdown_timeout,
+                    stop,
+                    on_ready=lambda: workers.log_listening(config, groups[0], count),
+                )
+            finally:
+                lock.close()
+        sockets = workers.bind(*config.listen_address())
+    with workers.starting():
+        # Let the event loop take the GIL back from worker threads (hashing, SQLite) within 1 ms
+        # rather than Python's default 5 ms, which would show up in request latency.
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+        app = make_app(config)
+        app.on_startup.append(_freeze_heap)
 
-    async def _reload_on_sighup(app: web.Application) -> None:
-        tls.reload_on_sighup(ssl_context, config.tls)
+        async def _reload_on_sighup(app: web.Application) -> None:
+            tls.reload_on_sighup(ssl_context, config.tls)
 
-    app.on_startup.append(_reload_on_sighup)
-    web.run_app(
-        app,
-        host=host,
-        port=port,
-        access_log=None,
-        print=None,
-        shutdown_timeout=config.shutdown_timeout,
-        ssl_context=ssl_context,
-        reuse_port=reuse_port,
-        **handler_options(config),
-    )
+        app.on_startup.append(_reload_on_sighup)
+        runner = web.AppRunner(
+            app,
+            handle_signals=False,  # workers.run: one clean stop, whatever signals follow
+            access_log=None,
+            shutdown_timeout=config.shutdown_timeout,
+            **handler_options(config),
+        )
+
+    def on_ready() -> None:
+        if status_fd is None:
+            workers.log_listening(config, sockets, 1)
+        else:
+            workers.report(status_fd, "ready")  # the supervisor logs the instance's line
+
+    workers.run(runner, sockets, ssl_context, stop, on_ready)
     return 0
+
+
+def _reload_while_starting(_signum: int, _frame: object) -> None:
+    structlog.get_logger("mirror.web.tls").info("reload_requested", reloaded=[], starting=True)
+
+
+def _serve_command(args: argparse.Namespace, argv: list[str]) -> int:
+    """`serve`'s exit codes: 0 after a clean stop, 1 when it could not start (one line, see
+    workers.py), 2 for an invalid configuration (one line naming the key)."""
+    try:
+        return serve(build_config(args), argv, listen_fds=args.listen_fds, status_fd=args.status_fd)
+    except ConfigError as exc:
+        return _start_failed(args, str(exc), 2)
+    except RegistryError as exc:
+        return _start_failed(args, f"{exc.message}: {exc.detail}", 2)
+    except workers.StartError as exc:
+        return _start_failed(args, str(exc), workers.EXIT_START_FAILED)
+
+
+def _start_failed(args: argparse.Namespace, message: str, code: int) -> int:
+    message = " ".join(message.splitlines())
+    if args.status_fd is not None:  # a worker: its supervisor says it, once for all workers
+        workers.report(args.status_fd, "failed", message)
+    else:
+        print(f"registry-mirror: {message}", file=sys.stderr)
+    return code
 
 
 async def _freeze_heap(app: web.Application) -> None:
@@ -161,12 +238,7 @@ async def _warm(config: Config, args: argparse.Namespace) -> int:
             await maintenance.set_pins(cache, images, pin=True)
     for failure in summary.failures:
         print(f"failed: {failure}", file=sys.stderr)
-    print(
-        f"warmed {summary.images} images: fetched {summary.fetched_blobs} blobs "
-        f"({human(summary.fetched_bytes)}), {summary.present_blobs} already present "
-        f"({human(summary.present_bytes)}), {len(summary.failures)} failures"
-        + ("; pinned" if args.pin else "")
-    )
+    print(summary.describe() + ("; pinned" if args.pin else ""))
     return 1 if summary.failures else 0
 
 
@@ -200,12 +272,23 @@ async def _gc(config: Config, dry_run: bool) -> int:
 
 
 async def _ls(config: Config) -> int:
+    directory = config.cache.dir
+    if not directory.is_dir():  # say so, rather than make an empty cache there to list
+        print(
+            f"registry-mirror: ls: no cache at {directory} (give --cache-dir or --config)",
+            file=sys.stderr,
+        )
+        return 1
     async with maintenance.open_cache(config) as cache:
         rows = await maintenance.list_images(cache)
+    if not rows:
+        print(f"no images cached in {directory}")
+        return 0
     print(f"{'REPOSITORY':40} {'TAG':20} {'SIZE':>10}  {'LAST USED':19}  FLAGS")
     for r in rows:
         flags = ",".join(f for f, on in (("pinned", r.pinned), ("partial", not r.complete)) if on)
         print(f"{r.repository:40} {r.tag:20} {human(r.size):>10}  {_when(r.last_used):19}  {flags}")
+    print(f"{plural(len(rows), 'tag')} cached in {directory}", file=sys.stderr)
     return 0
 
 
@@ -218,9 +301,33 @@ async def _verify(config: Config, repair: bool) -> int:
     return 1 if bad else 0
 
 
+async def _cached(cache: maintenance.CacheHandle, image: str) -> bool:
+    """Whether the cache holds `image`'s manifest (by tag or digest)."""
+    name, reference = parse_image(image)
+    try:
+        target = cache.mirror.router.route(name)
+    except RegistryError:  # a registry this mirror does not mirror: nothing of it is cached
+        return False
+    if is_digest(reference):
+        digest = Digest(reference)
+    else:
+        record = await cache.metadata.get_tag((target.upstream.name, target.repository, reference))
+        if record is None:
+            return False
+        digest = record.digest
+    return await cache.mirror.cached_manifest(digest) is not None
+
+
 async def _pins(config: Config, images: list[str], pin: bool) -> int:
     async with maintenance.open_cache(config) as cache:
         pins = await maintenance.set_pins(cache, images, pin=pin)
+        absent = [image for image in images if pin and not await _cached(cache, image)]
+    for image in absent:
+        print(
+            f"registry-mirror: pin: {image} is not in the cache; pinned all the same, it stays"
+            " once pulled (or `registry-mirror warm --pin` it now)",
+            file=sys.stderr,
+        )
     for image in sorted(pins | set(config.cache.pins)):
         print(image)
     return 0
@@ -249,8 +356,37 @@ async def _import(config: Config, args: argparse.Namespace) -> int:
             print(f"registry-mirror: import: {exc}; nothing was imported", file=sys.stderr)
             return 1
     tags = ", ".join(f"{name}:{tag}" for _, name, tag, _, _ in plan.tags) or "no tags"
-    print(f"imported {len(plan.blobs)} blobs ({human(sum(plan.blobs.values()))}); {tags}")
+    new, old = len(plan.written), len(plan.blobs) - len(plan.written)
+    print(
+        f"imported {plural(len(plan.blobs), 'blob')} ({human(sum(plan.blobs.values()))}): "
+        f"{new} new ({human(sum(plan.written.values()))}), {old} already cached; {tags}"
+    )
     return 0
+
+
+async def _probe(config: Config) -> int:
+    lines, code = doctor.report(await doctor.run(config))
+    print("\n".join(lines))
+    return code
+
+
+def _parse(
+    parser: argparse.ArgumentParser, sub: Subcommands, argv: list[str]
+) -> argparse.Namespace:
+    """`parse_args`, except that an unknown option after a command gets that command's usage
+    (argparse reports every leftover at the top level, with the top-level usage)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        command = sub.choices.get(args.command)
+        after = (
+            args.command in argv
+            and extra[0] in argv
+            and argv.index(extra[0]) > argv.index(args.command)
+        )
+        (command if command is not None and after else parser).error(
+            f"unrecognized arguments: {' '.join(extra)}"
+        )
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,7 +404,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, help in (("pin", "never evict these images"), ("unpin", "let them be evicted")):
         p = _cache_parser(sub, name, help)
         p.add_argument("images", nargs="+", metavar="IMAGE", help="repo:tag or repo@digest")
-    _cache_parser(sub, "check-config", "validate the configuration and exit")
+    check = _cache_parser(sub, "check-config", "validate the configuration and exit")
+    check.add_argument(
+        "--probe",
+        action="store_true",
+        help="also reach every upstream (and its login), the cache dir, Redis and S3",
+    )
     w = _cache_parser(sub, "warm", "fetch images into the cache ahead of need")
     w.add_argument("images", nargs="*", metavar="IMAGE", help="repo:tag or repo@digest")
     w.add_argument("-f", "--file", type=Path, help="read images from FILE, one per line")
@@ -284,16 +425,19 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("bundle", type=Path, metavar="FILE", help="an OCI layout tar or directory")
     i.add_argument("--repository", help="repository for images the layout names by tag only")
     argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv)
+    args = _parse(parser, sub, argv)
+    if args.command == "serve":
+        return _serve_command(args, argv)
     try:
-        if args.command == "serve":
-            return serve(build_config(args), argv, reuse_port=args.reuse_port)
         config = _cache_config(args)
         setup_logging("warning", config.log.format)  # commands print their own results
+        if args.command == "check-config" and args.probe:
+            return asyncio.run(_probe(config))
         if args.command == "check-config":
             _check_cache_dir(config)
             print("configuration OK")
             return 0
+        _not_a_directory(config.cache.dir)
         if args.command == "gc":
             return asyncio.run(_gc(config, args.dry_run))
         if args.command == "ls":

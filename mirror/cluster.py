@@ -25,17 +25,20 @@ import hashlib
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
+from mirror.cache.eviction import SharedEviction
 from mirror.cache.fill import FillBase, UpstreamBody
 from mirror.cache.redis_store import RedisIndex, RedisStore, RedisUnavailable
 from mirror.cache.s3 import S3BlobStore, S3Unavailable
 from mirror.config import Config
+from mirror.coordination import Claim, LocalCoordinator, RedisCoordinator
 from mirror.errors import UpstreamError
 from mirror.health import PROBE_SECONDS, ServiceHealth
+from mirror.interfaces import ByteSource, FillCoordinator
 from mirror.metrics import Metrics
 from mirror.reference import Digest
 from mirror.upstream.peer import PeerClient
@@ -48,15 +51,23 @@ FOLLOW_POLL = 0.1  # while waiting for a lease to move
 UPLOAD_GRACE_SECONDS = 60.0  # on close, uploads in flight get this long to complete
 
 
-class Stream(Protocol):
-    size: int | None
+Stream = ByteSource
 
-    def chunks(self) -> AsyncIterator[bytes]: ...
 
-    async def close(self) -> None: ...
+@dataclass(frozen=True)
+class SharedPolicy:
+    """The shared store's eviction settings (`storage.s3.max_size`, `.ttl`; the cache's
+    watermarks): 0 budget or ttl means no eviction by that rule."""
+
+    budget: int = 0
+    ttl: float = 0.0
+    high: float = 0.9
+    low: float = 0.8
 
 
 class Cluster:
+    """A node's `SharedTier` in a cluster (see mirror/interfaces.py)."""
+
     def __init__(
         self,
         *,
@@ -66,6 +77,8 @@ class Cluster:
         s3: S3BlobStore | None,
         peers: PeerClient,
         metrics: Metrics,
+        drop_local: Callable[[Digest], Awaitable[None]],
+        policy: SharedPolicy = SharedPolicy(),
     ) -> None:
         self.node_url = node_url
         self.lease = lease
@@ -73,14 +86,21 @@ class Cluster:
         self.s3 = s3
         self.peers = peers
         self.metrics = metrics
+        self.policy = policy
+        # Removes a blob from this node's disk once the shared store has it (no local tier).
+        self.drop_local = drop_local
         self.redis_health = ServiceHealth("redis", metrics)
         self.s3_health = ServiceHealth("s3", metrics)
         self._tasks: set[asyncio.Task[None]] = set()
         # The shared store's LRU index lives in Redis (only with both services).
         self.index = RedisIndex(redis) if redis is not None and s3 is not None else None
+        # Who fetches each blob: a lease in Redis; without Redis every node on its own.
+        self.coordinator: FillCoordinator = (
+            LocalCoordinator()
+            if redis is None
+            else RedisCoordinator(redis, self.redis_health, node_url, lease)
+        )
         self._touched: dict[str, float] = {}
-        # Set by the mirror: remove a blob from this node's disk (no local tier).
-        self.drop_local: Callable[[Digest], Awaitable[None]] | None = None
 
     async def start(self) -> None:
         self.peers.open()
@@ -109,6 +129,7 @@ class Cluster:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.coordinator.close()
         await self.peers.close()
         if self.redis is not None:
             await self.redis.close()
@@ -224,19 +245,93 @@ class Cluster:
                 log.info("shared_store_evicted", digest=digest, reason=reason)
         return plan
 
-    async def lead_eviction(self, pinned: set[Digest], **policy: Any) -> SharedEviction | None:
+    async def lead_eviction(self, pinned: set[Digest]) -> SharedEviction | None:
         """Run `evict_shared` if this node is (or becomes) the one that evicts."""
         if self.index is None or self.redis is None or not self.redis_health.usable:
             return None
         try:
             if not await self.redis.try_lead("evict", self.node_url, 120.0):
                 return None
-            return await self.evict_shared(pinned, **policy)
+            return await self._evict_policy(pinned, dry_run=False)
         except RedisUnavailable as exc:
             self.redis_health.failed(exc)
         except S3Unavailable as exc:
             self.s3_health.failed(exc)
         return None
+
+    async def evict(self, pinned: set[Digest], *, dry_run: bool) -> SharedEviction | None:
+        """The shared store's pass from this node now (`registry-mirror gc`)."""
+        if self.index is None:
+            return None
+        return await self._evict_policy(pinned, dry_run=dry_run)
+
+    async def _evict_policy(self, pinned: set[Digest], *, dry_run: bool) -> SharedEviction:
+        p = self.policy
+        return await self.evict_shared(
+            pinned, budget=p.budget, ttl=p.ttl, high=p.high, low=p.low, dry_run=dry_run
+        )
+
+    async def drop(self, digests: list[Digest]) -> list[Digest]:
+        """Remove an evicted image's objects from the shared store (not one a node streams)."""
+        index, s3 = self.index, self.s3
+        if index is None or s3 is None:
+            return []
+        dropped = []
+        try:
+            for digest in digests:
+                if await index.serving(digest):
+                    continue
+                removed = await s3.delete(digest)
+                await index.remove(digest)
+                if removed:
+                    dropped.append(digest)
+        except RedisUnavailable as exc:
+            self.redis_health.failed(exc)
+        except S3Unavailable as exc:
+            self.s3_health.failed(exc)
+        return dropped
+
+    async def set_pins(self, images: list[str], *, pin: bool) -> None:
+        """Pins are cluster-wide: kept in the shared index."""
+        if self.index is None:
+            return
+        for image in images:
+            await (self.index.pin(image) if pin else self.index.unpin(image))
+
+    async def entry(self, digest: Digest) -> tuple[int, float] | None:
+        """(size, last served) from the shared index."""
+        if self.index is None or not self.redis_health.usable:
+            return None
+        try:
+            found = await self.index.get(digest)
+        except RedisUnavailable as exc:
+            self.redis_health.failed(exc)
+            return None
+        return None if found is None else (found[0], found[3])
+
+    async def verify(self) -> tuple[int, list[Digest]]:
+        """Re-hash every object of the shared store; remove the ones that do not match."""
+        s3 = self.s3
+        if s3 is None:
+            return 0, []
+        objects = await self.iter_shared()
+        bad = []
+        for digest, _size in objects:
+            body = await s3.open_stream(digest)
+            if body is None:
+                continue  # evicted meanwhile
+            sha = hashlib.sha256()
+            try:
+                async for chunk in body.chunks:
+                    await asyncio.to_thread(sha.update, chunk)
+            finally:
+                await body.close()
+            if "sha256:" + sha.hexdigest() != digest:
+                bad.append(digest)
+                await s3.delete(digest)
+                if self.index is not None:
+                    await self.index.remove(digest)
+        return len(objects), bad
 
     async def presigned(self, digest: Digest) -> str | None:
         """With `presigned_redirects`: a URL to send the client to instead of streaming a
@@ -363,45 +458,11 @@ class Cluster:
                 with contextlib.suppress(RedisUnavailable):
                     await self.index.done_serving(digest, self.node_url)
 
-    async def _claim(self, digest: Digest) -> tuple[bool, str | None]:
-        """(True, None) if this node now holds the fill lease; else (False, owner or None).
-        Without Redis every node is on its own: it claims."""
-        if self.redis is None or not self.redis_health.usable:
-            return True, None
-        try:
-            if await self.redis.acquire_fill(digest, self.node_url, self.lease):
-                self.redis_health.ok()
-                self._spawn(self._renew(digest), f"renew:{digest}")
-                return True, None
-            owner = await self.redis.fill_owner(digest)
-            self.redis_health.ok()
-            return False, owner
-        except RedisUnavailable as exc:
-            self.redis_health.failed(exc)
-            return True, None
-
-    async def _renew(self, digest: Digest) -> None:
-        """Keep our lease alive until `release` (the task is cancelled there)."""
-        assert self.redis is not None
-        while True:
-            await asyncio.sleep(self.lease / 3)
-            try:
-                if not await self.redis.renew_fill(digest, self.node_url, self.lease):
-                    log.warning("fill_lease_lost", digest=digest)
-                    return
-            except RedisUnavailable as exc:
-                self.redis_health.failed(exc)
+    async def _claim(self, digest: Digest) -> Claim:
+        return await self.coordinator.claim(digest)
 
     async def _release(self, digest: Digest) -> None:
-        for task in list(self._tasks):
-            if task.get_name() == f"renew:{digest}":
-                task.cancel()
-        if self.redis is None:
-            return
-        try:
-            await self.redis.release_fill(digest, self.node_url)
-        except RedisUnavailable as exc:
-            self.redis_health.failed(exc)
+        await self.coordinator.release(digest)
 
     def owned(self, digest: Digest, fill: FillBase) -> None:
         """This node fetches `digest` for the cluster: copy the fill into the shared store as
@@ -447,8 +508,7 @@ class Cluster:
                 await fill.wait_done()
                 if fill.task is not None:  # and its commit has been recorded locally
                     await asyncio.wait([fill.task])
-                if self.drop_local is not None:
-                    await self.drop_local(digest)
+                await self.drop_local(digest)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -462,18 +522,6 @@ class Cluster:
             if reader is not None:
                 reader.close()
             await self._release(digest)
-
-
-@dataclass
-class SharedEviction:
-    size_before: int
-    entries_before: int
-    budget: int
-    victims: list[tuple[Digest, int, str]] = field(default_factory=list)
-
-    @property
-    def freed(self) -> int:
-        return sum(size for _, size, _ in self.victims)
 
 
 class _S3Stream:
@@ -526,8 +574,9 @@ class _ClusterBody:
             if shared is not None:
                 self.kind = "shared"
                 return shared
-            mine, owner = await cluster._claim(self.digest)
-            if mine:
+            claim = await cluster._claim(self.digest)
+            owner = claim.owner
+            if claim.mine:
                 if offset:
                     cluster.metrics.fill_takeovers.inc()
                     log.warning("fill_taken_over", digest=self.digest, offset=offset)
@@ -588,17 +637,19 @@ def node_url(config: Config) -> str:
     return f"{'https' if config.tls.enabled else 'http'}://{host}:{port}"
 
 
-def shared_policy(config: Config) -> dict[str, Any]:
-    """The shared store's eviction settings, as `Cluster.evict_shared` takes them."""
-    return {
-        "budget": config.storage.s3.max_size,
-        "ttl": config.storage.s3.ttl,
-        "high": config.cache.high_watermark,
-        "low": config.cache.low_watermark,
-    }
+def shared_policy(config: Config) -> SharedPolicy:
+    """The shared store's eviction settings."""
+    return SharedPolicy(
+        budget=config.storage.s3.max_size,
+        ttl=config.storage.s3.ttl,
+        high=config.cache.high_watermark,
+        low=config.cache.low_watermark,
+    )
 
 
-def build_cluster(config: Config, metrics: Metrics) -> Cluster:
+def build_cluster(
+    config: Config, metrics: Metrics, drop_local: Callable[[Digest], Awaitable[None]]
+) -> Cluster:
     redis = None
     if config.metadata.kind == "redis":
         redis = RedisStore(config.metadata.redis_url, config.metadata.key_prefix)
@@ -612,4 +663,6 @@ def build_cluster(config: Config, metrics: Metrics) -> Cluster:
             config.cluster.secret or "", metrics=metrics, ca_file=config.cluster.ca_file
         ),
         metrics=metrics,
+        drop_local=drop_local,
+        policy=shared_policy(config),
     )

@@ -1,18 +1,31 @@
-"""Configuration: dataclasses filled from YAML, then environment, then command-line flags.
+"""Configuration: frozen dataclasses filled from YAML, then environment, then command-line flags.
 
 Every option has a default here and a line in `conf/mirror.yaml`. A bad value stops start-up with
 one line naming the key and what it expects (`ConfigError`), never a traceback.
+
+`load_config` works in steps, each in one place:
+1. shape: the file, the `REGISTRY_MIRROR_*` variables and the dotted overrides, each value parsed
+   by its field's `Kind` as it arrives (so an error names the key, or the variable, it came from);
+   every step returns new frozen objects (`dataclasses.replace`), nothing is assigned in place;
+2. secrets: `*_file` / `*_env` indirections replaced by what they name (`resolve_secrets`);
+3. meaning: cross-field checks that only read (`validate`);
+4. packages: a cluster option whose package is not installed (`require_extras`).
+After it returns, the config cannot change: a component that needs another value is given another
+config (`dataclasses.replace`), so no one sees an option change under them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import importlib.util
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
 from urllib.parse import urlsplit
 
 import yaml
@@ -20,15 +33,29 @@ import yaml
 from mirror.errors import RegistryError
 from mirror.reference import parse_image
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+_Section = TypeVar("_Section", bound="DataclassInstance")
+
 ENV_PREFIX = "REGISTRY_MIRROR_"
 DOCKER_HUB_URL = "https://registry-1.docker.io"
 DOCKER_HUB_HOSTS = frozenset({"registry-1.docker.io", "docker.io", "index.docker.io"})
+CLUSTER_EXTRA = "pip install 'registry-mirror[cluster]'"
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
 _IUNITS = {"ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}
 _SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*", re.IGNORECASE)
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
 _SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+# The choices, as types: mypy then rejects a comparison with a value that cannot occur.
+LibraryPrefix = Literal["auto", "true", "false"]
+Action = Literal["allow", "deny"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["auto", "json", "console"]
+StorageKind = Literal["filesystem", "s3"]
+MetadataKind = Literal["local", "redis"]
 
 
 class ConfigError(ValueError):
@@ -83,39 +110,16 @@ def _parse_int(value: object) -> int:
     return int(str(value))
 
 
-def _parse_str(value: object) -> str:
-    if isinstance(value, dict | list):
-        raise ValueError
-    return str(value)
-
-
-# kind -> (parser, what the operator is told is expected)
-_KINDS: dict[str, tuple[Any, str]] = {
-    "str": (_parse_str, "a string"),
-    "float": (lambda v: _parse_float(v), "a number"),
-    "int": (_parse_int, "a whole number"),
-    "bool": (_parse_bool, "true or false"),
-    "size": (parse_size, "a size such as 512MiB, 50GiB or a number of bytes"),
-    "duration": (parse_duration, "a duration such as 30s, 10m, 12h or 30d"),
-    "path": (lambda v: Path(_parse_str(v)).expanduser(), "a file system path"),
-    "fraction": (lambda v: _parse_fraction(v), "a fraction between 0 and 1 such as 0.9"),
-    "budget": (
-        lambda v: _parse_budget(v),
-        "a size such as 50GiB, or a share of the disk such as 80%",
-    ),
-    "list": (lambda v: _parse_list(v), "a list of strings (comma-separated in the environment)"),
-    "groups": (lambda v: _parse_groups(v), "a mapping of group names to lists of user names"),
-    "rules": (
-        lambda v: _parse_rules(v),
-        "a list of rules, each {who: [...], repositories: [...], action: allow | deny}",
-    ),
-}
-
-
 def _parse_float(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError
     return float(str(value))
+
+
+def _parse_str(value: object) -> str:
+    if isinstance(value, dict | list):
+        raise ValueError
+    return str(value)
 
 
 def _parse_fraction(value: object) -> float:
@@ -136,11 +140,11 @@ def _parse_budget(value: object) -> str:
     return text
 
 
-def _parse_list(value: object) -> list[str]:
+def _parse_list(value: object) -> tuple[str, ...]:
     if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return list(value)
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return tuple(value)
     raise ValueError
 
 
@@ -154,21 +158,21 @@ def _yaml_text(value: object) -> object:
     return value
 
 
-def _parse_groups(value: object) -> dict[str, list[str]]:
+def _parse_groups(value: object) -> Mapping[str, tuple[str, ...]]:
     value = _yaml_text(value) or {}
     if not isinstance(value, Mapping):
         raise ValueError
-    return {str(k): _parse_list(v) for k, v in value.items()}
+    return MappingProxyType({str(k): _parse_list(v) for k, v in value.items()})
 
 
 @dataclass(frozen=True)
 class AccessRule:
     who: tuple[str, ...]
     repositories: tuple[str, ...]
-    action: str  # allow | deny
+    action: Action
 
 
-def _parse_rules(value: object) -> list[AccessRule]:
+def _parse_rules(value: object) -> tuple[AccessRule, ...]:
     value = _yaml_text(value) or []
     if not isinstance(value, list):
         raise ValueError
@@ -176,38 +180,98 @@ def _parse_rules(value: object) -> list[AccessRule]:
     for item in value:
         if not isinstance(item, Mapping) or set(item) - {"who", "repositories", "action"}:
             raise ValueError
-        action = str(item.get("action", "allow"))
-        if action not in {"allow", "deny"}:
-            raise ValueError
+        action = _parse_action(item.get("action", "allow"))
         who = _parse_list(item.get("who", ["*"]))
         repositories = _parse_list(item.get("repositories", ["*"]))
         if not who or not repositories:
             raise ValueError
-        rules.append(AccessRule(tuple(who), tuple(repositories), action))
-    return rules
+        rules.append(AccessRule(who, repositories, action))
+    return tuple(rules)
 
 
-def opt(default: Any, kind: str, *, optional: bool = False, secret: bool = False) -> Any:
-    """A config field with its parser kind; `secret` ones are never printed."""
-    return field(
-        default=default,
-        repr=not secret,
-        metadata={"kind": kind, "optional": optional, "secret": secret},
-    )
+@dataclass(frozen=True)
+class Kind:
+    """How one option's value (from YAML, a variable or a flag) is parsed, and what the operator
+    is told it expects when it cannot be: the parser raises ValueError or TypeError, the loader
+    turns that into the one-line ConfigError naming the key."""
+
+    parse: Callable[[Any], object]
+    expected: str
 
 
-@dataclass
+def _one_of(values: tuple[str, ...]) -> str:
+    return ", ".join(values[:-1]) + " or " + values[-1]
+
+
+def choice(options: Any) -> Kind:
+    """A `Literal[...]` type's values, case-insensitive (`INFO` is `info`, YAML's `true` is
+    `"true"`); the annotation and the parser share one list."""
+    values: tuple[str, ...] = get_args(options)
+
+    def parse(value: object) -> str:
+        text = str(value).strip().lower()
+        if text not in values:
+            raise ValueError
+        return text
+
+    return Kind(parse, _one_of(values))
+
+
+def _parse_action(value: object) -> Action:
+    text = str(value).strip().lower()
+    if text == "allow":
+        return "allow"
+    if text == "deny":
+        return "deny"
+    raise ValueError
+
+
+STR = Kind(_parse_str, "a string")
+FLOAT = Kind(_parse_float, "a number")
+INT = Kind(_parse_int, "a whole number")
+BOOL = Kind(_parse_bool, "true or false")
+SIZE = Kind(parse_size, "a size such as 512MiB, 50GiB or a number of bytes")
+DURATION = Kind(parse_duration, "a duration such as 30s, 10m, 12h or 30d")
+PATH = Kind(lambda v: Path(_parse_str(v)).expanduser(), "a file system path")
+FRACTION = Kind(_parse_fraction, "a fraction between 0 and 1 such as 0.9")
+BUDGET = Kind(_parse_budget, "a size such as 50GiB, or a share of the disk such as 80%")
+LIST = Kind(_parse_list, "a list of strings (comma-separated in the environment)")
+GROUPS = Kind(_parse_groups, "a mapping of group names to lists of user names")
+RULES = Kind(
+    _parse_rules, "a list of rules, each {who: [...], repositories: [...], action: allow | deny}"
+)
+# Parsed by `_with_upstreams` (each entry is a section of its own), never by `parse`.
+UPSTREAMS = Kind(lambda v: v, "a mapping of upstream names to their options")
+
+
+def opt(default: Any, kind: Kind, *, secret: bool = False) -> Any:
+    """A config field parsed by `kind`; a None default makes it optional (null allowed), and
+    `secret` ones are never printed (repr, error messages)."""
+    metadata = {"kind": kind, "optional": default is None, "secret": secret}
+    if isinstance(default, Mapping):  # read-only, yet dataclasses refuse it as a plain default
+        return field(default_factory=lambda: default, repr=not secret, metadata=metadata)
+    return field(default=default, repr=not secret, metadata=metadata)
+
+
+_NO_MAPPING: Mapping[str, Any] = MappingProxyType({})
+
+
+@dataclass(frozen=True)
 class CacheConfig:
-    dir: Path = opt(Path("/var/cache/registry-mirror"), "path")
-    max_size: str = opt("0", "budget")
-    high_watermark: float = opt(0.95, "fraction")
-    low_watermark: float = opt(0.85, "fraction")
-    blob_ttl: float = opt(0.0, "duration")
-    manifest_ttl: float = opt(0.0, "duration")
-    gc_interval: float = opt(60.0, "duration")
-    pins: list[str] = field(
-        default_factory=list, metadata={"kind": "list", "optional": False, "secret": False}
-    )
+    # Where blobs and manifests are kept; default /var/cache/registry-mirror.
+    dir: Path = opt(Path("/var/cache/registry-mirror"), PATH)
+    # Size limit: a size or a share of the file system ("80%"); "0" = no limit.
+    max_size: str = opt("0", BUDGET)
+    # Eviction starts past high_watermark x max_size and stops under low_watermark x max_size.
+    high_watermark: float = opt(0.95, FRACTION)
+    low_watermark: float = opt(0.85, FRACTION)
+    # Evict blobs / manifests not served for this long; 0 = never.
+    blob_ttl: float = opt(0.0, DURATION)
+    manifest_ttl: float = opt(0.0, DURATION)
+    # How often the eviction policy runs (default 60s; zero is refused).
+    gc_interval: float = opt(60.0, DURATION)
+    # Images never evicted (repo:tag or repo@digest); default none.
+    pins: tuple[str, ...] = opt((), LIST)
 
     def budget_bytes(self, filesystem_size: int) -> int:
         """The size limit in bytes (0: none); a percentage is of the cache's file system."""
@@ -216,44 +280,48 @@ class CacheConfig:
         return parse_size(self.max_size)
 
 
-@dataclass
+@dataclass(frozen=True)
 class UpstreamConfig:
-    url: str = opt(DOCKER_HUB_URL, "str")
-    username: str | None = opt(None, "str", optional=True)
-    password: str | None = opt(None, "str", optional=True, secret=True)
-    password_file: Path | None = opt(None, "path", optional=True)
-    # Names of environment variables holding the credentials (e.g. GHCR_TOKEN).
-    username_env: str | None = opt(None, "str", optional=True)
-    password_env: str | None = opt(None, "str", optional=True)
-    # TLS towards the upstream: a CA bundle to trust (PEM) instead of the system's, or
-    # `insecure: true` to skip verification (labs only).
-    ca_file: Path | None = opt(None, "path", optional=True)
-    insecure: bool = opt(False, "bool")
+    # The registry pulled through to; default Docker Hub.
+    url: str = opt(DOCKER_HUB_URL, STR)
+    # Credentials; None (default): anonymous. The password after `load_config` is the resolved
+    # one, whichever of password / password_file / password_env gave it.
+    username: str | None = opt(None, STR)
+    password: str | None = opt(None, STR, secret=True)
+    password_file: Path | None = opt(None, PATH)
+    # Names of environment variables holding the credentials (e.g. GHCR_TOKEN); default None.
+    username_env: str | None = opt(None, STR)
+    password_env: str | None = opt(None, STR)
+    # TLS towards the upstream: a CA bundle to trust (PEM) instead of the system's (None), or
+    # `insecure: true` to skip verification (labs only; default false).
+    ca_file: Path | None = opt(None, PATH)
+    insecure: bool = opt(False, BOOL)
     # Path prefixes that route to this upstream besides its registry host names
-    # (`/v2/<alias>/owner/app/...`).
-    aliases: list[str] = field(
-        default_factory=list, metadata={"kind": "list", "optional": False, "secret": False}
-    )
+    # (`/v2/<alias>/owner/app/...`); default none.
+    aliases: tuple[str, ...] = opt((), LIST)
     # At most this many requests to this upstream at once (blob streams included); 0 = no limit.
-    max_concurrent_fetches: int = opt(64, "int")
-    # auto: one-segment names mean library/<name> when the upstream is Docker Hub.
-    library_prefix: str = opt("auto", "str")
+    max_concurrent_fetches: int = opt(64, INT)
+    # auto (default): one-segment names mean library/<name> when the upstream is Docker Hub.
+    library_prefix: LibraryPrefix = opt("auto", choice(LibraryPrefix))
     # Registry hosts this upstream stands for, matched against containerd's `?ns=` (requests
     # naming another registry are refused rather than answered with this one's content).
-    # Empty: docker.io and its aliases for Docker Hub, else the URL's host[:port].
-    names: list[str] = field(
-        default_factory=list, metadata={"kind": "list", "optional": False, "secret": False}
-    )
-    # Where this upstream's blob redirects (and token realm) may lead. false: public addresses,
-    # and addresses of the upstream's own kind (a registry on a private network may use its
-    # storage there; one on this host, private ones too). true: loopback, private and
+    # Empty (default): docker.io and its aliases for Docker Hub, else the URL's host[:port].
+    names: tuple[str, ...] = opt((), LIST)
+    # Where this upstream's blob redirects (and token realm) may lead. false (default): public
+    # addresses, and addresses of the upstream's own kind (a registry on a private network may
+    # use its storage there; one on this host, private ones too). true: loopback, private and
     # link-local addresses as well (e.g. a public registry whose storage is on your network).
-    redirect_to_internal: bool = opt(False, "bool")
-    tag_ttl: float = opt(600.0, "duration")
-    connect_timeout: float = opt(10.0, "duration")
-    read_timeout: float = opt(60.0, "duration")
-    retries: int = opt(3, "int")
-    manifest_max_size: int = opt(4 * 1024 * 1024, "size")
+    redirect_to_internal: bool = opt(False, BOOL)
+    # A tag is answered from the cache this long (default 10m) before it is revalidated;
+    # 0 = revalidated on every request.
+    tag_ttl: float = opt(600.0, DURATION)
+    # Connection set-up and idle-read time-outs (default 10s, 60s); 0 = none.
+    connect_timeout: float = opt(10.0, DURATION)
+    read_timeout: float = opt(60.0, DURATION)
+    # Retries of idempotent requests (default 3); 0 = one attempt.
+    retries: int = opt(3, INT)
+    # Largest manifest accepted from the upstream (default 4MiB).
+    manifest_max_size: int = opt(4 * 1024 * 1024, SIZE)
 
     @property
     def has_credentials(self) -> bool:
@@ -273,134 +341,142 @@ class UpstreamConfig:
         return self.library_prefix == "true"
 
 
-@dataclass
+@dataclass(frozen=True)
 class AuthConfig:
     # Client authentication by HTTP Basic against an htpasswd file of bcrypt hashes
-    # (`htpasswd -B`); None: no passwords (client certificates may still identify users).
-    htpasswd: Path | None = opt(None, "path", optional=True)
-    realm: str = opt("registry-mirror", "str")
-    # Whether clients without credentials may pull (public content, as `access` allows).
-    anonymous: bool = opt(True, "bool")
-    # Users allowed the operator actions (pin, unpin, warm, evict).
-    admins: list[str] = field(
-        default_factory=list, metadata={"kind": "list", "optional": False, "secret": False}
-    )
-    groups: dict[str, list[str]] = field(
-        default_factory=dict, metadata={"kind": "groups", "optional": False, "secret": False}
-    )
+    # (`htpasswd -B`); None (default): no passwords (client certificates may still identify).
+    htpasswd: Path | None = opt(None, PATH)
+    realm: str = opt("registry-mirror", STR)
+    # Whether clients without credentials may pull (public content, as `access` allows);
+    # default true.
+    anonymous: bool = opt(True, BOOL)
+    # Users allowed the operator actions (pin, unpin, warm, evict); default none.
+    admins: tuple[str, ...] = opt((), LIST)
+    # Groups for access rules, {group: [user, ...]}; default none.
+    groups: Mapping[str, tuple[str, ...]] = opt(_NO_MAPPING, GROUPS)
 
 
-@dataclass
+@dataclass(frozen=True)
 class AccessConfig:
-    # When no rule matches: allow | deny.
-    default: str = opt("allow", "str")
-    rules: list[AccessRule] = field(
-        default_factory=list, metadata={"kind": "rules", "optional": False, "secret": False}
-    )
+    # When no rule matches: allow (default) | deny.
+    default: Action = opt("allow", choice(Action))
+    # Tried in order, the first matching rule decides; default none.
+    rules: tuple[AccessRule, ...] = opt((), RULES)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TlsConfig:
-    # Serve HTTPS with this certificate chain and key (PEM); both unset: plain HTTP.
+    # Serve HTTPS with this certificate chain and key (PEM); both None (default): plain HTTP.
     # SIGHUP reloads them without dropping connections.
-    cert: Path | None = opt(None, "path", optional=True)
-    key: Path | None = opt(None, "path", optional=True)
+    cert: Path | None = opt(None, PATH)
+    key: Path | None = opt(None, PATH)
     # Ask clients for a certificate signed by this CA; its subject's CN is the user name.
-    client_ca: Path | None = opt(None, "path", optional=True)
+    # None (default): no client certificates.
+    client_ca: Path | None = opt(None, PATH)
 
     @property
     def enabled(self) -> bool:
         return self.cert is not None
 
 
-@dataclass
+@dataclass(frozen=True)
 class LimitsConfig:
-    # Longest request line or header line a client may send.
-    max_header_size: int = opt(8 * 1024, "size")
-    # A request must have its response started within this long (upstream waits included).
-    request_timeout: float = opt(120.0, "duration")
-    # Idle keep-alive connections are closed after this long.
-    idle_timeout: float = opt(75.0, "duration")
-    # Requests per second per client address (or user) with bursts of client_burst; 0 = off.
-    client_rate: float = opt(0.0, "float")
-    client_burst: int = opt(100, "int")
+    # Longest request line or header line a client may send (default 8KiB; 1KiB at least).
+    max_header_size: int = opt(8 * 1024, SIZE)
+    # A request must have its response started within this long, upstream waits included
+    # (default 2m; zero is refused).
+    request_timeout: float = opt(120.0, DURATION)
+    # Idle keep-alive connections are closed after this long (default 75s; zero is refused).
+    idle_timeout: float = opt(75.0, DURATION)
+    # Requests per second per client address (or user) with bursts of client_burst
+    # (default 100); 0 (default) = off.
+    client_rate: float = opt(0.0, FLOAT)
+    client_burst: int = opt(100, INT)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LogConfig:
-    level: str = opt("info", "str")
-    # auto: JSON lines when stderr is not a terminal, readable lines when it is.
-    format: str = opt("auto", "str")
+    # Default info.
+    level: LogLevel = opt("info", choice(LogLevel))
+    # auto (default): JSON lines when stderr is not a terminal, readable lines when it is.
+    format: LogFormat = opt("auto", choice(LogFormat))
 
 
-@dataclass
+@dataclass(frozen=True)
 class S3Config:
-    # S3-compatible endpoint (http://127.0.0.1:8333 for SeaweedFS, MinIO...); empty = AWS.
-    endpoint: str = opt("", "str")
-    region: str = opt("us-east-1", "str")
-    bucket: str = opt("registry-mirror", "str")
-    # Keys are <prefix>blobs/sha256/<2 hex>/<hex>, like the disk layout.
-    prefix: str = opt("", "str")
-    access_key: str | None = opt(None, "str", optional=True)
-    secret_key: str | None = opt(None, "str", optional=True, secret=True)
-    access_key_env: str | None = opt(None, "str", optional=True)
-    secret_key_env: str | None = opt(None, "str", optional=True)
-    secret_key_file: Path | None = opt(None, "path", optional=True)
-    # Multipart upload part size (S3's minimum is 5MiB).
-    part_size: int = opt(8 * 1024 * 1024, "size")
-    # Answer cached blob GETs with a 307 to a presigned URL instead of streaming them.
+    # S3-compatible endpoint (http://127.0.0.1:8333 for SeaweedFS, MinIO...); "" (default) = AWS.
+    endpoint: str = opt("", STR)
+    region: str = opt("us-east-1", STR)
+    bucket: str = opt("registry-mirror", STR)
+    # Keys are <prefix>blobs/sha256/<2 hex>/<hex>, like the disk layout; default "".
+    prefix: str = opt("", STR)
+    # Credentials (default None: the SDK's own chain); after `load_config` the resolved ones.
+    access_key: str | None = opt(None, STR)
+    secret_key: str | None = opt(None, STR, secret=True)
+    access_key_env: str | None = opt(None, STR)
+    secret_key_env: str | None = opt(None, STR)
+    secret_key_file: Path | None = opt(None, PATH)
+    # Multipart upload part size (default 8MiB; S3's minimum is 5MiB).
+    part_size: int = opt(8 * 1024 * 1024, SIZE)
     # Keep a copy of what this node serves on its own disk (cache.dir, within cache.max_size)
-    # so hits are sent by sendfile; false: stream every hit from the store.
-    local_tier: bool = opt(True, "bool")
-    presigned_redirects: bool = opt(False, "bool")
-    presign_ttl: float = opt(900.0, "duration")
+    # so hits are sent by sendfile (default true); false: stream every hit from the store.
+    local_tier: bool = opt(True, BOOL)
+    # Answer cached blob GETs with a 307 to a presigned URL instead of streaming them
+    # (default false), valid for presign_ttl (default 15m).
+    presigned_redirects: bool = opt(False, BOOL)
+    presign_ttl: float = opt(900.0, DURATION)
     # The shared store's own budget and TTL (cache.max_size / blob_ttl are each node's tier):
     # one node at a time evicts least recently served objects past the high watermark, and
     # objects not served for `ttl`; never pinned ones, never one a node is streaming.
-    max_size: int = opt(0, "size")
-    ttl: float = opt(0.0, "duration")
+    # 0 (default) = no budget, no TTL.
+    max_size: int = opt(0, SIZE)
+    ttl: float = opt(0.0, DURATION)
 
 
-@dataclass
+@dataclass(frozen=True)
 class StorageConfig:
-    # filesystem: blobs on cache.dir only. s3: the shared store is S3-compatible object
-    # storage, and cache.dir is this node's local tier in front of it (cache.max_size).
-    kind: str = opt("filesystem", "str")
+    # filesystem (default): blobs on cache.dir only. s3: the shared store is S3-compatible
+    # object storage (the `cluster` extra), and cache.dir is this node's local tier in front
+    # of it (cache.max_size).
+    kind: StorageKind = opt("filesystem", choice(StorageKind))
     s3: S3Config = field(default_factory=S3Config)
 
 
-@dataclass
+@dataclass(frozen=True)
 class MetadataConfig:
-    # local: tags, index and fill locks on this node (cache.dir). redis: shared by every node.
-    kind: str = opt("local", "str")
-    redis_url: str = opt("redis://127.0.0.1:6379/0", "str")
-    key_prefix: str = opt("registry-mirror:", "str")
+    # local (default): tags, index and fill locks on this node (cache.dir). redis: shared by
+    # every node (the `cluster` extra).
+    kind: MetadataKind = opt("local", choice(MetadataKind))
+    redis_url: str = opt("redis://127.0.0.1:6379/0", STR)
+    key_prefix: str = opt("registry-mirror:", STR)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ClusterConfig:
-    # This node's name in locks and logs; empty: <hostname>:<port>.
-    node_id: str = opt("", "str")
+    # This node's name in locks and logs; "" (default): <hostname>:<port>.
+    node_id: str = opt("", STR)
     # How other nodes reach this one (its internal fill endpoint), e.g. http://10.0.0.1:5000;
-    # empty: http://<listen address> (fine when it is not 0.0.0.0).
-    advertise_url: str = opt("", "str")
-    # Shared secret for the internal /_cluster/ endpoints (only cluster members may call).
-    secret: str | None = opt(None, "str", optional=True, secret=True)
-    secret_file: Path | None = opt(None, "path", optional=True)
-    # A fill lock's lease: renewed by its owner; a dead owner's lock frees after this long.
-    fill_lease: float = opt(10.0, "duration")
+    # "" (default): http://<listen address> (fine when it is not 0.0.0.0).
+    advertise_url: str = opt("", STR)
+    # Shared secret for the internal /_cluster/ endpoints (only cluster members may call);
+    # required with metadata.kind redis. After `load_config`, the resolved one.
+    secret: str | None = opt(None, STR, secret=True)
+    secret_file: Path | None = opt(None, PATH)
+    # A fill lock's lease: renewed by its owner; a dead owner's lock frees after this long
+    # (default 10s; 1s at least).
+    fill_lease: float = opt(10.0, DURATION)
     # Nodes serving HTTPS with certificates from a private CA: trust this CA bundle (PEM) when
-    # streaming from each other; unset: the system's trust store.
-    ca_file: Path | None = opt(None, "path", optional=True)
+    # streaming from each other; None (default): the system's trust store.
+    ca_file: Path | None = opt(None, PATH)
 
 
-@dataclass
+@dataclass(frozen=True)
 class MetricsConfig:
-    # Empty: /metrics is served on the main listener. HOST:PORT: only there instead.
-    listen: str = opt("", "str")
+    # "" (default): /metrics is served on the main listener. HOST:PORT: only there instead.
+    listen: str = opt("", STR)
 
 
-@dataclass
+@dataclass(frozen=True)
 class UiConfig:
     """The operator page: at `/ui/` by default; `ui: false` turns it off, `ui: /ops/` moves it."""
 
@@ -413,73 +489,67 @@ _UI_RESERVED = ("/v2/", "/token/", "/metrics/", "/healthz/", "/readyz/")
 
 def _parse_ui(value: object) -> UiConfig:
     """`true`/`false`, a path such as `/ui/`, or a mapping `{enabled, path}`."""
+    enabled, path = True, "/ui/"
     if isinstance(value, Mapping):
-        unknown = set(value) - {"enabled", "path"}
-        if unknown:
+        if set(value) - {"enabled", "path"}:
             raise ValueError
-        ui = UiConfig(
-            _parse_bool(value.get("enabled", True)), _parse_str(value.get("path", "/ui/"))
-        )
+        enabled = _parse_bool(value.get("enabled", True))
+        path = _parse_str(value.get("path", path))
     elif isinstance(value, str) and value.strip().startswith("/"):
-        ui = UiConfig(True, value.strip())
+        path = value.strip()
     else:
-        ui = UiConfig(_parse_bool(value))
-    ui.path = "/" + ui.path.strip("/") + "/"
-    if ui.path == "//" or not re.fullmatch(r"[A-Za-z0-9/_.-]+", ui.path):
+        enabled = _parse_bool(value)
+    path = "/" + path.strip("/") + "/"
+    if path == "//" or not re.fullmatch(r"[A-Za-z0-9/_.-]+", path):
         raise ValueError
-    if any((ui.path + "x").startswith(r) or r.startswith(ui.path) for r in _UI_RESERVED):
+    if any((path + "x").startswith(r) or r.startswith(path) for r in _UI_RESERVED):
         raise ValueError  # would shadow the registry API or the operator endpoints
-    return ui
+    return UiConfig(enabled, path)
 
 
-_KINDS["ui"] = (
+UI = Kind(
     _parse_ui,
     "true, false, a path such as /ui/, or {enabled: true|false, path: /ui/}"
     " (not under /v2/, /token, /metrics, /healthz or /readyz)",
 )
 
 
-def _ui_field() -> Any:
-    return field(
-        default_factory=UiConfig, metadata={"kind": "ui", "optional": False, "secret": False}
-    )
-
-
-@dataclass
+@dataclass(frozen=True)
 class Config:
-    listen: str = opt("0.0.0.0:5000", "str")
-    # Never contact any upstream: serve only what the cache holds (tags whatever their age).
-    offline: bool = opt(False, "bool")
-    # Processes serving the port together (SO_REUSEPORT); 0 = one per CPU core.
-    workers: int = opt(0, "int")
-    # On SIGTERM/SIGINT: stop accepting, give responses in flight this long, then exit 0.
-    shutdown_timeout: float = opt(30.0, "duration")
-
-    def worker_count(self) -> int:
-        return self.workers or len(os.sched_getaffinity(0))
-
-    # containerd's ?ns= naming a registry no upstream stands for: refuse (false), or pull
-    # from https://<ns> anonymously (true: an open proxy to any registry; think twice).
-    allow_any_upstream: bool = opt(False, "bool")
+    # Address of the registry API, HOST:PORT (default 0.0.0.0:5000); port 0: any free port.
+    listen: str = opt("0.0.0.0:5000", STR)
+    # Never contact any upstream: serve only what the cache holds (tags whatever their age);
+    # default false.
+    offline: bool = opt(False, BOOL)
+    # Processes serving the port together (one socket, bound by the instance);
+    # 0 (default) = one per CPU core.
+    workers: int = opt(0, INT)
+    # On SIGTERM/SIGINT: stop accepting, give responses in flight this long (default 30s; 0:
+    # none), then exit 0.
+    shutdown_timeout: float = opt(30.0, DURATION)
+    # containerd's ?ns= naming a registry no upstream stands for: refuse (false, default), or
+    # pull from https://<ns> anonymously (true: an open proxy to any registry; think twice).
+    allow_any_upstream: bool = opt(False, BOOL)
 
     cache: CacheConfig = field(default_factory=CacheConfig)
     # The default upstream (Docker Hub unless set): names without a registry prefix go here.
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
-    # More upstreams by name, each with the options of `upstream`; reached by ?ns=<host>
-    # or a path prefix /v2/<host or alias>/<repository>/...
-    upstreams: dict[str, UpstreamConfig] = field(
-        default_factory=dict, metadata={"kind": "upstreams", "optional": False, "secret": False}
-    )
+    # More upstreams by name (default none), each with the options of `upstream`; reached by
+    # ?ns=<host> or a path prefix /v2/<host or alias>/<repository>/...
+    upstreams: Mapping[str, UpstreamConfig] = opt(_NO_MAPPING, UPSTREAMS)
     auth: AuthConfig = field(default_factory=AuthConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    ui: UiConfig = _ui_field()
+    ui: UiConfig = opt(UiConfig(), UI)
     storage: StorageConfig = field(default_factory=StorageConfig)
     metadata: MetadataConfig = field(default_factory=MetadataConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def worker_count(self) -> int:
+        return self.workers or len(os.sched_getaffinity(0))
 
     @property
     def clustered(self) -> bool:
@@ -497,54 +567,60 @@ def split_host_port(value: str, key: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def _sections(obj: Any) -> dict[str, dataclasses.Field[Any]]:
-    return {f.name: f for f in dataclasses.fields(obj)}
+def _fields(section: DataclassInstance) -> dict[str, dataclasses.Field[Any]]:
+    return {f.name: f for f in dataclasses.fields(section)}
 
 
-def _set(obj: Any, key: str, f: dataclasses.Field[Any], raw: object) -> None:
-    kind = f.metadata["kind"]
+def _parse(key: str, f: dataclasses.Field[Any], raw: object) -> object:
+    """`raw` as the field's kind, or the one-line error naming `key`."""
+    kind: Kind = f.metadata["kind"]
     if raw is None:
         if not f.metadata["optional"]:
-            raise ConfigError(key, f"expected {_KINDS[kind][1]}, got nothing")
-        setattr(obj, f.name, None)
-        return
-    parser, expected = _KINDS[kind]
+            raise ConfigError(key, f"expected {kind.expected}, got nothing")
+        return None
     try:
-        setattr(obj, f.name, parser(raw))
+        return kind.parse(raw)
     except (ValueError, TypeError):
         shown = "***" if f.metadata["secret"] else repr(raw)
-        raise ConfigError(key, f"expected {expected}, got {shown}") from None
+        raise ConfigError(key, f"expected {kind.expected}, got {shown}") from None
 
 
-def _apply_mapping(obj: Any, data: Mapping[str, Any], prefix: str = "") -> None:
-    fields = _sections(obj)
+def _with_mapping(section: _Section, data: Mapping[str, Any], prefix: str = "") -> _Section:
+    """`section` with the options of `data` (a parsed YAML mapping) applied."""
+    fields = _fields(section)
+    changes: dict[str, object] = {}
     for name, raw in data.items():
         key = f"{prefix}{name}"
         f = fields.get(str(name))
         if f is None:
             known = ", ".join(sorted(fields))
             raise ConfigError(key, f"unknown option (known here: {known})")
-        if f.metadata.get("kind") == "upstreams":
-            _apply_upstreams(obj, key, raw)
-        elif "kind" in f.metadata:
-            _set(obj, key, f, raw)
+        kind = f.metadata.get("kind")
+        if kind is UPSTREAMS:
+            changes[f.name] = _with_upstreams(getattr(section, f.name), key, raw)
+        elif kind is not None:
+            changes[f.name] = _parse(key, f, raw)
         elif raw is None:
             continue
         elif isinstance(raw, Mapping):
-            _apply_mapping(getattr(obj, f.name), raw, f"{key}.")
+            changes[f.name] = _with_mapping(getattr(section, f.name), raw, f"{key}.")
         else:
             raise ConfigError(key, "expected a section (a mapping of options)")
+    return dataclasses.replace(section, **changes)
 
 
 UPSTREAM_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 
-def _apply_upstreams(config: Any, key: str, raw: object) -> None:
+def _with_upstreams(
+    upstreams: Mapping[str, UpstreamConfig], key: str, raw: object
+) -> Mapping[str, UpstreamConfig]:
     """`upstreams: {name: {url: ..., ...}}`: each entry takes the options of `upstream`."""
     if raw is None:
-        return
+        return upstreams
     if not isinstance(raw, Mapping):
         raise ConfigError(key, "expected a mapping of upstream names to their options")
+    merged = dict(upstreams)
     for name, options in raw.items():
         name = str(name)
         if not UPSTREAM_NAME_RE.fullmatch(name) or name == "default":
@@ -552,28 +628,79 @@ def _apply_upstreams(config: Any, key: str, raw: object) -> None:
                 f"{key}.{name}",
                 "expected a name of lowercase letters, digits, '.', '_' or '-' (not 'default')",
             )
-        upstream = config.upstreams.get(name) or UpstreamConfig()
+        upstream = merged.get(name) or UpstreamConfig()
         if options is not None:
             if not isinstance(options, Mapping):
                 raise ConfigError(f"{key}.{name}", "expected a section (a mapping of options)")
-            _apply_mapping(upstream, options, f"{key}.{name}.")
-        config.upstreams[name] = upstream
+            upstream = _with_mapping(upstream, options, f"{key}.{name}.")
+        merged[name] = upstream
+    return MappingProxyType(merged)
 
 
-def _apply_env(obj: Any, env: Mapping[str, str], prefix: str = "") -> None:
-    for name, f in _sections(obj).items():
+def _env_var(key: str) -> str:
+    return ENV_PREFIX + key.replace(".", "_").replace("-", "_").upper()
+
+
+def _with_env(
+    section: _Section, env: Mapping[str, str], known: set[str], prefix: str = ""
+) -> _Section:
+    """`section` with its `REGISTRY_MIRROR_<SECTION>_<KEY>` variables applied; every variable
+    it could have read is added to `known`."""
+    changes: dict[str, object] = {}
+    for name, f in _fields(section).items():
         key = f"{prefix}{name}"
-        if f.metadata.get("kind") == "upstreams":
+        kind = f.metadata.get("kind")
+        if kind is UPSTREAMS:
             # Only for upstreams the file names: REGISTRY_MIRROR_UPSTREAMS_<NAME>_<KEY>.
-            for upstream_name, upstream in getattr(obj, name).items():
-                _apply_env(upstream, env, f"{key}.{upstream_name.replace('-', '_')}.")
-            continue
-        if "kind" not in f.metadata:
-            _apply_env(getattr(obj, name), env, f"{key}.")
-            continue
-        var = ENV_PREFIX + key.replace(".", "_").upper()
-        if var in env:
-            _set(obj, f"{key} (from {var})", f, env[var])
+            upstreams = getattr(section, name)
+            changes[name] = MappingProxyType(
+                {n: _with_env(u, env, known, f"{key}.{n}.") for n, u in upstreams.items()}
+            )
+        elif kind is None:
+            changes[name] = _with_env(getattr(section, name), env, known, f"{key}.")
+        else:
+            var = _env_var(key)
+            known.add(var)
+            if var in env:
+                changes[name] = _parse(f"{key} (from {var})", f, env[var])
+    return dataclasses.replace(section, **changes)
+
+
+def _check_env_names(config: Config, env: Mapping[str, str], known: set[str]) -> None:
+    """A misspelt `REGISTRY_MIRROR_*` variable is an error, as a misspelt key in the file is:
+    silently ignoring it would run the mirror on a value the operator did not choose.
+
+    Variables of our prefix that a `*_env` option names hold secrets, not options: allowed.
+    (Every `REGISTRY_MIRROR_*` the project sets itself is an option: the supervisor's
+    REGISTRY_MIRROR_WORKERS=1 for its workers, the test fixtures' LOG_FORMAT and others.)
+    """
+    allowed = known | _secret_variables(config)
+    for var in sorted(v for v in env if v.startswith(ENV_PREFIX) and v not in allowed):
+        named = ENV_PREFIX + "UPSTREAMS_"  # hint within the same kind of variable
+        alike = sorted(k for k in known if k.startswith(named) == var.startswith(named))
+        hint = difflib.get_close_matches(var, alike, n=1)
+        if hint:
+            message = f"no such option; did you mean {hint[0]}?"
+        elif var.startswith(named):
+            message = "no such option (an upstream's variables need it named in the file)"
+        else:
+            message = "no such option (variables are REGISTRY_MIRROR_<SECTION>_<KEY>)"
+        raise ConfigError(var, message)
+
+
+def _secret_variables(config: Config) -> set[str]:
+    """Variables named by `*_env` options (`password_env: GHCR_TOKEN`)."""
+    sections: list[DataclassInstance] = [
+        config.upstream,
+        *config.upstreams.values(),
+        config.storage.s3,
+    ]
+    return {
+        value
+        for section in sections
+        for name in _fields(section)
+        if name.endswith("_env") and (value := getattr(section, name)) is not None
+    }
 
 
 def load_config(
@@ -582,7 +709,8 @@ def load_config(
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, object] | None = None,
 ) -> Config:
-    """Defaults, then the YAML file, then `REGISTRY_MIRROR_*` variables, then dotted overrides."""
+    """Defaults, then the YAML file, then `REGISTRY_MIRROR_*` variables, then dotted overrides;
+    then secrets, checks and packages (see the module's docstring). The result is frozen."""
     config = Config()
     if path is not None:
         try:
@@ -593,14 +721,18 @@ def load_config(
             raise ConfigError("--config", f"{path} is not valid YAML: {exc}") from None
         if not isinstance(data, Mapping):
             raise ConfigError("--config", f"{path} must hold a mapping of sections")
-        _apply_mapping(config, data)
+        config = _with_mapping(config, data)
     env = os.environ if env is None else env
-    _apply_env(config, env)
+    known: set[str] = set()
+    config = _with_env(config, env, known)
+    _check_env_names(config, env, known)
     for key, value in (overrides or {}).items():
         if value is not None:
             *sections, name = key.split(".")
-            _apply_mapping(config, _nest(sections, {name: value}))
-    validate(config, env)
+            config = _with_mapping(config, _nest(sections, {name: value}))
+    config = resolve_secrets(config, env)
+    validate(config)
+    require_extras(config)
     return config
 
 
@@ -611,37 +743,71 @@ def _nest(sections: list[str], leaf: dict[str, object]) -> dict[str, Any]:
     return data
 
 
-def _secret_from_file(section: Any, key: str, name: str) -> None:
-    """`<name>_file` set: the value is the file's content (stripped)."""
-    path = getattr(section, f"{name}_file")
-    if path is None:
-        return
-    try:
-        setattr(section, name, path.read_text().strip())
-    except OSError as exc:
-        raise ConfigError(f"{key}.{name}_file", f"cannot read {path}: {exc.strerror}") from None
+def resolve_secrets(config: Config, env: Mapping[str, str]) -> Config:
+    """`config` with every `<name>_file` and `<name>_env` replaced by the secret it names.
+
+    The one place that reads secret files and variables: after the shape is parsed (so a
+    typo is reported before any file is opened), before `validate` (which then checks the
+    credentials the mirror will really use, e.g. a username without a password)."""
+    s3 = _with_secrets(config.storage.s3, "storage.s3", env, ("access_key", "secret_key"))
+    return dataclasses.replace(
+        config,
+        upstream=_with_secrets(config.upstream, "upstream", env, ("username", "password")),
+        upstreams=MappingProxyType(
+            {
+                name: _with_secrets(up, f"upstreams.{name}", env, ("username", "password"))
+                for name, up in config.upstreams.items()
+            }
+        ),
+        storage=dataclasses.replace(config.storage, s3=s3),
+        cluster=_with_secrets(config.cluster, "cluster", env, ("secret",)),
+    )
 
 
-def _secrets_from_env(
-    section: Any, key: str, names: tuple[str, ...], env: Mapping[str, str]
-) -> None:
-    """`<name>_env` set: the value is that environment variable's, which must exist."""
+def _with_secrets(
+    section: _Section, key: str, env: Mapping[str, str], names: tuple[str, ...]
+) -> _Section:
+    """`<name>_file` set: the file's content (stripped); `<name>_env` set: that variable's
+    value, which must exist (the variable wins if both are set)."""
+    fields = _fields(section)
+    changes: dict[str, str] = {}
     for name in names:
-        var = getattr(section, f"{name}_env")
+        path = getattr(section, f"{name}_file") if f"{name}_file" in fields else None
+        if path is not None:
+            try:
+                changes[name] = path.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"{key}.{name}_file", f"cannot read {path}: {exc.strerror}"
+                ) from None
+        var = getattr(section, f"{name}_env") if f"{name}_env" in fields else None
         if var is not None:
             if var not in env:
                 raise ConfigError(f"{key}.{name}_env", f"${var} is not set")
-            setattr(section, name, env[var])
+            changes[name] = env[var]
+    return dataclasses.replace(section, **changes)
 
 
-def _validate_upstream(up: UpstreamConfig, key: str, env: Mapping[str, str]) -> None:
+# An option's value that needs a package only the `cluster` extra installs.
+_EXTRAS: tuple[tuple[str, str, str], ...] = (
+    ("storage.kind", "s3", "aiobotocore"),
+    ("metadata.kind", "redis", "redis"),
+)
+
+
+def require_extras(config: Config) -> None:
+    """A cluster option without its package stops start-up with the line that fixes it,
+    rather than an ImportError from deep inside the node's assembly."""
+    chosen = {"storage.kind": config.storage.kind, "metadata.kind": config.metadata.kind}
+    for key, value, module in _EXTRAS:
+        if chosen[key] == value and importlib.util.find_spec(module) is None:
+            raise ConfigError(key, f"{value} needs the {module} package: {CLUSTER_EXTRA}")
+
+
+def _validate_upstream(up: UpstreamConfig, key: str) -> None:
     parts = urlsplit(up.url)
     if parts.scheme not in {"http", "https"} or not parts.hostname:
         raise ConfigError(f"{key}.url", f"expected an http(s) URL, got {up.url!r}")
-    if up.library_prefix not in {"auto", "true", "false"}:
-        raise ConfigError(f"{key}.library_prefix", "expected auto, true or false")
-    _secret_from_file(up, key, "password")
-    _secrets_from_env(up, key, ("username", "password"), env)
     if (up.username is None) != (up.password is None):
         raise ConfigError(f"{key}.username", "username and password go together")
     if up.ca_file is not None and not up.ca_file.is_file():
@@ -659,8 +825,6 @@ def _validate_front_door(config: Config) -> None:
     auth, tls, limits = config.auth, config.tls, config.limits
     if auth.htpasswd is not None and not auth.htpasswd.is_file():
         raise ConfigError("auth.htpasswd", f"cannot read {auth.htpasswd}")
-    if config.access.default not in {"allow", "deny"}:
-        raise ConfigError("access.default", "expected allow or deny")
     if (tls.cert is None) != (tls.key is None):
         raise ConfigError("tls.cert", "cert and key go together")
     for name in ("cert", "key", "client_ca"):
@@ -678,12 +842,8 @@ def _validate_front_door(config: Config) -> None:
         raise ConfigError("limits.client_rate", "expected a rate of 0 (off) or more, burst 1+")
 
 
-def _validate_cluster(config: Config, env: Mapping[str, str]) -> None:
+def _validate_cluster(config: Config) -> None:
     storage, metadata, cluster = config.storage, config.metadata, config.cluster
-    if storage.kind not in {"filesystem", "s3"}:
-        raise ConfigError("storage.kind", "expected filesystem or s3")
-    if metadata.kind not in {"local", "redis"}:
-        raise ConfigError("metadata.kind", "expected local or redis")
     s3 = storage.s3
     if storage.kind == "s3":
         if s3.endpoint and urlsplit(s3.endpoint).scheme not in {"http", "https"}:
@@ -694,26 +854,23 @@ def _validate_cluster(config: Config, env: Mapping[str, str]) -> None:
             raise ConfigError("storage.s3.bucket", "expected a bucket name")
         if s3.part_size < 5 * 1024 * 1024:
             raise ConfigError("storage.s3.part_size", "expected 5MiB or more (S3's minimum)")
-    _secrets_from_env(s3, "storage.s3", ("access_key", "secret_key"), env)
-    _secret_from_file(s3, "storage.s3", "secret_key")
     if metadata.kind == "redis" and urlsplit(metadata.redis_url).scheme not in {
         "redis", "rediss", "unix"
     }:  # fmt: skip
         raise ConfigError("metadata.redis_url", "expected redis://HOST:PORT/DB (or rediss://)")
-    _secret_from_file(cluster, "cluster", "secret")
     if cluster.advertise_url and urlsplit(cluster.advertise_url).scheme not in {"http", "https"}:
         raise ConfigError("cluster.advertise_url", "expected an http(s) URL")
     if cluster.ca_file is not None and not cluster.ca_file.is_file():
         raise ConfigError("cluster.ca_file", f"cannot read {cluster.ca_file}")
     if cluster.fill_lease < 1:
         raise ConfigError("cluster.fill_lease", "expected a duration of 1s or more")
-    if config.clustered and metadata.kind == "redis" and not cluster.secret:
+    if metadata.kind == "redis" and not cluster.secret:
         raise ConfigError("cluster.secret", "nodes sharing Redis need a shared secret")
 
 
-def validate(config: Config, env: Mapping[str, str] | None = None) -> None:
-    """Cross-field and semantic checks that a type alone cannot express."""
-    env = os.environ if env is None else env
+def validate(config: Config) -> None:
+    """Cross-field and semantic checks that a type alone cannot express; reads, never changes,
+    the config (choices are already checked by their `Literal` kinds, secrets resolved)."""
     config.listen_address()
     if config.workers < 0:
         raise ConfigError("workers", "expected 0 (one per core) or more")
@@ -734,11 +891,11 @@ def validate(config: Config, env: Mapping[str, str] | None = None) -> None:
             raise ConfigError(
                 "cache.pins", f"{pin!r} is not an image reference: {exc.message}"
             ) from None
-    _validate_upstream(config.upstream, "upstream", env)
+    _validate_upstream(config.upstream, "upstream")
     hosts: dict[str, str] = {}
     for name, upstream in config.upstreams.items():
         key = f"upstreams.{name}"
-        _validate_upstream(upstream, key, env)
+        _validate_upstream(upstream, key)
         for host in [*upstream.registry_names(), *upstream.aliases]:
             if host in hosts:
                 raise ConfigError(f"{key}", f"{host!r} also names upstreams.{hosts[host]}")
@@ -746,8 +903,4 @@ def validate(config: Config, env: Mapping[str, str] | None = None) -> None:
                 raise ConfigError(f"{key}.aliases", f"expected one path segment, got {host!r}")
             hosts[host] = name
     _validate_front_door(config)
-    _validate_cluster(config, env)
-    if config.log.level.lower() not in {"debug", "info", "warning", "error"}:
-        raise ConfigError("log.level", "expected debug, info, warning or error")
-    if config.log.format not in {"auto", "json", "console"}:
-        raise ConfigError("log.format", "expected auto, json or console")
+    _validate_cluster(config)

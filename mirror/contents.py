@@ -21,7 +21,7 @@ import structlog
 
 from mirror.cache.metadata import TagKey, TagRecord
 from mirror.mediatypes import manifest_doc, platform_of, sniff_media_type
-from mirror.mirror import Mirror
+from mirror.node import Node
 from mirror.reference import SHA256_RE, Digest
 
 log = structlog.get_logger(__name__)
@@ -154,14 +154,14 @@ class Catalog:
 
     def __init__(
         self,
-        mirror: Mirror,
-        config_pins: Iterable[str] = (),
+        node: Node,
         *,
         max_age: float = 15.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.mirror = mirror
-        self.config_pins = list(config_pins)
+        self.mirror = node.mirror
+        self.store, self.index, self.metadata = node.store, node.index, node.metadata
+        self.policy = node.policy  # every pin: the config's, this node's, the cluster's
         self.max_age = max_age
         self._clock = clock
         self._refs: dict[Digest, Refs] = {}  # manifests are immutable: parsed once
@@ -170,7 +170,7 @@ class Catalog:
         self._building: asyncio.Task[Snapshot] | None = None
 
     async def pins(self) -> list[str]:
-        return [*self.config_pins, *sorted(await asyncio.to_thread(self.mirror.index.pins))]
+        return await self.policy.pins()
 
     async def snapshot(self, *, fresh: bool = False) -> Snapshot:
         """The summary; rebuilt first if `fresh` or none exists, in the background if stale."""
@@ -200,8 +200,8 @@ class Catalog:
 
     async def _build(self) -> Snapshot:
         started = self._clock()
-        await self.mirror.index.flush()  # sizes and last use as of now
-        pinned = await self.mirror.pinned_digests(await self.pins())
+        await self.index.flush()  # sizes and last use as of now
+        pinned = await self.policy.pinned()
         snapshot = await asyncio.to_thread(self._build_blocking, pinned)
         snapshot.build_seconds = self._clock() - started
         self._snapshot, self._taken = snapshot, started
@@ -216,7 +216,7 @@ class Catalog:
             return known
         limit = self.mirror.router.default.config.manifest_max_size
         try:
-            with open(self.mirror.store.path_for(digest), "rb") as f:
+            with open(self.store.path_for(digest), "rb") as f:
                 data = f.read(limit + 1)
         except FileNotFoundError:
             return None
@@ -249,8 +249,8 @@ class Catalog:
         """Files are the truth for what is cached and its size (a stat, no index read per
         blob: 100,000 index reads take seconds); "last pulled" is when the tag's manifest was
         last served, which every pull of the tag does."""
-        index, blob_dir = self.mirror.index, str(self.mirror.store.blob_dir)
-        records: list[tuple[TagKey, TagRecord]] = list(self.mirror.metadata.iter_tags())
+        index, blob_dir = self.index, str(self.store.blob_dir)
+        records: list[tuple[TagKey, TagRecord]] = list(self.metadata.iter_tags())
         by_repo: dict[tuple[str, str], list[TagRow]] = {}
         repo_digests: dict[tuple[str, str], set[Digest]] = {}
         references: dict[TagKey, frozenset[Digest]] = {}
@@ -297,50 +297,3 @@ class Catalog:
                 )
             )
         return Snapshot(repos, references)
-
-
-@dataclass
-class EvictResult:
-    removed: list[Digest] = field(default_factory=list)
-    freed: int = 0
-    kept_shared: int = 0  # referenced by another cached tag or a pin
-    kept_busy: int = 0  # a fill for it is running
-
-
-async def evict_image(mirror: Mirror, catalog: Catalog, key: TagKey) -> EvictResult:
-    """Remove a tag's manifests and the blobs no other cached tag or pin references.
-
-    A blob that a fill is writing (here or in another worker) is kept; a client already reading
-    a removed file keeps its bytes (unlink semantics), as with eviction by policy.
-    """
-    snapshot = await catalog.refresh()
-    mine = snapshot.references.get(key)
-    if mine is None:
-        return EvictResult()
-    others: set[Digest] = set()
-    for other, digests in snapshot.references.items():
-        if other != key:
-            others |= digests
-    pinned = await mirror.pinned_digests(await catalog.pins())
-    busy = {f.digest for f in mirror.fills.in_flight()}
-    result = EvictResult()
-    victims: list[Digest] = []
-    for digest in sorted(mine):
-        if digest in others or digest in pinned:
-            result.kept_shared += 1
-        elif digest in busy or mirror.fills.locks.is_held(digest):
-            result.kept_busy += 1
-        else:
-            victims.append(digest)
-    await mirror.index.flush()
-    for digest in victims:
-        entry = await asyncio.to_thread(mirror.index.get, digest)
-        if await mirror.store.delete(digest):
-            result.removed.append(digest)
-            result.freed += entry.size if entry is not None else 0
-    await asyncio.to_thread(mirror.index.remove, victims)
-    mirror.forget_manifests(victims)
-    await mirror.metadata.delete_tag(key)
-    log.info("image_evicted", upstream=key[0], repository=key[1], tag=key[2], freed=result.freed)
-    await catalog.refresh()
-    return result

@@ -29,8 +29,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:  # data types only: cache modules import this one at run time
+    from mirror.cache.eviction import SharedEviction
+    from mirror.cache.fill import FillBase, UpstreamBody
     from mirror.cache.index import Entry
     from mirror.cache.metadata import Origins, Privacy, RepoKey, TagKey, TagRecord
+    from mirror.coordination import Claim
     from mirror.reference import Digest
 
 
@@ -208,3 +211,102 @@ class Index(Protocol):
     ) -> list[tuple[str, int, str, float]]:
         """Up to `limit` (digest, size, kind, last_served), least recently served first, only
         those served before `before` if given; none: empty."""
+
+
+# -- what a node shares with the others --------------------------------------------------------
+
+
+class ByteSource(Protocol):
+    """An open stream of a blob's bytes: the upstream's, a peer's, the shared store's."""
+
+    size: int | None  # declared length from the offset it was opened at; None: not said
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The bytes as they arrive; a broken source raises (`UpstreamError`, `Unavailable`)."""
+
+    async def close(self) -> None:
+        """Release the connection; always called, also after a partial read."""
+
+
+class SharedTier(Protocol):
+    """What a node shares with other nodes, asked by the pull policy and the cache policy in
+    the same way on one node (`NoSharedTier`: nothing is shared) and in a cluster (`Cluster`:
+    the object store, Redis leases, pins and index, the peers). For what serving asks, a
+    shared service being down is never an exception: the tier degrades (None, empty,
+    `store_down`) and says so in `status`; only the upstream's own failures pass through
+    `open_body`. What an operator asks for (`set_pins`, `evict`, `verify`) raises
+    `Unavailable` instead, so a command does not report work it could not do."""
+
+    @property
+    def store_down(self) -> bool:
+        """The shared store is configured but unreachable: blobs pass through uncached."""
+
+    def touched(self, digest: Digest) -> None:
+        """A hit on this node (recency for the shared index; no I/O, never fails)."""
+
+    async def presigned(self, digest: Digest) -> str | None:
+        """A URL to redirect a client to for a blob the shared store holds; None otherwise."""
+
+    async def direct_stream(self, digest: Digest) -> ByteSource | None:
+        """The shared store's bytes when this node keeps no local copies; None otherwise."""
+
+    async def get_manifest(self, digest: Digest, limit: int) -> bytes | None:
+        """A manifest another node stored, verified; None if absent, too big or corrupt."""
+
+    async def put_manifest(self, digest: Digest, data: bytes) -> None:
+        """Share a verified manifest with the other nodes (best effort)."""
+
+    async def open_body(
+        self,
+        digest: Digest,
+        upstream: Callable[[int], Awaitable[ByteSource]],
+        fill: Callable[[], FillBase],
+    ) -> UpstreamBody:
+        """The bytes for this node's fill: from the shared store, the node holding the fill's
+        lease, or `upstream(offset)`. The upstream's failures propagate."""
+
+    async def shared_pins(self) -> list[str]:
+        """Images pinned for every node (none on one node)."""
+
+    async def set_pins(self, images: list[str], *, pin: bool) -> None:
+        """Pin or unpin `images` for every node (a no-op on one node)."""
+
+    async def entry(self, digest: Digest) -> tuple[int, float] | None:
+        """(size, last served) from the shared index; None if unknown there."""
+
+    async def lead_eviction(self, pinned: set[Digest]) -> SharedEviction | None:
+        """The shared store's eviction pass, if this node is the one that evicts now."""
+
+    async def evict(self, pinned: set[Digest], *, dry_run: bool) -> SharedEviction | None:
+        """The shared store's eviction pass from this node now (`gc`); None on one node."""
+
+    async def drop(self, digests: list[Digest]) -> list[Digest]:
+        """Remove objects from the shared store (an evicted image), except those some node
+        is streaming; the ones removed."""
+
+    async def verify(self) -> tuple[int, list[Digest]]:
+        """Re-hash every shared object, removing the corrupt ones: (checked, removed)."""
+
+    def status(self) -> dict[str, object]:
+        """For /readyz: which shared services this node works without (empty on one node)."""
+
+    async def start(self) -> None:
+        """Connect (a service down at start is noted, not raised)."""
+
+    async def close(self) -> None:
+        """Let uploads in flight finish (bounded), then disconnect."""
+
+
+class FillCoordinator(Protocol):
+    """Which node fetches a blob from the upstream (mirror/coordination.py: `LocalCoordinator`
+    where nothing is shared, `RedisCoordinator` with leases). Never raises for Redis being
+    down: then every node claims."""
+
+    async def claim(self, digest: Digest) -> Claim:
+        """Mine (fetch it, then `release`), or the owner that is fetching it."""
+
+    async def release(self, digest: Digest) -> None:
+        """Give a claimed fill back (a no-op if not held)."""
+
+    async def close(self) -> None:
+        """Stop keeping claims alive (held leases lapse)."""

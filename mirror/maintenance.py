@@ -9,93 +9,29 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from mirror.access import build_policy
-from mirror.cache.blobs import FilesystemBlobStore
-from mirror.cache.eviction import EvictionPlan, Evictor
-from mirror.cache.index import CacheIndex
-from mirror.cache.metadata import LocalMetadataStore, MetadataStore
-from mirror.cache.redis_store import RedisMetadataStore
-from mirror.cache.tiered import TieredMetadataStore
-from mirror.cluster import (
-    Cluster,
-    SharedEviction,
-    build_cluster,
-    shared_policy,
-)
+from mirror.cache.eviction import EvictionPlan, SharedEviction
 from mirror.config import Config
-from mirror.metrics import Metrics
-from mirror.mirror import Mirror
-from mirror.reference import Digest, parse_image
-from mirror.upstream.routing import build_router
+from mirror.node import Node, open_node
+from mirror.reference import Digest
 
-
-@dataclass
-class CacheHandle:
-    config: Config
-    store: FilesystemBlobStore
-    metadata: MetadataStore
-    index: CacheIndex
-    mirror: Mirror
-    evictor: Evictor
-    cluster: Cluster | None = None  # the shared store and Redis, for a cluster's node
+CacheHandle = Node  # what the commands work on: the node's assembled services
 
 
 @asynccontextmanager
-async def open_cache(config: Config) -> AsyncIterator[CacheHandle]:
-    """The cache directory's parts (and a cluster's shared store and Redis), without a
-    server or upstream connections."""
-    store = FilesystemBlobStore(config.cache.dir)
-    await asyncio.to_thread(store.setup)
-    local = await asyncio.to_thread(LocalMetadataStore, config.cache.dir / "meta")
-    metadata: MetadataStore = local
-    index = await asyncio.to_thread(CacheIndex, config.cache.dir / "index", time.time)
-    cluster = None
-    if config.clustered:
-        cluster = build_cluster(config, Metrics())
-        await cluster.start()
-        if cluster.redis is not None:
-            metadata = TieredMetadataStore(
-                RedisMetadataStore(cluster.redis), local, cluster.redis_health
-            )
-    mirror = Mirror(
-        store, metadata, index, build_router(config), policy=build_policy(config), cluster=cluster
-    )
-    evictor = Evictor(store, index, config.cache, time.time)
-    try:
-        yield CacheHandle(config, store, metadata, index, mirror, evictor, cluster)
-    finally:
-        await index.flush()
-        index.close()
-        if cluster is not None:
-            await cluster.close()
-        metadata.close()
-
-
-async def all_pins(handle: CacheHandle) -> list[str]:
-    pins = [*handle.config.cache.pins, *sorted(await asyncio.to_thread(handle.index.pins))]
-    if handle.cluster is not None:
-        pins += await handle.cluster.shared_pins()
-    return pins
+async def open_cache(config: Config, *, connect: bool = False) -> AsyncIterator[CacheHandle]:
+    """The cache directory's node (and a cluster's shared store and Redis), without a server;
+    `connect` opens the upstream sessions (for `warm`)."""
+    async with open_node(config, connect=connect) as node:
+        yield node
 
 
 async def gc(handle: CacheHandle, *, dry_run: bool) -> tuple[EvictionPlan, SharedEviction | None]:
-    """This node's local pass, and in a cluster the shared store's."""
-    await asyncio.to_thread(
-        handle.index.reconcile, handle.store.blob_dir, handle.metadata.is_manifest
-    )
-    pinned = await handle.mirror.pinned_digests(await all_pins(handle))
-    plan = await handle.evictor.run_once(pinned, dry_run=dry_run)
-    shared = None
-    cluster = handle.cluster
-    if cluster is not None and cluster.index is not None:
-        policy = shared_policy(handle.config)
-        shared = await cluster.evict_shared(pinned, dry_run=dry_run, **policy)
-    return plan, shared
+    """This node's pass, and in a cluster the shared store's."""
+    return await handle.policy.gc(dry_run=dry_run)
 
 
 @dataclass(frozen=True)
@@ -115,13 +51,12 @@ async def list_images(handle: CacheHandle) -> list[ImageRow]:
     await asyncio.to_thread(
         handle.index.reconcile, handle.store.blob_dir, handle.metadata.is_manifest
     )
-    pinned = await handle.mirror.pinned_digests(await all_pins(handle))
+    pinned = await handle.policy.pinned()
     rows = []
     for (upstream, repo, tag), record in await asyncio.to_thread(
         lambda: list(handle.metadata.iter_tags())
     ):
-        digests: set[Digest] = set()
-        await handle.mirror.collect_digests(record.digest, digests)
+        digests = await handle.policy.references(record.digest)
         sizes = [await _entry(handle, d) for d in digests]
         present = [e for e in sizes if e is not None]
         rows.append(
@@ -144,12 +79,7 @@ async def _entry(handle: CacheHandle, digest: Digest) -> tuple[int, float] | Non
     entry = handle.index.get(digest)
     if entry is not None:
         return entry.size, entry.last_served
-    cluster = handle.cluster
-    if cluster is not None and cluster.index is not None:
-        shared = await cluster.index.get(digest)
-        if shared is not None:
-            return shared[0], shared[3]
-    return None
+    return await handle.shared.entry(digest)
 
 
 def _hash_file(path: str) -> str:
@@ -177,46 +107,10 @@ async def verify(handle: CacheHandle, *, repair: bool) -> tuple[int, list[Digest
     if repair:
         await asyncio.to_thread(handle.index.clear)
     await asyncio.to_thread(handle.index.reconcile, store.blob_dir, handle.metadata.is_manifest)
-    checked = len(digests)
-    if handle.cluster is not None and handle.cluster.s3 is not None:
-        shared_checked, shared_bad = await verify_shared(handle.cluster)
-        checked += shared_checked
-        bad += shared_bad
-    return checked, bad
-
-
-async def verify_shared(cluster: Cluster) -> tuple[int, list[Digest]]:
-    """Re-hash every object of the shared store; remove the ones that do not match."""
-    assert cluster.s3 is not None
-    objects = await cluster.iter_shared()
-    bad = []
-    for digest, _size in objects:
-        body = await cluster.s3.open_stream(digest)
-        if body is None:
-            continue  # evicted meanwhile
-        sha = hashlib.sha256()
-        try:
-            async for chunk in body.chunks:
-                await asyncio.to_thread(sha.update, chunk)
-        finally:
-            await body.close()
-        if "sha256:" + sha.hexdigest() != digest:
-            bad.append(digest)
-            await cluster.s3.delete(digest)
-            if cluster.index is not None:
-                await cluster.index.remove(digest)
-    return len(objects), bad
+    shared_checked, shared_bad = await handle.shared.verify()
+    return len(digests) + shared_checked, bad + shared_bad
 
 
 async def set_pins(handle: CacheHandle, images: list[str], *, pin: bool) -> set[str]:
-    for image in images:
-        parse_image(image)  # refuse what could never match
-    pins = await asyncio.to_thread(handle.index.pins)
-    pins = pins | set(images) if pin else pins - set(images)
-    await asyncio.to_thread(handle.index.set_pins, pins)
-    cluster = handle.cluster
-    if cluster is not None and cluster.index is not None:  # pins are cluster-wide there
-        for image in images:
-            await (cluster.index.pin(image) if pin else cluster.index.unpin(image))
-        pins = pins | set(await cluster.shared_pins())
-    return pins
+    """Pin or unpin on this node and cluster-wide; the managed pins after."""
+    return await handle.policy.set_pins(images, pin=pin)

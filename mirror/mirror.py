@@ -17,20 +17,25 @@ from dataclasses import dataclass
 from typing import Literal
 
 import structlog
-from cachetools import LRUCache, TTLCache
+from cachetools import LRUCache
 
 from mirror.access import ANONYMOUS, Policy, Principal
+from mirror.access_guard import AccessGuard, upstream_trouble
+from mirror.breaker import DiskFullBreaker
 from mirror.cache.blobs import FilesystemBlobStore, OpenBlob, is_disk_full
-from mirror.cache.fill import FillBase, FillManager, TailReader, UpstreamBody
+from mirror.cache.fill import FillBase, FillManager, RemoteFill, TailReader, UpstreamBody
 from mirror.cache.index import CacheIndex
 from mirror.cache.locks import FileLocks
-from mirror.cache.metadata import MetadataStore, Privacy, RepoKey, TagKey, TagRecord
-from mirror.cluster import Cluster
-from mirror.errors import DigestMismatch, RegistryError, UpstreamError
-from mirror.mediatypes import ALL_MANIFESTS, accepts, manifest_doc, sniff_media_type
+from mirror.cache.metadata import MetadataStore, TagKey, TagRecord
+from mirror.errors import DigestMismatch, RegistryError
+from mirror.interfaces import ByteSource, SharedTier
+from mirror.mediatypes import ALL_MANIFESTS, accepts, sniff_media_type
 from mirror.metrics import Metrics
+from mirror.pins import descriptors
 from mirror.provenance import Provenance, Verdict
-from mirror.reference import SHA256_RE, Digest, Name, Tag, is_digest, parse_image
+from mirror.reference import Digest, Name, Tag, is_digest
+from mirror.resume import ResumingSource
+from mirror.shared import NoSharedTier
 from mirror.singleflight import SingleFlight
 from mirror.upstream.client import BlobStream, FetchedManifest, TagList, UpstreamClient
 from mirror.upstream.routing import Router, Target
@@ -39,9 +44,6 @@ log = structlog.get_logger(__name__)
 
 CacheResult = Literal["hit", "miss", "revalidated", "joined", "bypass", "stale"]
 MANIFEST_MEMORY_BYTES = 64 * 1024 * 1024
-FULL_RETRY_SECONDS = 30.0  # while the disk is full, try caching again this often
-PRIVACY_TTL = 3600.0  # how long a repository's private/public status is trusted
-PROBED_REPOSITORIES = 10_000  # privacy answers held in memory until content proves the repo
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,17 @@ class Manifest:
     data: bytes
     media_type: str
     digest: Digest
+
+
+@dataclass(frozen=True)
+class FillView:
+    """A fill in flight, as the operator page shows it."""
+
+    digest: Digest
+    written: int
+    size: int | None
+    state: str
+    follower: bool  # following another process's fill
 
 
 @dataclass(frozen=True)
@@ -70,13 +83,18 @@ class BlobAnswer:
     stream: AsyncGenerator[bytes, None] | None = None
     redirect: str | None = None  # a presigned URL of the shared store (cluster option)
 
+    async def release(self) -> None:
+        """Let go of what was opened, when it will not be sent (e.g. a 416)."""
+        if self.file is not None:
+            self.file.close()
+        if self.reader is not None:
+            self.reader.close()
+        if self.stream is not None:
+            await self.stream.aclose()
 
-def upstream_trouble(exc: BaseException) -> bool:
-    """Failures that say nothing about the content (unreachable, 5xx, rate limit), as opposed
-    to real answers such as 404: a cached tag may be served stale through these."""
-    return isinstance(exc, UpstreamError) or (
-        isinstance(exc, RegistryError) and exc.code == "TOOMANYREQUESTS"
-    )
+
+async def _never_fetch() -> UpstreamBody:
+    raise RegistryError("BLOB_UNKNOWN", "this node is not fetching that blob")
 
 
 def offline_miss(code: str, what: str) -> RegistryError:
@@ -100,13 +118,12 @@ class Mirror:
         offline: bool = False,
         clock: Callable[[], float] = time.time,
         policy: Policy | None = None,
-        cluster: Cluster | None = None,
+        shared: SharedTier | None = None,
     ) -> None:
         self.metrics = metrics or Metrics()
-        self.cluster = cluster  # several nodes on a shared store and Redis (None: one node)
-        if cluster is not None:
-            cluster.drop_local = self._drop_local
-        self.policy = policy or Policy()
+        # What this node shares with others: nothing (one node), or a cluster's store and Redis.
+        self.shared: SharedTier = shared or NoSharedTier()
+        policy = policy or Policy()
         self.offline = offline  # never contact an upstream
         locks = FileLocks(store.root / "locks")
         locks.setup()
@@ -116,94 +133,44 @@ class Mirror:
         self.fills = FillManager(store, locks, on_commit=self._blob_committed)
         self.router = router
         self.clock = clock
-        self.full_until = 0.0  # while clock() < this, blob misses bypass the cache
+        self.disk = DiskFullBreaker(clock)  # while tripped, blob misses bypass the cache
         self._manifests: LRUCache[Digest, Manifest] = LRUCache(
             MANIFEST_MEMORY_BYTES, getsizeof=lambda m: len(m.data) + 256
         )
         self._manifest_flight: SingleFlight[tuple[str, ...], FetchedManifest] = SingleFlight()
         self._revalidate_flight: SingleFlight[TagKey, bool] = SingleFlight()
-        self._privacy_flight: SingleFlight[RepoKey, bool] = SingleFlight()
-        # A probe's answer stays in memory only: a repository is written down (durably) once
-        # content came from it, so requests for names that do not exist leave no record.
-        self._probed: TTLCache[RepoKey, Privacy] = TTLCache(
-            PROBED_REPOSITORIES, PRIVACY_TTL, timer=clock
-        )
+        self.access = AccessGuard(policy, metadata, router, offline=offline, clock=clock)
         # Private content exists only where the mirror holds upstream credentials, and
         # anyone may name a registry of their own with `allow_any_upstream`; with neither,
         # every digest is public and no provenance is kept.
         guarded = router.allow_any or any(
             u.config.has_credentials for u in router.upstreams.values()
         )
-        self.provenance = Provenance(metadata, self.policy, guarded=guarded, offline=offline)
+        self.provenance = Provenance(metadata, policy, guarded=guarded, offline=offline)
         self._background: set[asyncio.Future[None]] = set()  # records made after a fill
 
     @property
     def guarded(self) -> bool:
         return self.provenance.guarded
 
+    @property
+    def policy(self) -> Policy:
+        """Who may pull what (the access rules), as the guard and provenance apply them."""
+        return self.access.policy
+
+    @policy.setter
+    def policy(self, policy: Policy) -> None:
+        self.access.policy = self.provenance.policy = policy
+
     def may_pull(self, principal: Principal, upstream: str, repository: str) -> bool:
-        """Whether `principal` may pull `repository` (as `upstream` names it) here, as far as
-        known without asking the upstream (for listings of what the cache holds)."""
-        client = self.router.upstreams.get(upstream)
-        private = True
-        if client is None or not client.config.has_credentials:
-            private = False
-        else:
-            known = self.metadata.cached_privacy((upstream, repository))
-            private = True if known is None else known.private
-        return self.policy.allows(principal, upstream, repository, private=private)
-
-    # -- access -----------------------------------------------------------------------------
-
-    async def _authorize(self, principal: Principal, target: Target) -> bool:
-        """Refuse a client the policy does not let pull `target`; True if it is private."""
-        private = await self._is_private(target)
-        upstream, repository = target.upstream.name, target.repository
-        if self.policy.allows(principal, upstream, repository, private=private):
-            return private
-        detail = {"repository": target.key}
-        if principal.authenticated:
-            raise RegistryError("DENIED", "you may not pull this repository", detail)
-        raise RegistryError("UNAUTHORIZED", "authentication required to pull this", detail)
-
-    async def _is_private(self, target: Target) -> bool:
-        """Whether anonymous upstream access cannot read `target` (then only clients the
-        policy names may): asked of the upstream without credentials, remembered an hour."""
-        upstream = target.upstream
-        if not upstream.config.has_credentials:
-            return False
-        key: RepoKey = (upstream.name, target.repository)
-        probed = self._probed.get(key)
-        if probed is not None:
-            return probed.private
-        known = await self.metadata.get_privacy(key)
-        if known is not None and (self.offline or self.clock() - known.checked_at < PRIVACY_TTL):
-            return known.private
-        if self.offline:
-            return True
-
-        async def probe() -> bool:
-            public = await upstream.anonymous_can_read(target.name)
-            # Recorded inside the flight, so a request arriving as it ends finds the answer.
-            self._probed[key] = Privacy(not public, self.clock())
-            return public
-
-        try:
-            public = await self._privacy_flight.do(key, probe)
-        except Exception as exc:
-            if not upstream_trouble(exc):
-                raise
-            return True if known is None else known.private
-        return not public
+        """See `AccessGuard.may_pull` (for listings of what the cache holds)."""
+        return self.access.may_pull(principal, upstream, repository)
 
     async def _record(self, target: Target, digests: list[Digest], private: bool) -> None:
         """`target` holds `digests`, on evidence (see `provenance`); the repository exists, so
         its privacy answer is kept durably now."""
         await self.provenance.record(target, digests, private=private)
-        key: RepoKey = (target.upstream.name, target.repository)
-        probed = self._probed.pop(key, None)
-        if probed is not None:
-            await self.metadata.put_privacy(key, probed)
+        await self.access.remember(target)
 
     # -- manifests --------------------------------------------------------------------------
 
@@ -216,7 +183,7 @@ class Mirror:
         principal: Principal = ANONYMOUS,
     ) -> ManifestAnswer:
         target = self.router.route(name, namespace)
-        private = await self._authorize(principal, target)
+        private = await self.access.authorize(principal, target)
         if is_digest(reference):
             digest = Digest(reference)
             cached = await self.cached_manifest(digest)
@@ -304,8 +271,8 @@ class Mirror:
         # Bounded by the manifest limit: a layer's digest asked for as a manifest is not read.
         limit = self.router.default.config.manifest_max_size
         data = await self.store.read_bytes(digest, limit)
-        if data is None and self.cluster is not None:
-            data = await self.cluster.get_manifest(digest, limit)  # stored by another node
+        if data is None:
+            data = await self.shared.get_manifest(digest, limit)  # stored by another node
             if data is not None:
                 await self._keep_manifest(digest, data)
         if data is None:
@@ -321,8 +288,7 @@ class Mirror:
     def _touch(self, digest: Digest) -> None:
         """A hit: recency for this node's LRU index, and for the cluster's shared one."""
         self.index.touch(digest)
-        if self.cluster is not None:
-            self.cluster.touched(digest)
+        self.shared.touched(digest)
 
     async def _fetch_manifest(
         self, target: Target, reference: str, accept: list[str], private: bool
@@ -337,8 +303,7 @@ class Mirror:
             await self._record(target, [fetched.digest], private)
             await self.metadata.put_media_type(fetched.digest, fetched.media_type)
             await self._keep_manifest(fetched.digest, fetched.data)
-            if self.cluster is not None:
-                await self.cluster.put_manifest(fetched.digest, fetched.data)
+            await self.shared.put_manifest(fetched.digest, fetched.data)
             return fetched
 
         fetched = await self._manifest_flight.do(key, fetch)
@@ -355,7 +320,7 @@ class Mirror:
         except Exception as exc:
             if not is_disk_full(exc):
                 raise
-            self._disk_full(exc)  # still answer: the bytes are verified, just not kept
+            self.disk.trip(exc)  # still answer: the bytes are verified, just not kept
 
     # -- blobs ------------------------------------------------------------------------------
 
@@ -365,45 +330,45 @@ class Mirror:
         digest: Digest,
         *,
         whole: bool = False,
+        ranged: bool = False,
         namespace: str | None = None,
         principal: Principal = ANONYMOUS,
     ) -> BlobAnswer:
         """A blob to serve. On a miss, join or start its fill; `whole` waits for the commit
-        (for range requests, which must not be answered from unverified bytes). A pass-through
-        answer (disk full) is always the whole blob."""
+        (a warm). `ranged`: the caller sends byte ranges, so it needs the size before the
+        first byte; a fill that has it is tailed (bytes already in go at once), one whose
+        upstream did not say is awaited. Any answer may serve ranges (see web/responses.py)."""
         target = self.router.route(name, namespace)
-        private = await self._authorize(principal, target)
+        private = await self.access.authorize(principal, target)
         verdict = await self.provenance.check(
             target, digest, private=private, principal=principal, kind="blob"
         )
         if verdict is Verdict.PROVE:
-            return await self._blob_from_target_only(target, digest, private, whole)
+            return await self._blob_from_target_only(target, digest, private, whole, ranged)
         cached = await self.store.open_for_serving(digest)
         if cached is not None:
             self._touch(digest)
             return BlobAnswer(cached.size, "hit", file=cached)
         if self.offline:
             raise offline_miss("BLOB_UNKNOWN", "blob")
-        if self.cluster is not None and not whole:
-            url = await self.cluster.presigned(digest)
+        if not whole:  # the shared store answers ranges itself, a stream is cut to them
+            url = await self.shared.presigned(digest)
             if url is not None:
                 return BlobAnswer(None, "hit", redirect=url)
-            stream = await self.cluster.direct_stream(digest)  # no local tier
+            stream = await self.shared.direct_stream(digest)  # no local tier
             if stream is not None:
                 chunks = verified(stream.chunks(), digest, stream.close)
                 return BlobAnswer(stream.size, "hit", stream=chunks)
         upstream, name = target.upstream, target.name
-        if self.clock() < self.full_until or (self.cluster is not None and self.cluster.store_down):
+        if self.disk.bypassing or self.shared.store_down:
             return await self._pass_through(upstream, name, digest)
 
-        async def from_upstream(offset: int = 0) -> BlobStream:
-            return await upstream.open_blob(name, digest, offset)
+        async def from_upstream(offset: int = 0) -> ByteSource:
+            return await _open_upstream(upstream, name, digest, offset)
 
         async def open_body() -> UpstreamBody:
-            if self.cluster is not None:  # the shared store, the node filling it, or upstream
-                return await self.cluster.open_body(digest, from_upstream, lambda: fill)
-            stream = await from_upstream()
-            return UpstreamBody(stream.size, stream.chunks(), stream.close)
+            # The shared store, the node filling it, or the upstream (one node: the upstream).
+            return await self.shared.open_body(digest, from_upstream, lambda: fill)
 
         fill, started = self.fills.join(digest, open_body)
         if started and fill.task is not None:
@@ -411,7 +376,7 @@ class Mirror:
         # Joining a fill whose bytes all verified already costs no upstream traffic: a hit.
         result: CacheResult = "miss" if started else "hit" if fill.verified else "joined"
         try:
-            answer = await self._follow_fill(fill, result, whole)
+            answer = await self._follow_fill(fill, result, whole, ranged)
         except Exception as exc:
             if not is_disk_full(exc):
                 raise
@@ -427,18 +392,22 @@ class Mirror:
         return BlobAnswer(cached.size, result, file=cached)
 
     async def _follow_fill(
-        self, fill: FillBase, result: CacheResult, whole: bool
+        self, fill: FillBase, result: CacheResult, whole: bool, ranged: bool = False
     ) -> BlobAnswer | None:
-        """A reader of the fill's bytes, or None once they are in the store (read it there)."""
+        """A reader of the fill's bytes, or None once they are in the store (read it there).
+        A range needs the size: a fill of unknown size is awaited whole."""
         if whole:
             await fill.wait_done()
             return None
         await fill.wait_started()
+        if ranged and fill.size is None:
+            await fill.wait_done()
+            return None
         reader = fill.open_reader()
         return None if reader is None else BlobAnswer(fill.size, result, reader=reader)
 
     async def _blob_from_target_only(
-        self, target: Target, digest: Digest, private: bool, whole: bool
+        self, target: Target, digest: Digest, private: bool, whole: bool, ranged: bool = False
     ) -> BlobAnswer:
         """`Verdict.PROVE`: the client gets the target upstream's own bytes, verified, and
         nothing else: no cached copy, no other request's fill, no peer or shared store. Once
@@ -449,7 +418,7 @@ class Mirror:
 
         async def open_body() -> UpstreamBody:
             nonlocal opened
-            stream = await upstream.open_blob(name, digest)
+            stream = await _open_upstream(upstream, name, digest)
             opened = True
             return UpstreamBody(stream.size, stream.chunks(), stream.close)
 
@@ -462,7 +431,7 @@ class Mirror:
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
 
-        free = not self.offline and self.clock() >= self.full_until
+        free = not self.offline and not self.disk.bypassing
         if free and await self.store.stat(digest) is None:
             fill, started = self.fills.join(digest, open_body)
             if started and fill.task is not None:
@@ -470,12 +439,12 @@ class Mirror:
                 fill.task.add_done_callback(committed)
                 await fill.wait_started()
                 if opened:  # the bytes in this fill are the target's own
-                    answer = await self._follow_fill(fill, "miss", whole)
+                    answer = await self._follow_fill(fill, "miss", whole, ranged)
                     answer = answer or await self._open_fetched(fill)
                     if answer is not None:
                         return answer
         self.metrics.cache_bypassed.inc()
-        stream = await upstream.open_blob(name, digest)
+        stream = await _open_upstream(upstream, name, digest)
         chunks = verified(stream.chunks(), digest, stream.close, on_match=proven)
         return BlobAnswer(stream.size, "bypass", stream=chunks)
 
@@ -486,20 +455,51 @@ class Mirror:
         cached = await self.store.open_for_serving(fill.digest)
         return None if cached is None else BlobAnswer(cached.size, "miss", file=cached)
 
-    async def _drop_local(self, digest: Digest) -> None:
-        """Forget this node's copy of a blob (readers holding it open keep their bytes)."""
-        await self.store.delete(digest)
-        await asyncio.to_thread(self.index.remove, [digest])
-
     async def _pass_through(
         self, upstream: UpstreamClient, name: Name, digest: Digest
     ) -> BlobAnswer:
         """The cache cannot take bytes: stream the upstream's straight to the client."""
         self.metrics.cache_bypassed.inc()
-        stream = await upstream.open_blob(name, digest)
+        stream = await _open_upstream(upstream, name, digest)
         return BlobAnswer(
             stream.size, "bypass", stream=verified(stream.chunks(), digest, stream.close)
         )
+
+    # -- what the page, the commands and the peer endpoint may ask ----------------------------
+
+    async def is_cached(self, digest: Digest) -> bool:
+        """Whether the blob (or manifest) is committed on this node (no recency, no checks)."""
+        return await self.store.stat(digest) is not None
+
+    async def fills_in_flight(self) -> list[FillView]:
+        """Every fill on this node: this process's, and other workers' from their temp files."""
+        views = [
+            FillView(f.digest, f.written, f.size, f.state.value, isinstance(f, RemoteFill))
+            for f in sorted(self.fills.in_flight(), key=lambda f: f.digest)
+        ]
+        seen = {v.digest for v in views}
+        for digest, declared, written in await asyncio.to_thread(self.store.partials):
+            if digest not in seen:
+                seen.add(digest)
+                views.append(FillView(digest, written, declared, "streaming", True))
+        return views
+
+    def bytes_filling(self) -> int:
+        """Bytes this process's fills have written so far (a warm's progress)."""
+        return sum(f.written for f in self.fills.in_flight())
+
+    async def local_fill(self, digest: Digest) -> FillBase | None:
+        """A fill of `digest` on this node, in this process or (followed) in another worker's;
+        None if none is running (for another node's peer request: it never fetches)."""
+        fill = self.fills.get(digest)
+        if fill is None and await asyncio.to_thread(self.store.find_partial, digest) is not None:
+            # The fill lock decides; if no worker holds it any more, the fill ended.
+            fill, _ = self.fills.join(digest, _never_fetch)
+        return fill
+
+    async def open_cached(self, digest: Digest) -> OpenBlob | None:
+        """The committed file to send (no recency, no checks: the peer endpoint's)."""
+        return await self.store.open_for_serving(digest)
 
     def refresh_gauges(self) -> None:
         """Set the gauges that describe state (at scrape time and once a second)."""
@@ -515,54 +515,23 @@ class Mirror:
 
     def _blob_committed(self, digest: Digest, size: int) -> None:
         self.index.add(digest, size, "blob")
-        if self.full_until:
-            self.full_until = 0.0
-            log.info("cache_space_returned", digest=digest)
+        self.disk.committed(digest)
 
     def _fill_ended(self, fill: FillBase) -> None:
         if fill.error is not None and is_disk_full(fill.error):
-            self._disk_full(fill.error)
+            self.disk.trip(fill.error)
 
-    def _disk_full(self, exc: BaseException) -> None:
-        """Start (or extend) a disk-full episode; logged once per episode."""
-        if not self.full_until:
-            log.warning("cache_full", error=str(exc), retry_in=FULL_RETRY_SECONDS)
-        self.full_until = self.clock() + FULL_RETRY_SECONDS
-
-    # -- pins -------------------------------------------------------------------------------
-
-    async def pinned_digests(self, pins: Iterable[str]) -> set[Digest]:
-        """Every manifest and blob digest of the pinned images that the cache knows of."""
-        out: set[Digest] = set()
-        for pin in pins:
-            name, reference = parse_image(pin)
-            if is_digest(reference):
-                await self.collect_digests(Digest(reference), out)
-                continue
-            target = self.router.route(name)
-            record = await self.metadata.get_tag(
-                (target.upstream.name, target.repository, reference)
-            )
-            if record is not None:
-                await self.collect_digests(record.digest, out)
-        return out
-
-    async def collect_digests(self, digest: Digest, out: set[Digest]) -> None:
-        """Add `digest` and, for a cached manifest, everything it references, to `out`."""
-        if digest in out:
-            return
-        out.add(digest)
-        manifest = self._manifests.get(digest)  # not cached_manifest: no recency for pins
+    async def manifest_bytes(self, digest: Digest) -> bytes | None:
+        """A cached manifest's bytes from memory, disk or the shared store, without recency
+        (for pins, which must not keep themselves warm)."""
+        manifest = self._manifests.get(digest)
+        if manifest is not None:
+            return manifest.data
         limit = self.router.default.config.manifest_max_size
-        data = manifest.data if manifest else await self.store.read_bytes(digest, limit)
-        if data is None and self.cluster is not None:  # pinned by another node, say
-            data = await self.cluster.get_manifest(digest, limit)
-        if data is None:
-            return
-        children, blobs = _descriptors(data)
-        for child in children:
-            await self.collect_digests(child, out)
-        out.update(blobs)
+        data = await self.store.read_bytes(digest, limit)
+        if data is None:  # pinned by another node, say
+            data = await self.shared.get_manifest(digest, limit)
+        return data
 
     async def blob_size(
         self,
@@ -573,7 +542,7 @@ class Mirror:
     ) -> tuple[int | None, CacheResult]:
         """For HEAD: the cached size, or the upstream's answer (nothing is fetched)."""
         target = self.router.route(name, namespace)
-        private = await self._authorize(principal, target)
+        private = await self.access.authorize(principal, target)
         size = await self.store.stat(digest)
         if size is not None:
             verdict = await self.provenance.check(
@@ -599,7 +568,7 @@ class Mirror:
         """The upstream's tag list, passed through, with its `Link` pointing back at us.
         Offline, the tags the cache holds for the repository."""
         target = self.router.route(name, namespace)
-        await self._authorize(principal, target)
+        await self.access.authorize(principal, target)
         if self.offline:
             return await self._cached_tags(target, name, params)
         listing = await target.upstream.list_tags(target.name, params)
@@ -626,26 +595,22 @@ class Mirror:
         return TagList(body, "application/json", link)
 
 
-def _descriptors(data: bytes) -> tuple[list[Digest], list[Digest]]:
-    """A manifest's child manifests (of an index) and blobs (config and layers)."""
-    doc = manifest_doc(data)
-    if doc is None:
-        return [], []
-
-    def digests(items: object) -> list[Digest]:
-        return [
-            Digest(d["digest"])
-            for d in (items if isinstance(items, list) else [])
-            if isinstance(d, dict) and SHA256_RE.fullmatch(str(d.get("digest")))
-        ]
-
-    return digests(doc.get("manifests")), digests([doc.get("config"), *(doc.get("layers") or [])])
-
-
 def references(data: bytes) -> list[Digest]:
     """Every digest a manifest names directly."""
-    children, blobs = _descriptors(data)
+    children, blobs = descriptors(data)
     return children + blobs
+
+
+async def _open_upstream(
+    upstream: UpstreamClient, name: Name, digest: Digest, offset: int = 0
+) -> ResumingSource:
+    """The upstream's blob from `offset`, resumed where it breaks (as many times as the
+    upstream's `retries`): every reader of the upstream goes through here."""
+
+    async def opener(at: int, if_range: str | None) -> BlobStream:
+        return await upstream.open_blob(name, digest, at, if_range)
+
+    return await ResumingSource.open(digest, opener, offset, attempts=upstream.config.retries)
 
 
 async def verified(

@@ -37,6 +37,20 @@ class EvictionPlan:
         return sum(entry.size for _, entry, _ in self.victims)
 
 
+@dataclass
+class SharedEviction:
+    """A pass over a cluster's shared store: its victims are (digest, size, reason)."""
+
+    size_before: int
+    entries_before: int
+    budget: int
+    victims: list[tuple[Digest, int, str]] = field(default_factory=list)
+
+    @property
+    def freed(self) -> int:
+        return sum(size for _, size, _ in self.victims)
+
+
 class Evictor:
     def __init__(
         self,

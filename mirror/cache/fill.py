@@ -268,17 +268,26 @@ class TailReader:
         self.fill = fill
         self.file: BinaryIO = open(fd, "rb", buffering=0, closefd=True)  # noqa: SIM115
 
-    async def ranges(self, start: int = 0) -> AsyncGenerator[tuple[int, int], None]:
+    async def ranges(
+        self, start: int = 0, stop: int | None = None
+    ) -> AsyncGenerator[tuple[int, int], None]:
+        """(offset, count) pieces of `[start, stop)` (stop None: to the end) as they land.
+
+        Bytes already written go at once; only the blob's last byte waits for verification,
+        so a range that ends earlier never waits for the digest (why that is safe:
+        mirror/web/responses.py)."""
         fill = self.fill
         pos = start
         while True:
             changed = fill._changed
             released = fill.verified or fill.state is FillState.COMMITTED
             limit = fill.written if released else fill.written - 1
+            if stop is not None:
+                limit = min(limit, stop)
             if pos < limit:
                 yield pos, limit - pos
                 pos = limit
-            elif released:
+            elif released or (stop is not None and pos >= stop):
                 return
             elif fill.state is FillState.FAILED:
                 assert fill.error is not None

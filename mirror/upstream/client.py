@@ -28,7 +28,7 @@ from mirror.errors import DigestMismatch, RegistryError, UpstreamError
 from mirror.mediatypes import ALL_MANIFESTS, sniff_media_type
 from mirror.metrics import Metrics, add_upstream_time
 from mirror.reference import SHA256_RE, Digest, Name, docker_hub_name
-from mirror.upstream.auth import Authenticator, parse_www_authenticate
+from mirror.upstream.auth import Authenticator, Challenge, parse_www_authenticate
 from mirror.upstream.failures import describe
 from mirror.upstream.guard import AddressGuard, GuardedResolver, UpstreamNetwork
 
@@ -74,6 +74,26 @@ class TagList:
     body: bytes
     content_type: str
     link: str | None
+
+
+@dataclass(frozen=True)
+class ProbeStep:
+    """One check of `UpstreamClient.probe`: whether it worked, and what happened in words."""
+
+    ok: bool
+    words: str
+
+
+@dataclass(frozen=True)
+class UpstreamProbe:
+    """Whether the upstream answers `/v2/`, and whether logging in (a token, or Basic
+    credentials) works; `login` is None where there was nothing to try."""
+
+    reached: ProbeStep
+    login: ProbeStep | None
+
+
+PROBE_REPOSITORY = Name("library/alpine")  # a token for pulling it reveals and changes nothing
 
 
 def _origin(url: str) -> tuple[str, str | None, int | None]:
@@ -452,12 +472,18 @@ class UpstreamClient:
 
     # -- blobs ----------------------------------------------------------------------------
 
-    async def open_blob(self, repo: Name, digest: Digest, offset: int = 0) -> BlobStream:
-        """Start a blob GET (following redirects); the body is streamed by the caller. From
-        `offset` (a fill taken over part-way asks for the rest with `Range`; an upstream
-        that ignores it sends everything and the first bytes are dropped here)."""
+    async def open_blob(
+        self, repo: Name, digest: Digest, offset: int = 0, if_range: str | None = None
+    ) -> BlobStream:
+        """Start a blob GET (following redirects from the registry's URL every time, so a
+        resumed fetch gets a fresh signed URL); the body is streamed by the caller. From
+        `offset` (a fill resumed or taken over part-way asks for the rest with `Range`, and
+        `If-Range` with the earlier answer's ETag; an upstream that ignores them sends
+        everything and the first bytes are dropped here)."""
         upstream_repo = self.repository(repo)
         headers = {"Range": f"bytes={offset}-"} if offset else None
+        if headers is not None and if_range is not None:
+            headers["If-Range"] = if_range
         self._enter()
         try:
             if self._slots is not None:
@@ -522,6 +548,63 @@ class UpstreamClient:
                 resp.headers.get("Link"),
             )
 
+    async def probe(self, repository: Name = PROBE_REPOSITORY) -> UpstreamProbe:
+        """Ask `/v2/` once (no retries, no back-off, no metrics) and, if it wants a login,
+        log in as the mirror would (a token for pulling `repository` with the configured
+        credentials, anonymously without; or Basic) and show that to `/v2/` again. For
+        `registry-mirror check-config --probe`: every failure is a step, never an exception."""
+        self.open()
+        assert self._session is not None
+        url = self.base_url + "/v2/"
+        try:
+            async with self._session.get(url, allow_redirects=False) as resp:
+                status, header = resp.status, resp.headers.get("WWW-Authenticate")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return UpstreamProbe(ProbeStep(False, describe(exc)), None)
+        except RegistryError as exc:  # the address guard refused to connect
+            return UpstreamProbe(ProbeStep(False, exc.message), None)
+        if status == 200:
+            login = ProbeStep(True, "none needed: /v2/ answers anyone")
+            return UpstreamProbe(
+                ProbeStep(True, "/v2/ answered 200"), login if self.config.has_credentials else None
+            )
+        challenge = parse_www_authenticate(header) if status == 401 else None
+        if challenge is None:
+            why = "without a challenge the mirror understands" if status == 401 else "not 200/401"
+            return UpstreamProbe(ProbeStep(False, f"/v2/ answered HTTP {status}, {why}"), None)
+        kind = "a token" if challenge.scheme == "bearer" else "a user and password"
+        reached = ProbeStep(True, f"/v2/ answered 401 asking for {kind}")
+        return UpstreamProbe(reached, await self._probe_login(url, challenge, repository))
+
+    async def _probe_login(self, url: str, challenge: Challenge, repository: Name) -> ProbeStep:
+        assert self._session is not None
+        config = self.config
+        who = f"as {config.username}" if config.has_credentials else "anonymously"
+        if challenge.scheme == "basic" and not config.has_credentials:
+            return ProbeStep(False, "the registry wants a user and password; none is configured")
+        authenticator = Authenticator(self._session, config.username, config.password)
+        authenticator.learn(challenge)
+        try:
+            auth = await authenticator.header(f"repository:{self.repository(repository)}:pull")
+        except RegistryError as exc:
+            detail = exc.detail if isinstance(exc.detail, dict) else {}
+            why = detail.get("reason") or (f"HTTP {detail['status']}" if "status" in detail else "")
+            words = exc.message.removeprefix("upstream ") + (f" ({why})" if why else "")
+            return ProbeStep(False, f"{words}, logging in {who}")
+        what = f"a token from {challenge.realm}" if challenge.scheme == "bearer" else "Basic auth"
+        try:
+            async with self._session.get(
+                url, headers={"Authorization": auth} if auth else None, allow_redirects=False
+            ) as resp:
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return ProbeStep(False, describe(exc))
+        except RegistryError as exc:
+            return ProbeStep(False, exc.message)
+        if status == 200:
+            return ProbeStep(True, f"logged in {who} ({what}, accepted by /v2/)")
+        return ProbeStep(False, f"/v2/ answered HTTP {status} to {what}, logging in {who}")
+
     async def anonymous_can_read(self, repo: Name) -> bool:
         """Whether anyone, with no credentials, may read `repo` upstream (a tag list GET
         without our credentials). Content of repositories that fail this is private."""
@@ -558,6 +641,9 @@ class BlobStream:
         self._skip = skip  # leading bytes the caller did not ask for
         length = resp.content_length
         self.size = None if length is None else length - skip
+        etag = resp.headers.get("ETag")
+        # A strong validator only: If-Range must not match a weak one (RFC 9110 13.1.5).
+        self.validator = etag if etag and not etag.startswith("W/") else None
 
     async def chunks(self) -> AsyncIterator[bytes]:
         received = 0

@@ -22,6 +22,9 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import structlog
 
 from mirror.config import DOCKER_HUB_HOSTS, DOCKER_HUB_URL, Config, UpstreamConfig
 from mirror.errors import RegistryError
@@ -37,6 +40,13 @@ _HOST_RE = re.compile(
 MAX_DYNAMIC_UPSTREAMS = 64
 DYNAMIC_IDLE_SECONDS = 600.0  # a dynamic upstream unused this long is closed and forgotten
 SWEEP_SECONDS = 60.0  # how often idle dynamic upstreams are looked for
+# `?ns=` naming a registry no upstream stands for: a warning once per host, at most one per
+# interval (clients choose the hosts, so they must not be able to flood the log), and at most
+# this many hosts remembered (past that, the interval alone bounds the lines).
+UNMIRRORED_WARNING_SECONDS = 10.0
+UNMIRRORED_HOSTS_REMEMBERED = 256
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -105,11 +115,17 @@ class Router:
         self._dynamic_upstreams: dict[str, UpstreamClient] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        self._warned_hosts: set[str] = set()
+        self._last_warning = float("-inf")
 
     def route(self, name: Name, namespace: str | None = None) -> Target:
         """The upstream for a repository; `namespace` is containerd's `?ns=<registry host>`."""
         if namespace is not None:
-            upstream = self._by_ns.get(namespace) or self._dynamic(namespace)
+            upstream = self._by_ns.get(namespace)
+            if upstream is None:
+                if not self.allow_any:
+                    self._warn_unmirrored(namespace)
+                upstream = self._dynamic(namespace)
             return Target(upstream, name)
         first, sep, rest = name.partition("/")
         if sep:
@@ -119,6 +135,25 @@ class Router:
             if looks_like_host(first):
                 return Target(self._dynamic(first), Name(rest))
         return Target(self.default, name)
+
+    def _warn_unmirrored(self, host: str) -> None:
+        """Say, once per host, that containerd asks for a registry no upstream stands for: it
+        gets NAME_UNKNOWN and quietly pulls from the internet instead, so nothing else shows."""
+        if host in self._warned_hosts or not _HOST_RE.fullmatch(host) or len(host) > 259:
+            return
+        now = self._clock()
+        if now - self._last_warning < UNMIRRORED_WARNING_SECONDS:
+            return  # a later request for this host will say it
+        self._last_warning = now
+        if len(self._warned_hosts) < UNMIRRORED_HOSTS_REMEMBERED:
+            self._warned_hosts.add(host)
+        log.warning(
+            "registry_not_mirrored",
+            registry=host,
+            message=f"requests for {host} arrive (containerd's ?ns=) but no upstream stands for"
+            f" it: add {host} to upstream.names (or upstreams.<name>.names) of the upstream that"
+            " mirrors it; until then containerd falls back to pulling from the registry itself",
+        )
 
     def _dynamic(self, host: str) -> UpstreamClient:
         known = self._dynamic_upstreams.get(host)
@@ -192,6 +227,31 @@ class Router:
         for upstream in self.upstreams.values():
             await upstream.close()
         await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+def startup_warnings(config: Config) -> list[str]:
+    """What an operator should hear at start-up (log each as a warning): a mirror open to the
+    network, and a default upstream that containerd's `?ns=docker.io` cannot reach."""
+    warnings = []
+    host, port = config.listen_address()
+    if host in ("", "0.0.0.0", "::") and config.auth.htpasswd is None and not config.tls.client_ca:
+        warnings.append(
+            f"listening on {config.listen} with no client authentication: anyone who can reach"
+            f" port {port} can pull through this mirror (with its upstream credentials, if any);"
+            " set auth.htpasswd or tls.client_ca, or listen on a private address"
+        )
+    named = set(config.upstream.registry_names())
+    for upstream in config.upstreams.values():
+        named |= upstream.registry_names()
+    hub = (urlsplit(config.upstream.url).hostname or "") in DOCKER_HUB_HOSTS
+    if not hub and "docker.io" not in named and not config.allow_any_upstream:
+        warnings.append(
+            f"the default upstream is {config.upstream.url} and no upstream stands for"
+            " docker.io: containerd (hosts.toml) sends ?ns=docker.io with every request, gets"
+            " NAME_UNKNOWN and pulls from the internet instead; if containerd pulls docker.io"
+            " images through this mirror, add docker.io to upstream.names"
+        )
+    return warnings
 
 
 def build_router(

@@ -15,20 +15,12 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from mirror.access import ANONYMOUS, Principal, build_policy
-from mirror.cache.blobs import FilesystemBlobStore
-from mirror.cache.eviction import EvictionPlan, Evictor
-from mirror.cache.index import CacheIndex
-from mirror.cache.metadata import LocalMetadataStore, MetadataStore
-from mirror.cache.redis_store import RedisMetadataStore
-from mirror.cache.tiered import TieredMetadataStore
-from mirror.cluster import build_cluster, shared_policy
+from mirror.access import ANONYMOUS, Principal
 from mirror.config import Config, split_host_port
 from mirror.errors import RegistryError, UpstreamError
 from mirror.metrics import UPSTREAM_SECONDS, Metrics
-from mirror.mirror import Mirror
+from mirror.node import Node, open_node
 from mirror.upstream.guard import UpstreamNetwork
-from mirror.upstream.routing import build_router
 from mirror.web import cluster as cluster_routes
 from mirror.web import ops
 from mirror.web.auth import ClientAuth, TokenSigner
@@ -37,8 +29,8 @@ from mirror.web.keys import (
     CLIENT_AUTH,
     CONFIG,
     DEADLINE,
-    EVICTOR,
     MIRROR,
+    NODE,
     PRINCIPAL,
     RATE_LIMITER,
     REQUEST_ID,
@@ -281,61 +273,33 @@ async def _lifecycle(
     # queue cache hits behind a few large fills.
     executor = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="mirror-io")
     asyncio.get_running_loop().set_default_executor(executor)
-    store = FilesystemBlobStore(config.cache.dir)
-    await asyncio.to_thread(store.setup)
-    metadata: MetadataStore = await asyncio.to_thread(LocalMetadataStore, config.cache.dir / "meta")
-    index = await asyncio.to_thread(CacheIndex, config.cache.dir / "index", clock)
-    metrics = Metrics()
-    cluster = None
-    if config.clustered:
-        cluster = build_cluster(config, metrics)
-        await cluster.start()
-        if cluster.redis is not None:
-            shared = RedisMetadataStore(cluster.redis)
-            metadata = TieredMetadataStore(shared, metadata, cluster.redis_health)
-    router = build_router(config, metrics, network=network)
-    await router.start()
-    mirror = app[MIRROR] = Mirror(
-        store,
-        metadata,
-        index,
-        router,
-        metrics=metrics,
-        offline=config.offline,
-        clock=clock,
-        policy=build_policy(config),
-        cluster=cluster,
-    )
-    evictor = app[EVICTOR] = Evictor(store, index, config.cache, clock)
-    housekeeping = asyncio.ensure_future(_housekeeping(mirror, evictor, config))
-    log.info(
-        "mirror_started",
-        cache_dir=str(config.cache.dir),
-        upstream=config.upstream.url,
-        upstreams={name: u.base_url for name, u in router.upstreams.items()},
-        client_auth=CLIENT_AUTH in app,
-    )
     try:
-        yield
+        async with open_node(config, clock=clock, network=network, connect=True) as node:
+            app[NODE] = node
+            app[MIRROR] = node.mirror
+            housekeeping = asyncio.ensure_future(_housekeeping(node))
+            log.info(
+                "mirror_started",
+                cache_dir=str(config.cache.dir),
+                upstream=config.upstream.url,
+                upstreams={name: u.base_url for name, u in node.router.upstreams.items()},
+                client_auth=CLIENT_AUTH in app,
+            )
+            try:
+                yield
+            finally:
+                housekeeping.cancel()
+                await asyncio.gather(housekeeping, return_exceptions=True)
     finally:
-        housekeeping.cancel()
-        await asyncio.gather(housekeeping, return_exceptions=True)
-        await mirror.fills.close()
-        if cluster is not None:
-            await cluster.close()
-        await router.close()
-        await index.flush()
-        index.close()
-        metadata.close()
         executor.shutdown(wait=False)
 
 
-async def _housekeeping(mirror: Mirror, evictor: Evictor, config: Config) -> None:
+async def _housekeeping(node: Node) -> None:
     """Reconcile the index with the files at start, then flush it and apply the policy."""
-    index = mirror.index
+    index, mirror = node.index, node.mirror
     try:
         added, dropped = await asyncio.to_thread(
-            index.reconcile, mirror.store.blob_dir, mirror.metadata.is_manifest
+            index.reconcile, node.store.blob_dir, node.metadata.is_manifest
         )
         if added or dropped:
             log.info("index_reconciled", added=added, dropped=dropped)
@@ -347,27 +311,9 @@ async def _housekeeping(mirror: Mirror, evictor: Evictor, config: Config) -> Non
         try:
             await index.flush()
             mirror.refresh_gauges()
-            due = time.monotonic() - last_pass >= config.cache.gc_interval
-            if due or await asyncio.to_thread(evictor.over_high_watermark):
+            due = time.monotonic() - last_pass >= node.config.cache.gc_interval
+            if due or await asyncio.to_thread(node.evictor.over_high_watermark):
                 last_pass = time.monotonic()
-                await run_policy(mirror, evictor, config)
+                await node.policy.run_pass()
         except Exception:
             log.exception("housekeeping_failed")
-
-
-async def run_policy(
-    mirror: Mirror, evictor: Evictor, config: Config, *, dry_run: bool = False
-) -> EvictionPlan:
-    """One eviction pass now, honouring pins from the config and from the CLI."""
-    pins = [*config.cache.pins, *await asyncio.to_thread(mirror.index.pins)]
-    if mirror.cluster is not None:
-        pins += await mirror.cluster.shared_pins()
-    pinned = await mirror.pinned_digests(pins)
-    plan = await evictor.run_once(pinned, dry_run=dry_run)
-    if mirror.cluster is not None and not dry_run:
-        await mirror.cluster.lead_eviction(pinned, **shared_policy(config))
-    if not dry_run:
-        for _, entry, reason in plan.victims:
-            mirror.metrics.evictions.labels(reason).inc()
-            mirror.metrics.evicted_bytes.inc(entry.size)
-    return plan

@@ -7,13 +7,11 @@ the blob in this node's local tier. Anyone without the secret gets 404, as if it
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import re
 
 from aiohttp import web
 
-from mirror.cache.fill import UpstreamBody
 from mirror.errors import RegistryError
 from mirror.reference import parse_digest
 from mirror.upstream.peer import CLUSTER_HEADER, CLUSTER_PATH
@@ -21,11 +19,6 @@ from mirror.web.keys import CONFIG, MIRROR, ROUTE
 from mirror.web.responses import SendfileResponse, stream_fill
 
 _OFFSET_RE = re.compile(r"[0-9]{1,19}")  # ASCII digits; a blob is smaller than 10**19 bytes
-
-
-async def _never() -> UpstreamBody:
-    """The internal endpoint never starts a fill of its own."""
-    raise _not_found()
 
 
 def _not_found() -> RegistryError:
@@ -45,11 +38,7 @@ async def peer_blob(request: web.Request) -> web.StreamResponse:
     offset = int(offset_text)
     mirror = request.app[MIRROR]
     headers = {"Content-Type": "application/octet-stream", "Docker-Content-Digest": digest}
-    fill = mirror.fills.get(digest)
-    if fill is None and await asyncio.to_thread(mirror.store.find_partial, digest) is not None:
-        # Another worker process of this node is filling it: follow its temp file (the
-        # fill lock decides; if no worker holds it any more, the fill ended).
-        fill, _ = mirror.fills.join(digest, _never)
+    fill = await mirror.local_fill(digest)  # this process's, or another worker's, followed
     if fill is not None:
         try:
             await fill.wait_started()
@@ -58,7 +47,7 @@ async def peer_blob(request: web.Request) -> web.StreamResponse:
         reader = fill.open_reader()
         if reader is not None:
             return await stream_fill(request, reader, fill.size, headers, start=offset)
-    cached = await mirror.store.open_for_serving(digest)
+    cached = await mirror.open_cached(digest)
     if cached is None or offset > cached.size:
         if cached is not None:
             cached.close()

@@ -7,15 +7,15 @@ import asyncio
 from aiohttp import web
 
 from mirror.access import Principal
-from mirror.cache.eviction import Evictor
 from mirror.config import Config
 from mirror.mirror import Mirror
+from mirror.node import Node
 from mirror.web.auth import ClientAuth
 from mirror.web.limits import RateLimiter
 
 CONFIG = web.AppKey("config", Config)
 MIRROR = web.AppKey("mirror", Mirror)
-EVICTOR = web.AppKey("evictor", Evictor)
+NODE = web.AppKey("node", Node)  # the assembled services (mirror/node.py)
 CLIENT_AUTH = web.AppKey("client_auth", ClientAuth)  # only when client auth is configured
 RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)  # only when limits.client_rate is set
 CACHE_RESULT = web.RequestKey("cache_result", str)  # hit / miss / revalidated / ...

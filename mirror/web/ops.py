@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from mirror.access import ANONYMOUS
 from mirror.errors import RegistryError
-from mirror.web.keys import CLIENT_AUTH, CONFIG, MIRROR, PRINCIPAL
+from mirror.web.keys import CLIENT_AUTH, CONFIG, MIRROR, NODE, PRINCIPAL
 
 
 def _require_login(request: web.Request) -> None:
@@ -51,11 +51,11 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     _require_login(request)
-    mirror = request.app[MIRROR]
-    tmp_dir = mirror.store.tmp_dir
+    node = request.app[NODE]
+    mirror = node.mirror
     checks: dict[str, object] = {
-        "cache_writable": await asyncio.to_thread(os.access, tmp_dir, os.W_OK),
-        "index_open": await asyncio.to_thread(mirror.index.is_open),
+        "cache_writable": await asyncio.to_thread(os.access, node.store.tmp_dir, os.W_OK),
+        "index_open": await asyncio.to_thread(node.index.is_open),
     }
     upstreams = {}
     for name, upstream in mirror.router.upstreams.items():
@@ -68,9 +68,10 @@ async def readyz(request: web.Request) -> web.Response:
     ready = all(checks.values())
     status = "ready" if ready else "not ready"
     body: dict[str, object] = {"status": status, "checks": checks, "upstreams": upstreams}
-    if mirror.cluster is not None:
+    cluster = node.shared.status()  # empty on one node
+    if cluster:
         # A node working without Redis or S3 still serves: ready, but says it is degraded.
-        cluster = body["cluster"] = mirror.cluster.status()
+        body["cluster"] = cluster
         if ready and "degraded" in cluster.values():
             body["status"] = "degraded"
     return web.json_response(body, status=200 if ready else 503)

@@ -1,17 +1,36 @@
-"""Responses that send bytes: cached files by sendfile (with Range), fills as they stream."""
+"""Responses that send bytes: cached files by sendfile, fills as they stream, pass-through
+streams; any of them whole, as one byte range, or as `multipart/byteranges` (`send_blob`).
+
+Ranges before verification. A range that ends before the blob's last byte may be sent from a
+fill (or a pass-through stream) whose digest has not been checked yet; a range that includes the
+last byte is released only after the digest matched (`TailReader`, `verified`). This is safe:
+- no client trusts a blob's bytes before it has all of them and has hashed them to the digest
+  it asked for (docker, containerd, podman/skopeo verify the whole layer; containerd's parallel
+  ranged chunks are assembled and verified as one); a lazy-pull client (stargz, zstd:chunked)
+  checks each chunk against its TOC digest, itself covered by the manifest;
+- if the upstream's bytes were wrong, the fill fails its digest check, so the range holding the
+  last byte (which every whole fetch needs) is cut off: the client's verification fails and it
+  asks again, and the mirror then fetches again;
+- the mirror itself never commits, marks verified, or serves as cached any unverified byte,
+  and such a response carries `Cache-Control: no-store`, so no shared HTTP cache on the way
+  keeps it either.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Iterator
+import secrets
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from typing import Protocol
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
 from mirror.cache.blobs import OpenBlob
 from mirror.cache.fill import TailReader
+from mirror.ranges import ByteRange, multipart
 
 FALLBACK_CHUNK = 1024 * 1024
 
@@ -133,5 +152,158 @@ async def stream_fill(
     finally:
         await ranges.aclose()
         reader.close()
+    await response.write_eof()
+    return response
+
+
+# -- any body, whole or by ranges -------------------------------------------------------------
+
+
+class BlobBody(Protocol):
+    """Where a response's blob bytes come from; `send` writes `[start, stop)` (stop None: to
+    the end), called with increasing, non-overlapping ranges."""
+
+    async def send(
+        self, request: web.Request, response: web.StreamResponse, start: int, stop: int | None
+    ) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class FileBody:
+    """A committed blob's open file."""
+
+    def __init__(self, blob: OpenBlob) -> None:
+        self.blob = blob
+
+    async def send(
+        self, request: web.Request, response: web.StreamResponse, start: int, stop: int | None
+    ) -> None:
+        end = self.blob.size if stop is None else stop
+        transport = request.transport
+        if transport is not None and not response.chunked:
+            with contextlib.suppress(NotImplementedError):
+                loop = asyncio.get_running_loop()
+                await loop.sendfile(transport, self.blob.file, start, end - start)
+                return
+        fd = self.blob.file.fileno()
+        while start < end:
+            data = await asyncio.to_thread(os.pread, fd, min(FALLBACK_CHUNK, end - start), start)
+            if not data:
+                raise OSError("cached blob shorter than its size")
+            await response.write(data)
+            start += len(data)
+
+    async def close(self) -> None:
+        self.blob.close()
+
+
+class FillBody:
+    """A fill in flight, tailed: bytes already in the temp file go at once, later ones as
+    they land (the last byte only once verified, see `TailReader`)."""
+
+    def __init__(self, reader: TailReader) -> None:
+        self.reader = reader
+
+    async def send(
+        self, request: web.Request, response: web.StreamResponse, start: int, stop: int | None
+    ) -> None:
+        ranges = self.reader.ranges(start, stop)
+        try:
+            loop = asyncio.get_running_loop()
+            sendfile = not response.chunked
+            async for offset, count in ranges:
+                if sendfile and request.transport is not None:
+                    try:
+                        await loop.sendfile(request.transport, self.reader.file, offset, count)
+                        continue
+                    except NotImplementedError:
+                        sendfile = False
+                end = offset + count
+                while offset < end:
+                    data = await self.reader.read(offset, min(FALLBACK_CHUNK, end - offset))
+                    await response.write(data)
+                    offset += len(data)
+        finally:
+            await ranges.aclose()
+
+    async def close(self) -> None:
+        self.reader.close()
+
+
+class StreamBody:
+    """A forward-only byte stream (pass-through, or a cluster's shared store without a local
+    tier): bytes before a range are read and dropped, reading stops at the last range."""
+
+    def __init__(self, chunks: AsyncGenerator[bytes, None]) -> None:
+        self.chunks = chunks
+        self.pos = 0
+        self._left = b""  # read past the previous range's end
+
+    async def send(
+        self, request: web.Request, response: web.StreamResponse, start: int, stop: int | None
+    ) -> None:
+        while stop is None or self.pos < stop:
+            chunk, self._left = self._left, b""
+            if not chunk:
+                try:
+                    chunk = await anext(self.chunks)
+                except StopAsyncIteration:
+                    if stop is None:
+                        return
+                    raise OSError("blob stream shorter than its size") from None
+            begin, end = self.pos, self.pos + len(chunk)
+            if stop is not None and end > stop:
+                chunk, self._left = chunk[: stop - begin], chunk[stop - begin :]
+                end = stop
+            self.pos = end
+            if end > start:
+                await response.write(chunk[max(0, start - begin) :])
+
+    async def close(self) -> None:
+        await self.chunks.aclose()
+
+
+async def send_blob(
+    request: web.Request,
+    body: BlobBody,
+    size: int | None,
+    headers: dict[str, str],
+    ranges: list[ByteRange] | None = None,
+) -> web.StreamResponse:
+    """The blob whole (200; `ranges` None), one range (206 with `Content-Range`), or several
+    as `multipart/byteranges` (206). A body that fails part-way aborts the connection."""
+    parts: list[tuple[bytes, int, int | None]]
+    tail = b""
+    if ranges is None:
+        response = _streaming(size, headers)
+        parts = [(b"", 0, None)]
+    else:
+        assert size is not None and ranges
+        response = web.StreamResponse(status=206, headers=headers)
+        if len(ranges) == 1:
+            (only,) = ranges
+            response.headers["Content-Range"] = only.content_range(size)
+            response.content_length = only.length
+            parts = [(b"", only.start, only.stop)]
+        else:
+            content_type = headers.get("Content-Type", "application/octet-stream")
+            framing = multipart(ranges, size, content_type, secrets.token_hex(16))
+            response.headers["Content-Type"] = framing.content_type
+            response.content_length = framing.content_length
+            parts = [(h, r.start, r.stop) for h, r in zip(framing.heads, ranges, strict=True)]
+            tail = framing.tail
+    try:
+        with _abort_on_failure(request):
+            await response.prepare(request)
+            if request.method != "HEAD":
+                for head, start, stop in parts:
+                    if head:
+                        await response.write(head)
+                    await body.send(request, response, start, stop)
+                if tail:
+                    await response.write(tail)
+    finally:
+        await body.close()
     await response.write_eof()
     return response

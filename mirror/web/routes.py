@@ -15,9 +15,10 @@ from aiohttp import web
 from mirror.errors import RegistryError
 from mirror.mediatypes import split_accept
 from mirror.mirror import BlobAnswer
+from mirror.ranges import ByteRange, Unsatisfiable, if_range_holds, parse_range
 from mirror.reference import Name, parse_digest, parse_name, parse_reference, parse_tag
 from mirror.web.keys import CACHE_RESULT, MIRROR, PRINCIPAL, ROUTE
-from mirror.web.responses import SendfileResponse, stream_bytes, stream_fill
+from mirror.web.responses import BlobBody, FileBody, FillBody, StreamBody, send_blob
 
 API_VERSION_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
 _ROUTE_RE = re.compile(r"/v2/(?P<name>.+)/(?:(?P<kind>manifests|blobs)/(?P<ref>[^/]+)|tags/list)")
@@ -118,53 +119,49 @@ async def blob(request: web.Request, route: Route) -> web.StreamResponse:
             head.content_length = size
         await head.prepare(request)
         return head
-    if _not_modified(request, digest) and await mirror.store.stat(digest) is not None:
+    if _not_modified(request, digest) and await mirror.is_cached(digest):
         _, result = await mirror.blob_size(route.name, digest, namespace, principal)  # access
         request[CACHE_RESULT] = result
         return web.Response(status=304, headers=headers)
-    wants_range = "Range" in request.headers
+    wanted = request.headers.get("Range")
+    if not if_range_holds(request.headers.get("If-Range"), digest):
+        wanted = None  # another representation's validator: the whole blob
     answer = await mirror.blob(
-        route.name, digest, whole=wants_range, namespace=namespace, principal=principal
+        route.name, digest, ranged=wanted is not None, namespace=namespace, principal=principal
     )
     request[CACHE_RESULT] = answer.cache
-    if answer.redirect is not None:  # the shared store serves it (presigned, time-limited)
+    if answer.redirect is not None:  # the shared store serves it, ranges too (presigned)
         return web.Response(status=307, headers={**headers, "Location": answer.redirect})
-    if answer.reader is not None:
-        return await stream_fill(request, answer.reader, answer.size, headers)
-    if answer.stream is not None:
-        return await stream_bytes(request, answer.stream, answer.size, headers)
-    response = _file_response(request, answer, headers)
-    await response.prepare(request)  # sends it here, so the access line times the transfer
-    return response
+    ranges = await _ranges(answer, wanted)
+    body: BlobBody
+    if answer.file is not None:
+        body = FileBody(answer.file)
+    else:
+        if ranges is not None:  # maybe unverified bytes: no shared cache may keep them
+            headers["Cache-Control"] = "no-store"
+        if answer.reader is not None:
+            body = FillBody(answer.reader)
+        else:
+            assert answer.stream is not None
+            body = StreamBody(answer.stream)
+    return await send_blob(request, body, answer.size, headers, ranges)
 
 
-def _file_response(
-    request: web.Request, answer: BlobAnswer, headers: dict[str, str]
-) -> SendfileResponse:
-    assert answer.file is not None and answer.size is not None
-    size = answer.size
-    if "Range" not in request.headers:
-        return SendfileResponse(answer.file, 0, size, status=200, headers=headers)
+async def _ranges(answer: BlobAnswer, wanted: str | None) -> list[ByteRange] | None:
+    """The ranges to send (None: the whole blob); a 416 for ranges that miss the blob. A
+    blob of unknown size (a pass-through whose upstream did not say) is sent whole."""
+    if wanted is None or answer.size is None:
+        return None
     try:
-        rng = request.http_range  # ValueError if malformed
-        start, stop = rng.start, rng.stop
-        if start is None:
-            raise ValueError
-        if start < 0:  # suffix range: the last N bytes
-            start, stop = max(0, size + start), size
-        stop = size if stop is None else min(stop, size)
-        if start >= size or stop <= start:
-            raise ValueError
-    except ValueError:
-        answer.file.close()
+        return parse_range(wanted, answer.size)
+    except Unsatisfiable:
+        await answer.release()
         raise RegistryError(
             "RANGE_INVALID",
             "requested range not satisfiable",
-            {"range": request.headers["Range"][:128], "size": size},
-            headers={"Content-Range": f"bytes */{size}"},
+            {"range": wanted[:128], "size": answer.size},
+            headers={"Content-Range": f"bytes */{answer.size}"},
         ) from None
-    headers = {**headers, "Content-Range": f"bytes {start}-{stop - 1}/{size}"}
-    return SendfileResponse(answer.file, start, stop - start, status=206, headers=headers)
 
 
 async def tags(request: web.Request, route: Route) -> web.Response:

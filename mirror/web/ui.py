@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import time
 from collections.abc import AsyncIterator, Callable
@@ -27,7 +28,7 @@ from aiohttp import web
 
 from mirror.access import ANONYMOUS, Principal
 from mirror.config import Config
-from mirror.contents import Catalog, Refs, evict_image, select
+from mirror.contents import Catalog, Refs, select
 from mirror.errors import RegistryError
 from mirror.mirror import Mirror
 from mirror.progress import Progress
@@ -35,7 +36,7 @@ from mirror.reference import Digest, parse_image, parse_name
 from mirror.stats import Sampler, parse_scrape
 from mirror.warm import warm
 from mirror.web import ui_support as s
-from mirror.web.keys import CLIENT_AUTH, CONFIG, EVICTOR, MIRROR, PRINCIPAL
+from mirror.web.keys import CLIENT_AUTH, CONFIG, MIRROR, NODE, PRINCIPAL
 from mirror.web.routes import is_count
 
 log = structlog.get_logger(__name__)
@@ -119,7 +120,7 @@ def setup_ui(app: web.Application, config: Config) -> None:
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     mirror = app[MIRROR]
     state = app[UI]
-    state._catalog = Catalog(mirror, app[CONFIG].cache.pins)
+    state._catalog = Catalog(app[NODE])
 
     async def sample_forever() -> None:
         while True:
@@ -153,7 +154,6 @@ FILTERS: dict[str, Callable[..., str]] = {  # each renders text
     "bytes": s.human_bytes,
     "ago": s.ago,
     "when": s.clock_time,
-    "gib": s.gib,
     "short": short_digest,
 }
 
@@ -266,7 +266,7 @@ async def overview(request: web.Request) -> web.Response:
     t = scrape.totals
     state.sampler.sample(t, taken)  # the charts' newest bucket is as current as the figures
     size = scrape.value("registry_mirror_cache_size_bytes") or 0.0
-    budget = await asyncio.to_thread(request.app[EVICTOR].budget)
+    budget = await asyncio.to_thread(request.app[NODE].evictor.budget)
     now_mono = time.monotonic()
     upstreams = []
     for name, up in mirror.router.upstreams.items():
@@ -295,23 +295,7 @@ async def overview(request: web.Request) -> web.Response:
             }
         )
     principal = principal_of(request)
-    fills = [
-        {
-            "digest": f.digest,
-            "written": f.written,
-            "size": f.size,
-            "state": f.state.value,
-            "follower": type(f).__name__ == "RemoteFill",
-        }
-        for f in sorted(mirror.fills.in_flight(), key=lambda f: f.digest)
-    ]
-    # Fills by the node's other worker processes, from their temp files.
-    mine = {f["digest"] for f in fills}
-    for digest, declared, written in await asyncio.to_thread(mirror.store.partials):
-        if digest not in mine:
-            mine.add(digest)
-            fills.append({"digest": digest, "written": written, "size": declared,
-                          "state": "streaming", "follower": True})  # fmt: skip
+    fills = [dataclasses.asdict(f) for f in await mirror.fills_in_flight()]
     shown_fills = [f for f in fills if await _may_see_digest(mirror, principal, str(f["digest"]))]
     warms = [
         w
@@ -419,7 +403,7 @@ async def repository(request: web.Request) -> web.Response:
     row = snapshot.repo(upstream, repo)
     if row is None:
         return _refuse(request, 404, "no such repository in the cache")
-    own_pins = await asyncio.to_thread(request.app[MIRROR].index.pins)
+    own_pins = await request.app[NODE].policy.own_pins()
     context = {
         "page": "contents",
         "repo": row,
@@ -461,7 +445,7 @@ async def image(request: web.Request) -> web.Response:
     row = snapshot.repo(upstream, repo)
     tag_row = next((t for t in row.tags if t.tag == tag), None) if row else None
     platforms = await asyncio.to_thread(_platforms, state.catalog, record.digest)
-    own_pins = await asyncio.to_thread(mirror.index.pins)
+    own_pins = await request.app[NODE].policy.own_pins()
     context = {
         "page": "contents",
         "upstream": upstream,
@@ -477,7 +461,7 @@ async def image(request: web.Request) -> web.Response:
 
 def _platforms(catalog: Catalog, digest: Digest) -> list[dict[str, Any]]:
     """Each platform's manifest and layers, with sizes and whether each is cached (blocking)."""
-    index = catalog.mirror.index
+    index = catalog.index
     top = catalog.refs(digest)
     if top is None:
         return [{"name": "unknown", "digest": digest, "cached": False, "blobs": []}]
@@ -551,7 +535,8 @@ async def action(request: web.Request) -> web.Response:
     ref = pin_ref(mirror, upstream, repo, tag)
     back = f"{state.root}repository?" + urlencode({"u": upstream, "r": repo})
     if what in ("pin", "unpin"):
-        await _set_pin(mirror, ref, what == "pin")
+        # The same pins `registry-mirror pin` / `unpin` keep: this node's and cluster-wide.
+        await request.app[NODE].policy.set_pins([ref], pin=what == "pin")
         await state.catalog.refresh()
         log.info("ui_" + what, image=ref, user=principal.name)
         return _done(request, back, f"{what}ned {ref}")
@@ -561,20 +546,15 @@ async def action(request: web.Request) -> web.Response:
     tag_row = next((t for t in row.tags if t.tag == tag), None) if row else None
     if tag_row is not None and tag_row.pinned:
         return _done(request, back, f"{ref} is pinned: unpin it first")
-    result = await evict_image(mirror, state.catalog, (upstream, repo, tag))
+    policy = request.app[NODE].policy
+    result = await policy.evict_image((upstream, repo, tag), snapshot.references)
+    await state.catalog.refresh()
     msg = (
         f"evicted {ref}: removed {len(result.removed)} files ({s.human_bytes(result.freed)}), "
         f"kept {result.kept_shared} shared with other images, {result.kept_busy} being fetched"
     )
     log.info("ui_evict", image=ref, user=principal.name, freed=result.freed)
     return _done(request, f"{state.root}contents", msg)
-
-
-async def _set_pin(mirror: Mirror, ref: str, pin: bool) -> None:
-    """The same pins `registry-mirror pin` / `unpin` keep in the index."""
-    pins = await asyncio.to_thread(mirror.index.pins)
-    pins = pins | {ref} if pin else pins - {ref}
-    await asyncio.to_thread(mirror.index.set_pins, pins)
 
 
 async def _warm(request: web.Request, reference: str) -> web.Response:

@@ -70,10 +70,6 @@ def human_bytes(n: float | None) -> str:
     return f"{n:.1f} PiB"
 
 
-def gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
-
-
 def percent(part: float, whole: float) -> str:
     return "-" if whole <= 0 else f"{100 * part / whole:.1f} %"
 

@@ -18,8 +18,7 @@ async def test_docker_hub_pull_budget_and_a_separate_metrics_listener(
     fake.ratelimit_remaining = "87;w=21600"
     fake.add_image("lib/app", "v1", [b"layer"])
     port = free_port()
-    config = mirror_config(tmp_path, fake.url)
-    config.metrics.listen = f"127.0.0.1:{port}"
+    config = mirror_config(tmp_path, fake.url, settings={"metrics.listen": f"127.0.0.1:{port}"})
     async with running_mirror(config) as base, aiohttp.ClientSession() as s:
         async with s.get(f"{base}/v2/lib/app/manifests/v1") as r:
             assert r.status == 200

@@ -211,7 +211,7 @@ def test_warm_draws_a_progress_bar_on_a_terminal(upstream: Upstream, tmp_path: P
     os.close(leader)
     text = output.decode()
     assert "\rwarm [" in text and "100%" in text and "3/3 blobs" in text
-    assert "warmed 1 images" in text
+    assert "warmed 1 image:" in text
 
 
 def test_an_interrupted_import_leaves_a_consistent_cache(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import shutil
 import subprocess
@@ -11,11 +12,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 from structlog.testing import capture_logs
 
 from mirror.cache.index import CacheIndex
-from mirror.web.app import run_policy
-from mirror.web.keys import CONFIG, EVICTOR, MIRROR
+from mirror.web.keys import MIRROR, NODE
 from tests.fixtures.clock import Clock
 from tests.fixtures.mirror_server import fills_settled, mirror_config, running_app, sha256_digest
 from tests.fixtures.real_upstream import Upstream
@@ -50,8 +51,9 @@ def cached(cache: Path, image: Image) -> bool:
     )
 
 
-async def policy_pass(app) -> None:  # type: ignore[no-untyped-def]
-    await run_policy(app[MIRROR], app[EVICTOR], app[CONFIG])
+async def policy_pass(app: web.Application) -> None:
+    """The housekeeping loop's pass, now."""
+    await app[NODE].policy.run_pass()
 
 
 async def test_budget_evicts_least_recently_served_and_spares_pins(
@@ -60,11 +62,13 @@ async def test_budget_evicts_least_recently_served_and_spares_pins(
     small, oci, team = (upstream.images[k] for k in ("small", "ocismall", "team"))
     total = footprint(small) + footprint(oci) + footprint(team)
     budget = total + 1000
-    config = mirror_config(tmp_path, upstream.url)
-    config.cache.max_size = str(budget)
-    config.cache.high_watermark = (total - 500) / budget
-    config.cache.low_watermark = (total - footprint(oci) + 500) / budget
-    config.cache.pins = [team.ref]
+    settings: dict[str, object] = {
+        "cache.max_size": str(budget),
+        "cache.high_watermark": (total - 500) / budget,
+        "cache.low_watermark": (total - footprint(oci) + 500) / budget,
+        "cache.pins": [team.ref],
+    }
+    config = mirror_config(tmp_path, upstream.url, settings=settings)
     async with running_app(config) as (base, app), aiohttp.ClientSession() as s:
         await pull(s, base, small)
         await fills_settled(app)  # committed (clients finish first)
@@ -78,6 +82,12 @@ async def test_budget_evicts_least_recently_served_and_spares_pins(
         assert cached(tmp_path, small), "recently served: kept"
         assert cached(tmp_path, team), "pinned: kept"
         assert not cached(tmp_path, oci), "least recently served: evicted"
+        # Its manifest is gone from memory too: asked by digest, it is fetched again.
+        gets = upstream.registry.count("GET", f"/manifests/{oci.digest}$")
+        url = f"{base}/v2/{oci.repo}/manifests/{oci.digest}"
+        async with s.get(url, headers=ACCEPT_ALL) as r:
+            assert r.status == 200 and sha256_digest(await r.read()) == oci.digest
+        assert upstream.registry.count("GET", f"/manifests/{oci.digest}$") == gets + 1
         # An evicted blob is simply fetched again, verified.
         before = upstream.registry.blob_gets(oci.blobs[1].digest)
         await pull(s, base, oci)
@@ -90,8 +100,9 @@ async def test_ttl_evicts_what_was_not_served_for_too_long(
 ) -> None:
     clock = Clock()
     small, oci = upstream.images["small"], upstream.images["ocismall"]
-    config = mirror_config(tmp_path, upstream.url)
-    config.cache.blob_ttl = config.cache.manifest_ttl = 3600.0
+    config = mirror_config(
+        tmp_path, upstream.url, settings={"cache.blob_ttl": 3600, "cache.manifest_ttl": 3600}
+    )
     async with running_app(config, clock) as (base, app), aiohttp.ClientSession() as s:
         await pull(s, base, small)
         await fills_settled(app)  # committed (clients finish first)
@@ -182,7 +193,9 @@ async def test_a_reader_keeps_its_bytes_when_the_blob_is_evicted(
         async with s.get(base + url_path) as r:
             assert sha256_digest(await r.read()) == big.digest
         await app[MIRROR].index.flush()
-        config.cache.max_size = "1"  # now everything must go
+        # Now everything must go: the evictor is given a config with a 1-byte budget.
+        evictor = app[NODE].policy.evictor
+        evictor.config = dataclasses.replace(evictor.config, max_size="1")
         sha = hashlib.sha256()
         async with s.get(base + url_path) as r:
             sha.update(await r.content.readexactly(1024 * 1024))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import os
 import secrets
@@ -85,8 +86,7 @@ def test_key_layout(seaweed: SeaweedS3) -> None:
 
 
 async def test_start_creates_a_missing_bucket(seaweed: SeaweedS3) -> None:
-    config = seaweed.s3_config()
-    config.bucket = f"{seaweed.bucket}-new"
+    config = dataclasses.replace(seaweed.s3_config(), bucket=f"{seaweed.bucket}-new")
     store = S3BlobStore(config)
     await store.start()
     try:
@@ -286,8 +286,10 @@ class Relay:
 
 
 async def relayed_store(seaweed: SeaweedS3, relay: Relay) -> S3BlobStore:
-    config = seaweed.s3_config(prefix=f"t-{secrets.token_hex(4)}/")
-    config.endpoint = f"http://127.0.0.1:{await relay.start()}"
+    config = dataclasses.replace(
+        seaweed.s3_config(prefix=f"t-{secrets.token_hex(4)}/"),
+        endpoint=f"http://127.0.0.1:{await relay.start()}",
+    )
     store = S3BlobStore(config)
     await store.start()
     return store
@@ -333,8 +335,9 @@ async def test_stream_breaking_midway_raises_unavailable(seaweed: SeaweedS3) -> 
 
 
 async def test_presigned_url_expires(seaweed: SeaweedS3) -> None:
-    config = seaweed.s3_config(prefix=f"t-{secrets.token_hex(4)}/")
-    config.presign_ttl = 1
+    config = dataclasses.replace(
+        seaweed.s3_config(prefix=f"t-{secrets.token_hex(4)}/"), presign_ttl=1
+    )
     store = S3BlobStore(config)
     await store.start()
     try:

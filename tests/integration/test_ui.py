@@ -19,6 +19,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
 from mirror.cli import main
+from mirror.web.ui_support import human_bytes
 from tests.fixtures.browser import Browser
 from tests.fixtures.htpasswd import write_htpasswd
 from tests.fixtures.mirror_server import MirrorProcess, sha256_digest
@@ -111,7 +112,7 @@ def test_overview_and_contents_agree_with_metrics(
         assert hits == 1 + len(small.all_blobs()) and misses == entry_count(small, multi, team)
         assert ratio_requests == f"{100 * hits / (hits + misses):.1f} %"
         assert ratio_bytes == f"{100 * served / (served + fetched):.1f} %"
-        assert saved_gib == f"{served / 2**30:.2f} GiB"
+        assert saved_gib == human_bytes(served)  # in human units: 12.0 MiB, not 0.01 GiB
         assert browser.find("tr[data-upstream=default] .health").text == "ok"
         assert len(browser.find_all("svg polyline")) == 8  # 2 windows x 2 charts x 2 lines
         day = browser.find(".charts[data-window=day]")

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import re
+import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -21,9 +23,10 @@ from yarl import URL
 
 from mirror.access import Policy, Principal, Rule
 from mirror.cache.fill import UpstreamBody
+from mirror.cache.redis_store import RedisIndex, RedisStore
 from mirror.reference import Digest
 from mirror.web.app import make_app
-from mirror.web.keys import MIRROR, PRINCIPAL
+from mirror.web.keys import MIRROR, NODE, PRINCIPAL
 from tests.fixtures.mirror_server import (
     fills_settled,
     mirror_config,
@@ -49,10 +52,10 @@ async def as_principal(request: web.Request, handler) -> web.StreamResponse:  # 
 
 @asynccontextmanager
 async def mirror_with_principals(
-    upstream: Upstream, cache: Path
+    upstream: Upstream, cache: Path, settings: dict[str, object] | None = None
 ) -> AsyncIterator[tuple[str, web.Application]]:
     """The mirror on loopback, its clients' principal named by an `X-Test-User` header."""
-    app = make_app(mirror_config(cache, upstream.url))
+    app = make_app(mirror_config(cache, upstream.url, settings=settings))
     app.middlewares.append(as_principal)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
@@ -142,7 +145,7 @@ async def test_admin_actions_csrf_and_policy(upstream: Upstream, tmp_path: Path)
             status, location, _ = await admin.post("pin", token, **form)
             assert status == 303 and location.startswith("/ui/repository?")
             assert mirror.index.pins() == {small.ref}
-            assert small.digest in await mirror.pinned_digests(mirror.index.pins())
+            assert small.digest in await app[NODE].policy.pinned()
             _, html = await admin.page(repo_page)
             assert re.search(rf'data-tag="{small.tag}" data-pinned="true"', html)
             assert "actions/unpin" in html
@@ -227,3 +230,49 @@ async def test_overview_shows_fills_backoff_and_pull_budget(tmp_path: Path) -> N
     assert row is not None
     assert "backing off" in row[1] and "HTTP 503" in row[1] and ">42<" in row[1]
     assert re.search(r"1[12][0-9] s left", row[1])
+
+
+async def test_the_pages_pin_is_cluster_wide_like_the_cli(
+    upstream: Upstream, redis_url: str, seaweed: Any, tmp_path: Path
+) -> None:
+    """On a cluster's node the page pins where `registry-mirror pin` does: for every node."""
+    prefix = f"t{secrets.token_hex(4)}/"
+    s3 = seaweed.s3_config(prefix)
+    settings = {
+        "storage.kind": "s3",
+        "storage.s3": {
+            "endpoint": s3.endpoint, "bucket": s3.bucket, "prefix": prefix,
+            "access_key": s3.access_key, "secret_key": s3.secret_key,
+        },
+        "metadata": {"kind": "redis", "redis_url": redis_url, "key_prefix": prefix},
+        "cluster.secret": "test-cluster-secret",
+    }  # fmt: skip
+    small = upstream.images["small"]
+    async with mirror_with_principals(upstream, tmp_path / "cache", settings) as (base, app):
+        async with aiohttp.ClientSession() as raw:
+            await pull(raw, base, small)
+        await fills_settled(app)
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as s:
+            admin = Client(s, base, "root")
+            form = {"u": "default", "r": small.repo, "t": small.tag}
+            token = await admin.token()
+            status, _, _ = await admin.post("pin", token, **form)
+            assert status == 303
+            shared = RedisStore(redis_url, prefix)
+            await shared.start()
+            try:
+                index = RedisIndex(shared)
+                assert await index.pins() == {small.ref}  # what every node's gc spares
+                # Unpinned and evicted from the page: its tag (in Redis) and the shared
+                # store's copies go too, so no node serves it as cached.
+                assert (await admin.post("unpin", token, **form))[0] == 303
+                assert await index.pins() == set()
+                status, location, _ = await admin.post("evict", token, **form)
+                assert status == 303 and "evicted" in location, location
+                layer = small.layers()[-1].digest
+                assert await index.get(layer) is None
+                assert (
+                    await app[MIRROR].metadata.get_tag(("default", small.repo, small.tag)) is None
+                )
+            finally:
+                await shared.close()

@@ -1,12 +1,22 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import operator
+from importlib.machinery import ModuleSpec
 from pathlib import Path
 
 import pytest
 import yaml
 
-from mirror.config import Config, ConfigError, load_config, parse_duration, parse_size
+from mirror.config import (
+    Config,
+    ConfigError,
+    load_config,
+    parse_duration,
+    parse_size,
+    resolve_secrets,
+)
 
 
 def test_units() -> None:
@@ -56,6 +66,10 @@ def test_file_then_env_then_flags(tmp_path: Path) -> None:
         ("upstream: 5\n", "upstream"),
         ("listen: nowhere\n", "listen"),
         ("log:\n  level: loud\n", "log.level"),
+        ("log:\n  format: xml\n", "log.format"),
+        ("upstream:\n  library_prefix: maybe\n", "upstream.library_prefix"),
+        ("storage:\n  kind: nfs\n", "storage.kind"),
+        ("metadata:\n  kind: etcd\n", "metadata.kind"),
         ("upstream:\n  username: bob\n", "upstream.username"),
         ("upstream:\n  password_file: /nonexistent/pw\n", "upstream.password_file"),
     ],
@@ -90,7 +104,8 @@ def test_shipped_config_documents_every_option_with_its_default() -> None:
 
     def keys(obj: object, prefix: str = "") -> set[str]:
         out = set()
-        for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        assert dataclasses.is_dataclass(obj)
+        for f in dataclasses.fields(obj):
             if "kind" in f.metadata:
                 out.add(prefix + f.name)
             else:
@@ -192,3 +207,95 @@ def test_four_upstreams_example_is_valid(tmp_path: Path) -> None:
     assert sorted(config.upstreams) == ["ghcr", "k8s", "quay", "vendor"]
     assert config.upstreams["ghcr"].password == "t" and config.upstreams["vendor"].has_credentials
     assert [r.action for r in config.access.rules] == ["allow", "deny"]
+
+
+def test_choices_are_their_literal_values_whatever_the_case() -> None:
+    config = load_config(
+        None, env={"REGISTRY_MIRROR_LOG_LEVEL": "WARNING", "REGISTRY_MIRROR_ACCESS_DEFAULT": "Deny"}
+    )
+    assert config.log.level == "warning" and config.access.default == "deny"
+    with pytest.raises(ConfigError) as err:
+        load_config(None, env={"REGISTRY_MIRROR_LOG_LEVEL": "loud"})
+    assert str(err.value) == (
+        "config error: log.level (from REGISTRY_MIRROR_LOG_LEVEL):"
+        " expected debug, info, warning or error, got 'loud'"
+    )
+
+
+def test_loaded_config_is_frozen() -> None:
+    """Nothing changes an option under the components that read it: a test or a command that
+    wants another value builds another config."""
+    config = load_config(
+        None, env={}, overrides={"upstreams": {"quay": {"url": "https://quay.io"}}}
+    )
+    for section, name in ((config.upstream, "url"), (config, "listen"), (config.ui, "path")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(section, name, "x")
+    with pytest.raises(TypeError):
+        operator.setitem(config.upstreams, "ghcr", config.upstream)
+    assert isinstance(config.cache.pins, tuple) and isinstance(config.auth.admins, tuple)
+
+
+def test_secrets_are_resolved_in_one_place_without_changing_the_input(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_text("cluster-secret\n")
+    raw = dataclasses.replace(
+        Config(),
+        upstream=dataclasses.replace(Config().upstream, username="me", password_env="HUB_TOKEN"),
+        cluster=dataclasses.replace(Config().cluster, secret_file=tmp_path / "secret"),
+    )
+    resolved = resolve_secrets(raw, {"HUB_TOKEN": "t0ken"})
+    assert resolved.upstream.password == "t0ken" and resolved.cluster.secret == "cluster-secret"
+    assert raw.upstream.password is None and raw.cluster.secret is None
+
+
+def test_misspelt_environment_variable_is_an_error_naming_it() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, env={"REGISTRY_MIRROR_UPSTRAEM_URL": "https://quay.io"})
+    assert err.value.key == "REGISTRY_MIRROR_UPSTRAEM_URL"
+    assert "did you mean REGISTRY_MIRROR_UPSTREAM_URL?" in str(err.value)
+    assert "\n" not in str(err.value)
+    # An upstream's variables exist only for upstreams the file names.
+    with pytest.raises(ConfigError) as err:
+        load_config(None, env={"REGISTRY_MIRROR_UPSTREAMS_QUAY_RETRIES": "7"})
+    assert err.value.key == "REGISTRY_MIRROR_UPSTREAMS_QUAY_RETRIES"
+    # Those the project sets itself (workers.py's supervisor, the test fixtures) are options;
+    # other variables, and ours named by a `*_env` option, are not the loader's business.
+    config = load_config(
+        None,
+        env={
+            "REGISTRY_MIRROR_WORKERS": "1",
+            "REGISTRY_MIRROR_LOG_FORMAT": "json",
+            "REGISTRY_MIRROR_UPSTREAM_USERNAME": "me",
+            "REGISTRY_MIRROR_UPSTREAM_PASSWORD_ENV": "REGISTRY_MIRROR_TOKEN",
+            "REGISTRY_MIRROR_TOKEN": "t0ken",
+            "REGISTRY_MIRRORS": "elsewhere",
+            "PATH": "/usr/bin",
+        },
+    )
+    assert config.workers == 1 and config.upstream.password == "t0ken"
+
+
+@pytest.mark.parametrize(
+    ("settings", "key", "module"),
+    [
+        ({"storage.kind": "s3"}, "storage.kind", "aiobotocore"),
+        ({"metadata.kind": "redis", "cluster.secret": "s"}, "metadata.kind", "redis"),
+    ],
+)
+def test_cluster_option_without_the_cluster_extra_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch, settings: dict[str, object], key: str, module: str
+) -> None:
+    real = importlib.util.find_spec
+
+    def find_spec(name: str, package: str | None = None) -> ModuleSpec | None:
+        return None if name == module else real(name, package)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    load_config(None, env={})  # a single node needs neither
+    with pytest.raises(ConfigError) as err:
+        load_config(None, env={}, overrides=settings)
+    assert err.value.key == key
+    assert str(err.value) == (
+        f"config error: {key}: {settings[key]} needs the {module} package:"
+        " pip install 'registry-mirror[cluster]'"
+    )

@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from mirror.access import Policy, Principal, Rule
-from mirror.cache.blobs import FilesystemBlobStore
-from mirror.cache.index import CacheIndex
-from mirror.cache.metadata import LocalMetadataStore, TagRecord
+from mirror.cache.metadata import TagKey, TagRecord
+from mirror.cache_policy import CachePolicy, EvictResult
 from mirror.config import load_config
-from mirror.contents import Catalog, evict_image, select
+from mirror.contents import Catalog, select
 from mirror.mirror import Mirror
+from mirror.node import Node, open_node
 from mirror.reference import Digest
-from mirror.upstream.client import UpstreamClient
-from mirror.upstream.routing import Router, build_router
 from mirror.web.ui import pin_ref
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -31,19 +28,21 @@ def digest_of(data: bytes) -> Digest:
 
 
 @pytest.fixture
-async def mirror(tmp_path: Path) -> AsyncIterator[Mirror]:
+async def node(tmp_path: Path) -> AsyncIterator[Node]:
+    """The node a server or a command assembles (no upstream connections)."""
     config = load_config(None, env={}, overrides={"cache.dir": str(tmp_path)})
-    store = FilesystemBlobStore(tmp_path)
-    store.setup()
-    metadata = LocalMetadataStore(tmp_path / "meta")
-    index = CacheIndex(tmp_path / "index", time.time)
-    m = Mirror(store, metadata, index, Router(UpstreamClient("default", config.upstream)))
-    try:
-        yield m
-    finally:
-        await m.index.flush()
-        index.close()
-        metadata.close()
+    async with open_node(config) as n:
+        yield n
+
+
+@pytest.fixture
+def mirror(node: Node) -> Mirror:
+    return node.mirror
+
+
+@pytest.fixture
+def policy(node: Node) -> CachePolicy:
+    return node.policy
 
 
 async def put(mirror: Mirror, data: bytes, kind: str = "blob") -> Digest:
@@ -76,7 +75,7 @@ async def image(
     return digest
 
 
-async def test_summary_sizes_flags_search_sort_and_pages(mirror: Mirror) -> None:
+async def test_summary_sizes_flags_search_sort_and_pages(mirror: Mirror, node: Node) -> None:
     shared = b"S" * 1000
     await image(mirror, "library/alpha", "1", [shared, b"a" * 500])
     await image(mirror, "library/alpha", "2", [shared, b"b" * 300])
@@ -85,7 +84,7 @@ async def test_summary_sizes_flags_search_sort_and_pages(mirror: Mirror) -> None
     for n in range(120):
         await image(mirror, f"bulk/r{n:03d}", "t", [f"bulk{n}".encode()])
     await _pin(mirror, "library/beta:latest")
-    catalog = Catalog(mirror)
+    catalog = Catalog(node)
     snap = await catalog.refresh()
 
     alpha = snap.repo("default", "library/alpha")
@@ -126,7 +125,16 @@ async def _pin(mirror: Mirror, ref: str) -> None:
     mirror.index.set_pins(mirror.index.pins() | {ref})
 
 
-async def test_evict_keeps_what_other_images_and_pins_share(mirror: Mirror) -> None:
+async def evict(policy: CachePolicy, catalog: Catalog, key: TagKey) -> EvictResult:
+    """What the page's evict does: the policy removes, then the summary is rebuilt."""
+    result = await policy.evict_image(key, (await catalog.refresh()).references)
+    await catalog.refresh()
+    return result
+
+
+async def test_evict_keeps_what_other_images_and_pins_share(
+    mirror: Mirror, node: Node, policy: CachePolicy
+) -> None:
     shared = b"S" * 1000
     pinned_layer = b"P" * 700
     first = await image(mirror, "library/app", "1", [shared, b"only-one" * 10])
@@ -134,10 +142,10 @@ async def test_evict_keeps_what_other_images_and_pins_share(mirror: Mirror) -> N
     await image(mirror, "library/keep", "1", [pinned_layer])
     victim = await image(mirror, "library/victim", "1", [pinned_layer, b"v" * 99])
     await _pin(mirror, "library/keep:1")
-    catalog = Catalog(mirror)
+    catalog = Catalog(node)
     await catalog.refresh()
 
-    result = await evict_image(mirror, catalog, ("default", "library/app", "1"))
+    result = await evict(policy, catalog, ("default", "library/app", "1"))
     assert first in result.removed
     assert digest_of(b"only-one" * 10) in result.removed
     assert digest_of(shared) not in result.removed and result.kept_shared >= 1
@@ -150,14 +158,14 @@ async def test_evict_keeps_what_other_images_and_pins_share(mirror: Mirror) -> N
     app = snap.repo("default", "library/app")
     assert app is not None and [t.tag for t in app.tags] == ["2"] and app.complete
 
-    result = await evict_image(mirror, catalog, ("default", "library/victim", "1"))
+    result = await evict(policy, catalog, ("default", "library/victim", "1"))
     assert victim in result.removed
     assert await mirror.store.stat(digest_of(pinned_layer)) == 700  # a pinned image's layer
     assert await mirror.store.stat(digest_of(b"v" * 99)) is None
     assert (await catalog.snapshot()).repo("default", "library/victim") is None
 
 
-async def test_index_of_platforms_is_listed_with_each_platform(mirror: Mirror) -> None:
+async def test_index_of_platforms_is_listed_with_each_platform(mirror: Mirror, node: Node) -> None:
     amd = await image(mirror, "library/multi", "amd", [b"x" * 10])
     arm = await image(mirror, "library/multi", "arm", [b"y" * 20], cache_layers=False)
     amd64 = {"os": "linux", "architecture": "amd64"}
@@ -174,7 +182,7 @@ async def test_index_of_platforms_is_listed_with_each_platform(mirror: Mirror) -
     await mirror.metadata.put_tag(
         ("default", "library/multi", "latest"), TagRecord(top, OCI_INDEX, 1)
     )
-    catalog = Catalog(mirror)
+    catalog = Catalog(node)
     refs = catalog.refs(top)
     assert refs is not None
     assert [p for _, p, _ in refs.children] == ["linux/amd64", "linux/arm64/v8"]
@@ -194,12 +202,8 @@ async def test_pin_refs_route_back_to_their_upstream(tmp_path: Path) -> None:
         "  quay:\n    url: https://quay.io\n"
     )
     config = load_config(conf, env={}, overrides={"cache.dir": str(tmp_path)})
-    store = FilesystemBlobStore(tmp_path)
-    store.setup()
-    metadata = LocalMetadataStore(tmp_path / "meta")
-    index = CacheIndex(tmp_path / "index", time.time)
-    m = Mirror(store, metadata, index, build_router(config))
-    try:
+    async with open_node(config) as node:
+        m = node.mirror
         assert pin_ref(m, "default", "library/alpine", "3.19") == "library/alpine:3.19"
         assert pin_ref(m, "ghcr", "acme/app", "v1") == "gh/acme/app:v1"
         assert pin_ref(m, "quay", "org/tool", "2") == "quay.io/org/tool:2"
@@ -209,7 +213,5 @@ async def test_pin_refs_route_back_to_their_upstream(tmp_path: Path) -> None:
         manifest = await put(m, json.dumps(doc).encode(), "manifest")
         await m.metadata.put_tag(("quay", "org/tool", "2"), TagRecord(manifest, OCI_MANIFEST, 1))
         # The CLI's and the eviction policy's reading of that pin finds the image.
-        assert await m.pinned_digests([pin_ref(m, "quay", "org/tool", "2")]) == {manifest, layer}
-    finally:
-        index.close()
-        metadata.close()
+        pins = [pin_ref(m, "quay", "org/tool", "2")]
+        assert await node.policy.resolver.pinned_digests(pins) == {manifest, layer}

@@ -1,0 +1,126 @@
+"""`open_node(config)`: one node of the mirror, assembled once for `serve` and every command.
+
+The cache directory (`cache.dir`), as the node lays it out (each part's owner in brackets):
+
+    <cache.dir>/
+    ├── blobs/sha256/<2 hex>/<64 hex>  blobs and manifests by digest, only ever renamed in
+    │                                  after verification                      [cache/blobs.py]
+    ├── tmp/<digest>.<random>          fills being written (flocked while their writer lives;
+    │                                  swept once it died), `.verified` marks: all bytes matched
+    ├── locks/<64 hex>                 a flock per digest: which worker fetches it [cache/locks.py]
+    ├── index/entries/, index/meta/    LRU/TTL index, totals and pins (diskcache) [cache/index.py]
+    ├── meta/                          tags, media types, provenance, privacy
+    │                                  (diskcache)                            [cache/metadata.py]
+    ├── token.key                      the key signing client tokens, 0600        [web/auth.py]
+    └── metrics/                       per-worker Prometheus files (workers > 1)  [workers.py]
+
+Everything but `blobs/` can be lost: `index/` is rebuilt from the files at start; `meta/` holds
+tags (fetched again) and provenance (asked again of the upstream); `tmp/` is swept.
+
+A single node and a cluster's node differ only in what is wired in here: the shared tier
+(`NoSharedTier`, or a `Cluster` of the object store, Redis and peers) and the metadata store
+(the node's own, or Redis written through to it). Nothing above this module asks whether it is
+in a cluster. The cluster's clients (redis, aiobotocore: the `cluster` extra) are imported only
+when the config asks for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from mirror.access import build_policy
+from mirror.cache.blobs import FilesystemBlobStore
+from mirror.cache.eviction import Evictor
+from mirror.cache.index import CacheIndex
+from mirror.cache.metadata import LocalMetadataStore
+from mirror.cache_policy import CachePolicy
+from mirror.config import Config
+from mirror.interfaces import MetadataStore, SharedTier
+from mirror.metrics import Metrics
+from mirror.mirror import Mirror
+from mirror.reference import Digest
+from mirror.shared import NoSharedTier
+from mirror.upstream.guard import UpstreamNetwork
+from mirror.upstream.routing import Router, build_router
+
+
+@dataclass(frozen=True)
+class Node:
+    """The assembled services. Callers use `mirror` (pulls), `policy` (pins, eviction) and
+    the stores through the commands built on them; the parts are here for those commands."""
+
+    config: Config
+    store: FilesystemBlobStore
+    metadata: MetadataStore
+    index: CacheIndex
+    router: Router
+    shared: SharedTier
+    mirror: Mirror
+    evictor: Evictor
+    policy: CachePolicy
+    metrics: Metrics
+
+
+async def _shared_tier(
+    config: Config, metrics: Metrics, local: MetadataStore, store: FilesystemBlobStore,
+    index: CacheIndex,
+) -> tuple[SharedTier, MetadataStore]:  # fmt: skip
+    """The cluster's shared tier and metadata for a clustered config; else nothing shared."""
+    if not config.clustered:
+        return NoSharedTier(), local
+    from mirror.cache.redis_store import RedisMetadataStore
+    from mirror.cache.tiered import TieredMetadataStore
+    from mirror.cluster import build_cluster
+
+    async def drop_local(digest: Digest) -> None:
+        """The shared store holds it now and this node keeps no copies (no local tier)."""
+        await store.delete(digest)
+        await asyncio.to_thread(index.remove, [digest])
+
+    cluster = build_cluster(config, metrics, drop_local)
+    await cluster.start()
+    if cluster.redis is None:
+        return cluster, local
+    tiered = TieredMetadataStore(RedisMetadataStore(cluster.redis), local, cluster.redis_health)
+    return cluster, tiered
+
+
+@asynccontextmanager
+async def open_node(
+    config: Config,
+    *,
+    clock: Callable[[], float] = time.time,
+    network: UpstreamNetwork | None = None,
+    metrics: Metrics | None = None,
+    connect: bool = False,
+) -> AsyncIterator[Node]:
+    """The node for `config`; `connect` opens the upstream sessions (serving, warming), which
+    maintenance commands that never fetch leave closed. Closed in reverse order on exit."""
+    metrics = metrics or Metrics()
+    store = FilesystemBlobStore(config.cache.dir)
+    await asyncio.to_thread(store.setup)
+    local = await asyncio.to_thread(LocalMetadataStore, config.cache.dir / "meta")
+    index = await asyncio.to_thread(CacheIndex, config.cache.dir / "index", clock)
+    shared, metadata = await _shared_tier(config, metrics, local, store, index)
+    router = build_router(config, metrics, network=network)
+    mirror = Mirror(
+        store, metadata, index, router, metrics=metrics, offline=config.offline, clock=clock,
+        policy=build_policy(config), shared=shared,
+    )  # fmt: skip
+    evictor = Evictor(store, index, config.cache, clock)
+    policy = CachePolicy(config, mirror, evictor, shared)
+    try:
+        if connect:
+            await router.start()
+        yield Node(config, store, metadata, index, router, shared, mirror, evictor, policy, metrics)
+    finally:
+        await mirror.fills.close()
+        await shared.close()
+        await router.close()
+        await index.flush()
+        index.close()
+        metadata.close()
