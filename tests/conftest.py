@@ -9,6 +9,7 @@ import pytest
 import structlog
 
 pytest_plugins = [
+    "tests.fixtures.fake_upstream",
     "tests.fixtures.real_upstream",
     "tests.fixtures.redis_server",
     "tests.fixtures.seaweed",

@@ -21,14 +21,17 @@ from tests.fixtures.mirror_server import (
 GOOD = "sha256:" + "a" * 64
 
 
-async def raw_request(base: str, method: str, target: str) -> tuple[int, dict[str, object]]:
-    """Send the request target byte for byte (no client-side normalisation of dots or %)."""
+async def raw_request(
+    base: str, method: str, target: str, headers: str = ""
+) -> tuple[int, dict[str, object]]:
+    """Send the request target byte for byte (no client-side normalisation of dots or %);
+    `headers`: more header lines, each ending in CRLF."""
     host, port = base.removeprefix("http://").rsplit(":", 1)
     reader, writer = await asyncio.open_connection(host, int(port))
     try:
         writer.write(
             f"{method} {target} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\n"
-            "Connection: close\r\n\r\n".encode()
+            f"{headers}Connection: close\r\n\r\n".encode()
         )
         await writer.drain()
         raw = await asyncio.wait_for(reader.read(), 10)
@@ -129,21 +132,13 @@ async def test_cluster_offset_must_be_ascii_digits(
         "cluster.secret": "test-secret",
     }
     async with running_mirror(mirror_config(tmp_path, fake.url, settings=settings)) as base:
-        host, port = base.removeprefix("http://").rsplit(":", 1)
-        reader, writer = await asyncio.open_connection(host, int(port))
-        try:
-            writer.write(
-                f"GET /_cluster/blobs/{GOOD}?offset={offset} HTTP/1.1\r\nHost: {host}\r\n"
-                "X-Registry-Mirror-Cluster: test-secret\r\nConnection: close\r\n\r\n".encode()
-            )
-            await writer.drain()
-            raw = await asyncio.wait_for(reader.read(), 10)
-        finally:
-            writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    assert 400 <= status < 500, raw[:300]
-    assert json.loads(body)["errors"][0]["code"] == "RANGE_INVALID"
+        status, body = await raw_request(
+            base, "GET", f"/_cluster/blobs/{GOOD}?offset={offset}",
+            "X-Registry-Mirror-Cluster: test-secret\r\n",
+        )  # fmt: skip
+    assert 400 <= status < 500, body
+    errors = body["errors"]
+    assert isinstance(errors, list) and errors[0]["code"] == "RANGE_INVALID"
 
 
 USERS = {"alice": "alice-pw"}

@@ -13,7 +13,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -35,16 +34,6 @@ NOWHERE = "http://127.0.0.1:9"  # these tests never reach an upstream
 # The mirror's thresholds (getattr: the same test runs against code that has none).
 PER_ADDRESS = getattr(auth, "FAILED_PER_ADDRESS", 10)
 PER_USER = getattr(auth, "FAILED_PER_USER", 30)
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeUpstream]:
-    upstream = FakeUpstream()
-    await upstream.start()
-    try:
-        yield upstream
-    finally:
-        await upstream.close()
 
 
 def _session(address: str) -> aiohttp.ClientSession:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.fixtures.certs import CertAuthority
-from tests.fixtures.mirror_server import MirrorProcess, free_port
+from tests.fixtures.mirror_server import MirrorProcess, free_port, wait_for_workers
 
 CLOSED = "http://127.0.0.1:9"  # no upstream at all
 
@@ -83,17 +83,6 @@ def get(url: str, context: ssl.SSLContext | None = None) -> tuple[int, str]:
         return exc.code, exc.headers.get("X-Request-ID", "")
 
 
-def worker_pids(mirror: MirrorProcess, count: int, limit: float = 30) -> set[int]:
-    """The pids of the processes that opened the cache (each worker, or the one process)."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        pids = {e["pid"] for e in mirror.log_events() if e.get("event") == "mirror_started"}
-        if len(pids) >= count:
-            return pids
-        time.sleep(0.1)
-    raise AssertionError(f"{count} workers did not start:\n{mirror.log_path.read_text()[-2000:]}")
-
-
 def listening(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in events if str(e.get("event", "")).startswith("listening on ")]
 
@@ -124,7 +113,7 @@ def test_a_second_instance_on_the_port_fails_and_the_first_keeps_every_request(
     )
     first.start()
     try:
-        worker_pids(first, workers)
+        wait_for_workers(first, workers)
         second = subprocess.Popen(
             serve_cmd(first.address, tmp_path / "second"),
             stdout=subprocess.DEVNULL,
@@ -160,7 +149,7 @@ def test_two_workers_share_the_port_of_one_instance_which_says_where_it_listens(
     mirror.start()
     assert mirror.proc is not None
     try:
-        pids = worker_pids(mirror, 2)
+        pids = wait_for_workers(mirror, 2)
         for _ in range(20):  # up to 200 new connections, until both workers have answered
             assert {get(f"{mirror.url}/v2/")[0] for _ in range(10)} == {200}
             if set(served_ids(mirror).values()) == pids:
@@ -216,7 +205,7 @@ def test_ctrl_c_to_the_process_group_is_a_clean_stop_with_exit_code_0(
     mirror.start()
     assert mirror.proc is not None
     try:
-        worker_pids(mirror, workers)
+        wait_for_workers(mirror, workers)
         assert get(f"{mirror.url}/v2/")[0] == 200
         os.killpg(mirror.proc.pid, signal.SIGINT)  # what a terminal sends on Ctrl-C
         assert mirror.proc.wait(60) == 0, mirror.log_path.read_text()[-3000:]

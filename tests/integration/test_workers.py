@@ -5,25 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 from pathlib import Path
 
 import aiohttp
 
-from tests.fixtures.mirror_server import MirrorProcess
+from tests.fixtures.mirror_server import MirrorProcess, wait_for_workers
 from tests.fixtures.real_upstream import Upstream
 from tests.integration.test_operations import scrape, value
 from tests.integration.test_single_flight import fetch, settled
-
-
-def wait_for_workers(mirror: MirrorProcess, count: int, limit: float = 20) -> set[int]:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        pids = {e["pid"] for e in mirror.log_events() if e.get("event") == "mirror_started"}
-        if len(pids) >= count:
-            return pids
-        time.sleep(0.1)
-    raise AssertionError(f"{count} workers did not start:\n{mirror.log_path.read_text()[-2000:]}")
 
 
 async def test_two_workers_twenty_clients_one_upstream_fetch(
