@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from mirror.cache import sqlite
 from mirror.cache.metadata import TagKey, TagRecord
 from mirror.mediatypes import manifest_doc, platform_of, sniff_media_type
 from mirror.node import Node
@@ -202,7 +203,7 @@ class Catalog:
         started = self._clock()
         await self.index.flush()  # sizes and last use as of now
         pinned = await self.policy.pinned()
-        snapshot = await asyncio.to_thread(self._build_blocking, pinned)
+        snapshot = await sqlite.run(self._build_blocking, pinned)
         snapshot.build_seconds = self._clock() - started
         self._snapshot, self._taken = snapshot, started
         return snapshot

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+from mirror.cache import sqlite
 from mirror.cache.eviction import EvictionPlan, SharedEviction
 from mirror.config import Config
 from mirror.node import Node, open_node
@@ -48,12 +49,10 @@ class ImageRow:
 
 async def list_images(handle: CacheHandle) -> list[ImageRow]:
     """Cached tags with the size of everything they reference that is cached."""
-    await asyncio.to_thread(
-        handle.index.reconcile, handle.store.blob_dir, handle.metadata.is_manifest
-    )
+    await sqlite.run(handle.index.reconcile, handle.store.blob_dir, handle.metadata.is_manifest)
     pinned = await handle.policy.pinned()
     rows = []
-    for (upstream, repo, tag), record in await asyncio.to_thread(
+    for (upstream, repo, tag), record in await sqlite.run(
         lambda: list(handle.metadata.iter_tags())
     ):
         digests = await handle.policy.references(record.digest)
@@ -76,7 +75,7 @@ async def list_images(handle: CacheHandle) -> list[ImageRow]:
 
 async def _entry(handle: CacheHandle, digest: Digest) -> tuple[int, float] | None:
     """(size, last served) from this node's index, else from the cluster's shared one."""
-    entry = handle.index.get(digest)
+    entry = await sqlite.run(handle.index.get, digest)
     if entry is not None:
         return entry.size, entry.last_served
     return await handle.shared.entry(digest)
@@ -105,8 +104,8 @@ async def verify(handle: CacheHandle, *, repair: bool) -> tuple[int, list[Digest
             bad.append(digest)
             await store.delete(digest)
     if repair:
-        await asyncio.to_thread(handle.index.clear)
-    await asyncio.to_thread(handle.index.reconcile, store.blob_dir, handle.metadata.is_manifest)
+        await sqlite.run(handle.index.clear)
+    await sqlite.run(handle.index.reconcile, store.blob_dir, handle.metadata.is_manifest)
     shared_checked, shared_bad = await handle.shared.verify()
     return len(digests) + shared_checked, bad + shared_bad
 

@@ -33,6 +33,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from mirror.access import build_policy
+from mirror.cache import sqlite
 from mirror.cache.blobs import FilesystemBlobStore
 from mirror.cache.eviction import Evictor
 from mirror.cache.index import CacheIndex
@@ -79,7 +80,7 @@ async def _shared_tier(
     async def drop_local(digest: Digest) -> None:
         """The shared store holds it now and this node keeps no copies (no local tier)."""
         await store.delete(digest)
-        await asyncio.to_thread(index.remove, [digest])
+        await sqlite.run(index.remove, [digest])
 
     cluster = build_cluster(config, metrics, drop_local)
     await cluster.start()
@@ -103,8 +104,8 @@ async def open_node(
     metrics = metrics or Metrics()
     store = FilesystemBlobStore(config.cache.dir)
     await asyncio.to_thread(store.setup)
-    local = await asyncio.to_thread(LocalMetadataStore, config.cache.dir / "meta")
-    index = await asyncio.to_thread(CacheIndex, config.cache.dir / "index", clock)
+    local = await sqlite.run(LocalMetadataStore, config.cache.dir / "meta")
+    index = await sqlite.run(CacheIndex, config.cache.dir / "index", clock)
     shared, metadata = await _shared_tier(config, metrics, local, store, index)
     router = build_router(config, metrics, network=network)
     mirror = Mirror(

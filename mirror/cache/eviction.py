@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from mirror.cache import sqlite
 from mirror.cache.blobs import FilesystemBlobStore
 from mirror.cache.index import CacheIndex, Entry
 from mirror.config import CacheConfig
@@ -73,7 +74,7 @@ class Evictor:
         return budget > 0 and self.index.totals()[0] > budget * self.config.high_watermark
 
     def plan(self, pinned: set[Digest]) -> EvictionPlan:
-        """What a pass would remove now (blocking: walks the index from a thread)."""
+        """What a pass would remove now (blocking: walks the index on a SQLite thread)."""
         size, _ = self.index.totals()
         budget = self.budget()
         plan = EvictionPlan(size_before=size, budget=budget)
@@ -111,7 +112,7 @@ class Evictor:
 
     async def run_once(self, pinned: set[Digest], *, dry_run: bool = False) -> EvictionPlan:
         await self.index.flush()
-        plan = await asyncio.to_thread(self.plan, pinned)
+        plan = await sqlite.run(self.plan, pinned)
         if plan.victims and not dry_run:
             await asyncio.to_thread(self.apply, plan)
             log.info(

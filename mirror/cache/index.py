@@ -3,14 +3,18 @@
 Per digest: size, kind (blob or manifest), when it was stored and last served. The SQLite-backed
 `diskcache.Index` keeps insertion order, so moving an entry to the end on each serve makes its
 iteration order the LRU order, with no sort at eviction time. Serving only notes the time in
-memory (`touch`, O(1), no I/O); `flush` writes the batch in one transaction from a worker thread,
-so the event loop never waits on SQLite. Totals are kept alongside the entries in the same
-transactions. The files are the truth: `reconcile` brings the index back in step with them.
+memory (`touch`, O(1), no I/O); `flush` writes the batch in one transaction on a SQLite thread
+(mirror/cache/sqlite.py: every SQLite call of the index runs there, whoever calls), so the event
+loop never waits on SQLite. Totals are kept in the `meta` store in the same transactions, which
+every process sharing the cache (the workers, the commands) updates; each `flush` reads them back,
+so `totals()` is the whole cache's, not only what this process wrote. The files are the truth:
+`reconcile` brings the index back in step with them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import time
@@ -20,6 +24,7 @@ from pathlib import Path
 
 import diskcache
 
+from mirror.cache import sqlite
 from mirror.reference import SHA256_RE, Digest
 
 TOTALS_KEY = "totals"
@@ -38,13 +43,17 @@ class Entry:
 class CacheIndex:
     def __init__(self, directory: Path, clock: Callable[[], float]) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        self._entries = diskcache.Index(str(directory / "entries"))
-        self._meta = diskcache.Cache(str(directory / "meta"), eviction_policy="none")
+        self._entries, self._meta = sqlite.call(self._open, directory)
         self._clock = clock
         self._pending: dict[Digest, tuple[float, Entry | None]] = {}
-        self._lock = threading.Lock()  # one writer at a time across worker threads
+        self._lock = threading.Lock()  # one writer at a time across this process's threads
         self._flushing = asyncio.Lock()  # batches reach SQLite in the order they were taken
-        self._totals: tuple[int, int] = self._meta.get(TOTALS_KEY, (0, 0))
+        self._totals: tuple[int, int] = sqlite.call(self._read_totals)
+
+    @staticmethod
+    def _open(directory: Path) -> tuple[diskcache.Index, diskcache.Cache]:
+        entries = diskcache.Index(str(directory / "entries"))
+        return entries, diskcache.Cache(str(directory / "meta"), eviction_policy="none")
 
     # -- in-memory notes (event loop, no I/O) ----------------------------------------------
 
@@ -57,20 +66,22 @@ class CacheIndex:
         now = self._clock()
         self._pending[digest] = (now, Entry(size, kind, now, now))
 
-    # -- durable work (worker thread) ------------------------------------------------------
+    # -- durable work (a SQLite thread) ----------------------------------------------------
 
     async def flush(self) -> None:
+        """Write the notes taken since the last flush, then read back the totals that every
+        process sharing the cache keeps up to date (so `totals()` counts their writes too)."""
         async with self._flushing:
-            if self._pending:
-                batch, self._pending = self._pending, {}
-                await asyncio.to_thread(self._write, batch)
+            batch, self._pending = self._pending, {}
+            await sqlite.run(self._write, batch)
 
+    @sqlite.blocking
     def _write(self, batch: dict[Digest, tuple[float, Entry | None]]) -> None:
         items = sorted(batch.items(), key=lambda item: item[1][0])
         # Short transactions: the event loop's GIL and SQLite's write lock are never held long.
         for start in range(0, len(items), WRITE_CHUNK):
             time.sleep(0)  # hand the GIL to the event loop between transactions
-            with self._lock, self._entries.transact():
+            with self._transaction():
                 size, count = self._meta.get(TOTALS_KEY, (0, 0))
                 for digest, (when, new) in items[start : start + WRITE_CHUNK]:
                     old = self._entries.pop(digest, None)
@@ -84,33 +95,52 @@ class CacheIndex:
                     self._entries[digest] = entry
                     size, count = size + entry.size, count + 1
                 self._set_totals(size, count)
+        self._totals = self._read_totals()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """Entries and totals change together: both stores' write locks, always in this order,
+        so two processes cannot both add to the same old totals (a lost update)."""
+        with self._lock, self._entries.transact(), self._meta.transact():
+            yield
 
     def totals(self) -> tuple[int, int]:
-        """(bytes, entries) as of this process's last write (no I/O: safe on the loop)."""
+        """(bytes, entries) of the whole cache as of the last flush, whichever process wrote
+        them (no I/O: safe on the loop)."""
         return self._totals
+
+    def _read_totals(self) -> tuple[int, int]:
+        size, count = self._meta.get(TOTALS_KEY, (0, 0))
+        return int(size), int(count)
 
     def _set_totals(self, size: int, count: int) -> None:
         self._meta.set(TOTALS_KEY, (size, count))
         self._totals = (int(size), int(count))
 
     def lru(self) -> Iterator[tuple[Digest, Entry]]:
-        """Entries from least to most recently served (blocking; call from a thread)."""
+        """Entries from least to most recently served (blocking; walked lazily on a SQLite
+        thread, e.g. inside `sqlite.run`; elsewhere read whole on one first)."""
+        if not sqlite.on_sqlite_thread():
+            yield from sqlite.call(lambda: list(self.lru()))
+            return
         for digest in self._entries:
             entry = self._entries.get(digest)
             if entry is not None:
                 yield digest, entry
 
+    @sqlite.blocking
     def get(self, digest: Digest) -> Entry | None:
         """The durable entry (blocking; serves not yet flushed are not in it); None if absent."""
         entry: Entry | None = self._entries.get(digest)
         return entry
 
+    @sqlite.blocking
     def remove(self, digests: list[Digest]) -> int:
         """Drop entries (blocking); absent ones are skipped. Returns how many were indexed."""
         removed = 0
         for start in range(0, len(digests), WRITE_CHUNK):
             time.sleep(0)  # hand the GIL to the event loop between transactions
-            with self._lock, self._entries.transact():
+            with self._transaction():
                 size, count = self._meta.get(TOTALS_KEY, (0, 0))
                 for digest in digests[start : start + WRITE_CHUNK]:
                     old = self._entries.pop(digest, None)
@@ -119,6 +149,7 @@ class CacheIndex:
                 self._set_totals(size, count)
         return removed
 
+    @sqlite.blocking
     def reconcile(self, blob_dir: Path, is_manifest: Callable[[Digest], bool]) -> tuple[int, int]:
         """Bring the index in step with the files: add files it lacks (dated by mtime, of kind
         "manifest" where `is_manifest` says so, else "blob", so the per-kind TTLs apply to
@@ -134,7 +165,7 @@ class CacheIndex:
         gone = [d for d in self._entries if d not in on_disk]
         self.remove(gone)
         missing = [d for d in on_disk if d not in self._entries]
-        with self._lock, self._entries.transact():
+        with self._transaction():
             size, count = self._meta.get(TOTALS_KEY, (0, 0))
             for digest in sorted(missing, key=lambda d: on_disk[d].st_mtime):
                 if digest in self._entries:
@@ -165,7 +196,7 @@ class CacheIndex:
     async def note_served(self, served: Mapping[Digest, float]) -> None:
         """`touch` with explicit times, written at once; never moves a time backwards."""
         await self.flush()
-        known = await asyncio.to_thread(lambda: {d: self.get(d) for d in served})
+        known = await sqlite.run(lambda: {d: self.get(d) for d in served})
         for digest, when in served.items():
             entry = known[digest]
             if entry is not None and when > entry.last_served:
@@ -174,22 +205,21 @@ class CacheIndex:
 
     async def entry(self, digest: Digest) -> Entry | None:
         await self.flush()
-        return await asyncio.to_thread(self.get, digest)
+        return await sqlite.run(self.get, digest)
 
     async def usage(self) -> tuple[int, int]:
         """What SQLite holds, so other processes' writes count too."""
         await self.flush()
-        size, count = await asyncio.to_thread(self._meta.get, TOTALS_KEY, (0, 0))
-        return int(size), int(count)
+        return self._totals
 
     async def drop(self, digest: Digest) -> bool:
         await self.flush()
-        return await asyncio.to_thread(self.remove, [digest]) == 1
+        return await sqlite.run(self.remove, [digest]) == 1
 
     async def least_recent(
         self, limit: int, before: float | None = None
     ) -> list[tuple[str, int, str, float]]:
-        """As `RedisIndex.least_recent` (walks the index in a thread)."""
+        """As `RedisIndex.least_recent` (walks the index on a SQLite thread)."""
         await self.flush()
 
         def walk() -> list[tuple[str, int, str, float]]:
@@ -201,8 +231,9 @@ class CacheIndex:
                     out.append((digest, entry.size, entry.kind, entry.last_served))
             return out
 
-        return await asyncio.to_thread(walk)
+        return await sqlite.run(walk)
 
+    @sqlite.blocking
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
@@ -210,12 +241,15 @@ class CacheIndex:
 
     # -- pins ------------------------------------------------------------------------------
 
+    @sqlite.blocking
     def pins(self) -> set[str]:
         return set(self._meta.get(PINS_KEY, ()))
 
+    @sqlite.blocking
     def set_pins(self, pins: set[str]) -> None:
         self._meta.set(PINS_KEY, sorted(pins))
 
+    @sqlite.blocking
     def is_open(self) -> bool:
         try:
             self._meta.get(TOTALS_KEY)
@@ -223,6 +257,8 @@ class CacheIndex:
             return False
         return True
 
+    @sqlite.blocking
     def close(self) -> None:
+        """Close (the connections of the SQLite threads go with this object)."""
         self._entries.cache.close()
         self._meta.close()

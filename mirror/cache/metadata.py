@@ -9,7 +9,6 @@ redis_store.py and tiered.py.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import diskcache
 from cachetools import LRUCache
 
+from mirror.cache import sqlite
 from mirror.interfaces import MetadataStore as MetadataStore  # re-exported
 from mirror.reference import Digest
 
@@ -60,7 +60,9 @@ class LocalMetadataStore:
     """diskcache-backed metadata with an in-memory front (one node)."""
 
     def __init__(self, directory: Path, memory_entries: int = 100_000) -> None:
-        self._db = diskcache.Cache(str(directory), eviction_policy="none", size_limit=2**40)
+        self._db = sqlite.call(
+            diskcache.Cache, str(directory), eviction_policy="none", size_limit=2**40
+        )
         self._tags: LRUCache[TagKey, TagRecord] = LRUCache(memory_entries)
         self._types: LRUCache[Digest, str] = LRUCache(memory_entries)
         self._origins: LRUCache[Digest, Origins] = LRUCache(memory_entries)
@@ -69,7 +71,7 @@ class LocalMetadataStore:
     async def get_tag(self, key: TagKey) -> TagRecord | None:
         record = self._tags.get(key)
         if record is None:
-            raw = await asyncio.to_thread(self._db.get, ("tag", *key))
+            raw = await sqlite.run(self._db.get, ("tag", *key))
             if raw is None:
                 return None
             record = TagRecord(*raw)
@@ -79,17 +81,17 @@ class LocalMetadataStore:
     async def put_tag(self, key: TagKey, record: TagRecord) -> None:
         self._tags[key] = record
         value = (record.digest, record.media_type, record.fetched_at)
-        await asyncio.to_thread(self._db.set, ("tag", *key), value)
+        await sqlite.run(self._db.set, ("tag", *key), value)
 
     async def delete_tag(self, key: TagKey) -> None:
         """Forget a tag (its image was evicted): the next pull fetches it again."""
         self._tags.pop(key, None)
-        await asyncio.to_thread(self._db.delete, ("tag", *key))
+        await sqlite.run(self._db.delete, ("tag", *key))
 
     async def get_media_type(self, digest: Digest) -> str | None:
         media_type = self._types.get(digest)
         if media_type is None:
-            media_type = await asyncio.to_thread(self._db.get, ("type", digest))
+            media_type = await sqlite.run(self._db.get, ("type", digest))
             if media_type is not None:
                 self._types[digest] = media_type
         return media_type
@@ -98,12 +100,12 @@ class LocalMetadataStore:
         if self._types.get(digest) == media_type:
             return
         self._types[digest] = media_type
-        await asyncio.to_thread(self._db.set, ("type", digest), media_type)
+        await sqlite.run(self._db.set, ("type", digest), media_type)
 
     async def get_origins(self, digest: Digest) -> Origins | None:
         origins = self._origins.get(digest)
         if origins is None:
-            raw = await asyncio.to_thread(self._db.get, ("origin", digest))
+            raw = await sqlite.run(self._db.get, ("origin", digest))
             if raw is None:
                 return None
             origins = self._origins[digest] = Origins(raw[0], frozenset(raw[1]))
@@ -126,12 +128,12 @@ class LocalMetadataStore:
         known = [self._origins.get(d) for d in digests]
         if all(o is not None and o.add(repo) is o for o in known):
             return  # nothing new (the common case: a warm pull)
-        self._origins.update(await asyncio.to_thread(update))
+        self._origins.update(await sqlite.run(update))
 
     async def get_privacy(self, key: RepoKey) -> Privacy | None:
         privacy = self._privacy.get(key)
         if privacy is None:
-            raw = await asyncio.to_thread(self._db.get, ("privacy", *key))
+            raw = await sqlite.run(self._db.get, ("privacy", *key))
             if raw is None:
                 return None
             privacy = self._privacy[key] = Privacy(*raw)
@@ -144,19 +146,25 @@ class LocalMetadataStore:
     async def put_privacy(self, key: RepoKey, privacy: Privacy) -> None:
         self._privacy[key] = privacy
         value = (privacy.private, privacy.checked_at)
-        await asyncio.to_thread(self._db.set, ("privacy", *key), value)
+        await sqlite.run(self._db.set, ("privacy", *key), value)
 
     def iter_tags(self) -> Iterator[tuple[TagKey, TagRecord]]:
-        """Every tag record (blocking; for `ls`)."""
+        """Every tag record (blocking; for `ls`): walked lazily on a SQLite thread, elsewhere
+        read whole on one first."""
+        if not sqlite.on_sqlite_thread():
+            yield from sqlite.call(lambda: list(self.iter_tags()))
+            return
         for key in self._db.iterkeys():
             if isinstance(key, tuple) and key and key[0] == "tag":
                 raw = self._db.get(key)
                 if raw is not None:
                     yield (key[1], key[2], key[3]), TagRecord(*raw)
 
+    @sqlite.blocking
     def is_manifest(self, digest: Digest) -> bool:
         """Whether `digest` was stored as a manifest (blocking; for index rebuilds)."""
         return self._db.get(("type", digest)) is not None
 
+    @sqlite.blocking
     def close(self) -> None:
         self._db.close()

@@ -16,6 +16,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from mirror.access import ANONYMOUS, Principal
+from mirror.cache import sqlite
 from mirror.config import Config, split_host_port
 from mirror.errors import RegistryError, UpstreamError
 from mirror.metrics import UPSTREAM_SECONDS, Metrics
@@ -269,8 +270,8 @@ async def _lifecycle(
     app: web.Application, *, clock: Callable[[], float], network: UpstreamNetwork | None
 ) -> AsyncIterator[None]:
     config = app[CONFIG]
-    # Disk, hashing and SQLite work runs in threads; asyncio's default pool (cores + 4) would
-    # queue cache hits behind a few large fills.
+    # Disk and hashing work runs in threads; asyncio's default pool (cores + 4) would queue
+    # cache hits behind a few large fills. (SQLite has its own 4 threads: cache/sqlite.py.)
     executor = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="mirror-io")
     asyncio.get_running_loop().set_default_executor(executor)
     try:
@@ -298,7 +299,7 @@ async def _housekeeping(node: Node) -> None:
     """Reconcile the index with the files at start, then flush it and apply the policy."""
     index, mirror = node.index, node.mirror
     try:
-        added, dropped = await asyncio.to_thread(
+        added, dropped = await sqlite.run(
             index.reconcile, node.store.blob_dir, node.metadata.is_manifest
         )
         if added or dropped:

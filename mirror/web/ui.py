@@ -27,6 +27,7 @@ import structlog
 from aiohttp import web
 
 from mirror.access import ANONYMOUS, Principal
+from mirror.cache import sqlite
 from mirror.config import Config
 from mirror.contents import Catalog, Refs, select
 from mirror.errors import RegistryError
@@ -444,7 +445,7 @@ async def image(request: web.Request) -> web.Response:
     snapshot = await state.catalog.snapshot()
     row = snapshot.repo(upstream, repo)
     tag_row = next((t for t in row.tags if t.tag == tag), None) if row else None
-    platforms = await asyncio.to_thread(_platforms, state.catalog, record.digest)
+    platforms = await sqlite.run(_platforms, state.catalog, record.digest)
     own_pins = await request.app[NODE].policy.own_pins()
     context = {
         "page": "contents",
