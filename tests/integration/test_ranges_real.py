@@ -7,78 +7,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from email import message_from_bytes
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiohttp
 
-from tests.fixtures.mirror_server import free_port, mirror_config, running_mirror, wait_cached
+from tests.fixtures.mirror_server import mirror_config, running_mirror, wait_cached
 from tests.fixtures.real_upstream import Upstream
+from tests.fixtures.throttle import Throttle
 
 KiB = 1024
 MiB = 1024 * KiB
-
-
-class LinkProxy:
-    """TCP proxy to the registry: `rate` bytes/s downstream (0: unlimited), and once, the
-    first connection whose downstream passes `break_after` bytes is cut there."""
-
-    def __init__(self, target_port: int, *, rate: float = 0, break_after: int | None = None):
-        self.target_port = target_port
-        self.rate = rate
-        self.break_after = break_after
-        self.port = free_port()
-        self.downstream = 0  # bytes the registry sent through us
-        self.broke = False
-        self.server: asyncio.Server | None = None
-
-    async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, down: bool
-    ) -> None:
-        carried = 0
-        try:
-            while data := await reader.read(64 * KiB):
-                limit = self.break_after
-                if down and limit is not None and not self.broke and carried + len(data) >= limit:
-                    self.broke = True
-                    data = data[: limit - carried]
-                    writer.write(data)
-                    self.downstream += len(data)
-                    await writer.drain()
-                    return
-                carried += len(data)
-                if down:
-                    self.downstream += len(data)
-                    if self.rate:
-                        await asyncio.sleep(len(data) / self.rate)
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.close()
-            return
-        await asyncio.gather(
-            self._pipe(reader, up_writer, False), self._pipe(up_reader, writer, True)
-        )
-        up_writer.close()
-
-    @asynccontextmanager
-    async def running(self) -> AsyncIterator[str]:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
-        try:
-            yield f"http://127.0.0.1:{self.port}"
-        finally:
-            self.server.close()
 
 
 def registry_port(upstream: Upstream) -> int:
@@ -99,7 +39,7 @@ async def test_a_body_broken_half_way_is_resumed_with_one_ranged_get(
 ) -> None:
     repo, digest, path = blob_of(upstream, 64 * MiB)
     before = upstream.registry.blob_gets(digest)
-    proxy = LinkProxy(registry_port(upstream), break_after=32 * MiB)
+    proxy = Throttle(registry_port(upstream), break_after=32 * MiB)
     async with (
         proxy.running() as via,
         running_mirror(mirror_config(tmp_path, via)) as base,
@@ -136,7 +76,7 @@ async def test_ranges_on_a_filling_blob_from_the_real_registry(
     repo, digest, path = blob_of(upstream, 64 * MiB)
     data = path.read_bytes()
     before = upstream.registry.blob_gets(digest)
-    proxy = LinkProxy(registry_port(upstream), rate=24 * MiB)  # ~2.7 s for the blob
+    proxy = Throttle(registry_port(upstream), rate=24 * MiB)  # ~2.7 s for the blob
     async with (
         proxy.running() as via,
         running_mirror(mirror_config(tmp_path, via)) as base,
