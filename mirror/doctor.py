@@ -101,26 +101,14 @@ async def check_redis(url: str) -> Check:
 
 
 async def check_s3(config: Config) -> Check:
-    from aiobotocore.config import AioConfig  # only for cluster configurations
-    from aiobotocore.session import get_session
+    from mirror.cache.s3 import open_client  # only for cluster configurations: aiobotocore
 
     s3 = config.storage.s3
     what = f"s3 bucket {s3.bucket} at {_address(s3.endpoint) if s3.endpoint else 'AWS'}"
-    boto_config = AioConfig(
-        connect_timeout=TIMEOUT,
-        read_timeout=TIMEOUT,
-        retries={"total_max_attempts": 1},
-        signature_version="s3v4",
-        s3={"addressing_style": "path" if s3.endpoint else "auto"},
-    )
     try:
-        async with get_session().create_client(
-            "s3",
-            region_name=s3.region or "us-east-1",
-            endpoint_url=s3.endpoint or None,
-            aws_access_key_id=s3.access_key,
-            aws_secret_access_key=s3.secret_key,
-            config=boto_config,
+        # Not the store's start(): that would create a missing bucket, and a probe changes nothing.
+        async with open_client(
+            s3, connect_timeout=TIMEOUT, read_timeout=TIMEOUT, attempts=1
         ) as client:
             await client.head_bucket(Bucket=s3.bucket)
     except Exception as exc:  # whatever went wrong is the answer

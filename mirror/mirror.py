@@ -31,7 +31,6 @@ from mirror.errors import DigestMismatch, RegistryError
 from mirror.interfaces import ByteSource, SharedTier
 from mirror.mediatypes import ALL_MANIFESTS, accepts, sniff_media_type
 from mirror.metrics import Metrics
-from mirror.pins import descriptors
 from mirror.provenance import Provenance, Verdict
 from mirror.reference import Digest, Name, Tag, is_digest
 from mirror.resume import ResumingSource
@@ -593,12 +592,6 @@ class Mirror:
             link = f'</v2/{name}/tags/list?n={params["n"]}&last={tags[-1]}>; rel="next"'
         body = json.dumps({"name": repo, "tags": tags}).encode()
         return TagList(body, "application/json", link)
-
-
-def references(data: bytes) -> list[Digest]:
-    """Every digest a manifest names directly."""
-    children, blobs = descriptors(data)
-    return children + blobs
 
 
 async def _open_upstream(

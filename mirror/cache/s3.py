@@ -53,6 +53,38 @@ class S3Unavailable(Unavailable):
     """The object store cannot be reached or failed (connection error, timeout, 5xx)."""
 
 
+def open_client(
+    config: S3Config,
+    *,
+    connect_timeout: float = CONNECT_TIMEOUT,
+    read_timeout: float = READ_TIMEOUT,
+    attempts: int = MAX_ATTEMPTS,
+) -> Any:
+    """An aiobotocore S3 client for `config` (an async context manager): the store's, and the
+    probe's (`check-config --probe`, with its own time-outs and a single attempt)."""
+    boto_config = AioConfig(
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        retries={"total_max_attempts": attempts, "mode": "standard"},
+        max_pool_connections=MAX_POOL_CONNECTIONS,
+        signature_version="s3v4",
+        # Custom endpoints (SeaweedFS, MinIO) rarely have wildcard DNS for bucket hosts.
+        s3={"addressing_style": "path" if config.endpoint else "auto"},
+        # Checksums only where S3 requires them: callers verify sha256 digests anyway, and
+        # botocore's default CRC trailers are not understood by every S3-compatible store.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    return get_session().create_client(
+        "s3",
+        region_name=config.region or "us-east-1",
+        endpoint_url=config.endpoint or None,
+        aws_access_key_id=config.access_key,
+        aws_secret_access_key=config.secret_key,
+        config=boto_config,
+    )
+
+
 def _status(exc: ClientError) -> int:
     return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
 
@@ -107,28 +139,7 @@ class S3BlobStore:
     async def start(self) -> None:
         """Create the client and the bucket if it is missing (several nodes may race: fine)."""
         config = self.config
-        boto_config = AioConfig(
-            connect_timeout=CONNECT_TIMEOUT,
-            read_timeout=READ_TIMEOUT,
-            retries={"total_max_attempts": MAX_ATTEMPTS, "mode": "standard"},
-            max_pool_connections=MAX_POOL_CONNECTIONS,
-            signature_version="s3v4",
-            # Custom endpoints (SeaweedFS, MinIO) rarely have wildcard DNS for bucket hosts.
-            s3={"addressing_style": "path" if config.endpoint else "auto"},
-            # Checksums only where S3 requires them: callers verify sha256 digests anyway, and
-            # botocore's default CRC trailers are not understood by every S3-compatible store.
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        )
-        creator = get_session().create_client(
-            "s3",
-            region_name=config.region or "us-east-1",
-            endpoint_url=config.endpoint or None,
-            aws_access_key_id=config.access_key,
-            aws_secret_access_key=config.secret_key,
-            config=boto_config,
-        )
-        self._client = await self._stack.enter_async_context(creator)
+        self._client = await self._stack.enter_async_context(open_client(config))
         try:
             await self._ensure_bucket()
         except BaseException:
