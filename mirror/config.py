@@ -315,6 +315,9 @@ class UpstreamConfig:
     # A tag is answered from the cache this long (default 10m) before it is revalidated;
     # 0 = revalidated on every request.
     tag_ttl: float = opt(600.0, DURATION)
+    # A referrers list (signatures, SBOMs) is answered from the cache this long (default 5m:
+    # new signatures appear after the image), then asked again; 0 = asked every time.
+    referrers_ttl: float = opt(300.0, DURATION)
     # Connection set-up and idle-read time-outs (default 10s, 60s); 0 = none.
     connect_timeout: float = opt(10.0, DURATION)
     read_timeout: float = opt(60.0, DURATION)
@@ -812,7 +815,7 @@ def _validate_upstream(up: UpstreamConfig, key: str) -> None:
         raise ConfigError(f"{key}.username", "username and password go together")
     if up.ca_file is not None and not up.ca_file.is_file():
         raise ConfigError(f"{key}.ca_file", f"cannot read {up.ca_file}")
-    for name in ("tag_ttl", "connect_timeout", "read_timeout"):
+    for name in ("tag_ttl", "referrers_ttl", "connect_timeout", "read_timeout"):
         if getattr(up, name) < 0:
             raise ConfigError(f"{key}.{name}", "expected a duration of zero or more")
     if up.retries < 0:

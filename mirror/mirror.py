@@ -33,9 +33,11 @@ from mirror.mediatypes import ALL_MANIFESTS, accepts, sniff_media_type
 from mirror.metrics import Metrics
 from mirror.provenance import Provenance, Verdict
 from mirror.reference import Digest, Name, Tag, is_digest
+from mirror.referrers import Referrers, ReferrersResult
 from mirror.resume import ResumingSource
 from mirror.shared import NoSharedTier
 from mirror.singleflight import SingleFlight
+from mirror.tag_pages import tag_page
 from mirror.upstream.client import BlobStream, FetchedManifest, TagList, UpstreamClient
 from mirror.upstream.routing import Router, Target
 
@@ -147,6 +149,9 @@ class Mirror:
         )
         self.provenance = Provenance(metadata, policy, guarded=guarded, offline=offline)
         self._background: set[asyncio.Future[None]] = set()  # records made after a fill
+        self.referrers_service = Referrers(
+            metadata, self, offline=offline, clock=clock, on_stale=self.metrics.stale_answers.inc
+        )
 
     @property
     def guarded(self) -> bool:
@@ -320,6 +325,37 @@ class Mirror:
             if not is_disk_full(exc):
                 raise
             self.disk.trip(exc)  # still answer: the bytes are verified, just not kept
+
+    # -- referrers (see referrers.py) -------------------------------------------------------
+
+    async def referrers(
+        self,
+        name: Name,
+        subject: Digest,
+        artifact_type: str | None = None,
+        query: dict[str, str] | None = None,
+        namespace: str | None = None,
+        principal: Principal = ANONYMOUS,
+    ) -> ReferrersResult:
+        """The referrers of `subject` (one page), with the access rules of its repository."""
+        target = self.router.route(name, namespace)
+        private = await self.access.authorize(principal, target)
+        return await self.referrers_service.answer(
+            target, name, subject, private, artifact_type, query
+        )
+
+    async def tag_manifest(
+        self, target: Target, tag: Tag, private: bool
+    ) -> tuple[bytes, str, Digest]:
+        """A tag's manifest pulled as any tag is (for the tag scheme's signature tags)."""
+        answer = await self._manifest_by_tag(target, tag, list(ALL_MANIFESTS), private)
+        m = answer.manifest
+        return m.data, m.media_type, m.digest
+
+    async def keep_bytes(self, digest: Digest, data: bytes) -> None:
+        """Store verified bytes by digest, here and in a cluster's shared store."""
+        await self._keep_manifest(digest, data)
+        await self.shared.put_manifest(digest, data)
 
     # -- blobs ------------------------------------------------------------------------------
 
@@ -564,34 +600,31 @@ class Mirror:
         namespace: str | None = None,
         principal: Principal = ANONYMOUS,
     ) -> TagList:
-        """The upstream's tag list, passed through, with its `Link` pointing back at us.
-        Offline, the tags the cache holds for the repository."""
+        """One page of the repository's tags, paged by the mirror itself (lexical order, `n`,
+        `last`: see tag_pages.py) over the upstream's whole list, whatever order or page
+        size the upstream uses. Offline, over the tags the cache holds."""
         target = self.router.route(name, namespace)
         await self.access.authorize(principal, target)
         if self.offline:
             return await self._cached_tags(target, name, params)
-        listing = await target.upstream.list_tags(target.name, params)
-        upstream_path = f"/v2/{target.repository}/tags/list"
-        link = listing.link
-        if link and upstream_path != f"/v2/{name}/tags/list":
-            link = link.replace(upstream_path, f"/v2/{name}/tags/list")
-        return TagList(listing.body, listing.content_type, link)
+        tags = await target.upstream.all_tags(target.name)
+        return _tag_list(name, target.repository, tags, params)
 
     async def _cached_tags(self, target: Target, name: Name, params: dict[str, str]) -> TagList:
         repo = target.repository
         upstream = target.upstream.name
         records = await asyncio.to_thread(lambda: list(self.metadata.iter_tags()))
-        tags = sorted(t for (up, r, t), _ in records if up == upstream and r == repo)
+        tags = [t for (up, r, t), _ in records if up == upstream and r == repo]
         if not tags:
             raise RegistryError("NAME_UNKNOWN", "the mirror is offline and has no tags cached")
-        if "last" in params:
-            tags = [t for t in tags if t > params["last"]]
-        link = None
-        if "n" in params and len(tags) > int(params["n"]):
-            tags = tags[: int(params["n"])]
-            link = f'</v2/{name}/tags/list?n={params["n"]}&last={tags[-1]}>; rel="next"'
-        body = json.dumps({"name": repo, "tags": tags}).encode()
-        return TagList(body, "application/json", link)
+        return _tag_list(name, repo, tags, params)
+
+
+def _tag_list(name: Name, repository: str, tags: list[str], params: dict[str, str]) -> TagList:
+    n = int(params["n"]) if "n" in params else None
+    page = tag_page(name, tags, n, params.get("last"))
+    body = json.dumps({"name": repository, "tags": page.tags}).encode()
+    return TagList(body, "application/json", page.link)
 
 
 async def _open_upstream(
