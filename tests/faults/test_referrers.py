@@ -187,7 +187,7 @@ async def test_huge_and_cyclic_referrers_lists_are_refused_and_not_cached(
 ) -> None:
     subject, _, _ = fake.add_image("lib/app", "v1", [b"x"])
     one = add_referrer(fake, "lib/app", subject, SBOM, 1)
-    huge = [dict(one, digest="sha256:%064x" % i) for i in range(1001)]
+    huge = [dict(one, digest=f"sha256:{i:064x}") for i in range(1001)]
     cycle = [one, dict(one, digest=subject)]
     config = mirror_config(tmp_path, fake.url, referrers_ttl="0s")
     async with running_app(config) as (base, _app), aiohttp.ClientSession() as s:
