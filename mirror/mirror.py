@@ -9,12 +9,13 @@ moved. Misses are single-flight: one upstream fetch per manifest or blob however
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import structlog
 from cachetools import LRUCache
@@ -27,6 +28,7 @@ from mirror.cache.fill import FillBase, FillManager, RemoteFill, TailReader, Ups
 from mirror.cache.index import CacheIndex
 from mirror.cache.locks import FileLocks
 from mirror.cache.metadata import MetadataStore, TagKey, TagRecord
+from mirror.config import VerifyRule
 from mirror.errors import DigestMismatch, RegistryError
 from mirror.interfaces import ByteSource, SharedTier
 from mirror.mediatypes import ALL_MANIFESTS, accepts, sniff_media_type
@@ -40,6 +42,7 @@ from mirror.singleflight import SingleFlight
 from mirror.tag_pages import tag_page
 from mirror.upstream.client import BlobStream, FetchedManifest, TagList, UpstreamClient
 from mirror.upstream.routing import Router, Target
+from mirror.verify_policy import SignaturePolicy
 
 log = structlog.get_logger(__name__)
 
@@ -120,6 +123,7 @@ class Mirror:
         clock: Callable[[], float] = time.time,
         policy: Policy | None = None,
         shared: SharedTier | None = None,
+        verify: tuple[VerifyRule, ...] = (),
     ) -> None:
         self.metrics = metrics or Metrics()
         # What this node shares with others: nothing (one node), or a cluster's store and Redis.
@@ -152,6 +156,8 @@ class Mirror:
         self.referrers_service = Referrers(
             metadata, self, offline=offline, clock=clock, on_stale=self.metrics.stale_answers.inc
         )
+        # Only signed images (the `verify` config; off when empty): see verify_policy.py.
+        self.signatures = SignaturePolicy(verify, self, self.metrics, clock)
 
     @property
     def guarded(self) -> bool:
@@ -204,7 +210,9 @@ class Mirror:
                 raise offline_miss("MANIFEST_UNKNOWN", "manifest")
             fetched = await self._fetch_manifest(target, digest, accept, private)
             return ManifestAnswer(fetched, "miss")
-        return await self._manifest_by_tag(target, Tag(reference), accept, private)
+        answer = await self._manifest_by_tag(target, Tag(reference), accept, private)
+        await self.signatures.check(target, Tag(reference), answer.manifest.digest, private)
+        return answer
 
     async def _manifest_by_tag(
         self, target: Target, tag: Tag, accept: list[str], private: bool
@@ -351,6 +359,42 @@ class Mirror:
         answer = await self._manifest_by_tag(target, tag, list(ALL_MANIFESTS), private)
         m = answer.manifest
         return m.data, m.media_type, m.digest
+
+    async def referrer_descriptors(
+        self, target: Target, subject: Digest, private: bool
+    ) -> list[dict[str, Any]]:
+        """Every referrer of `subject` (all pages), for the signature policy and warm."""
+        return await self.referrers_service.all_descriptors(target, subject, private)
+
+    async def manifest_by_digest(self, target: Target, digest: Digest, private: bool) -> bytes:
+        """A manifest's bytes by digest: cached, or fetched from the target (verified)."""
+        cached = await self.cached_manifest(digest)
+        if cached is not None:
+            return cached.data
+        if self.offline:
+            raise offline_miss("MANIFEST_UNKNOWN", "manifest")
+        return (await self._fetch_manifest(target, digest, list(ALL_MANIFESTS), private)).data
+
+    async def small_blob(
+        self, target: Target, digest: Digest, private: bool, limit: int
+    ) -> bytes | None:
+        """A small blob's bytes (a signature payload), cached so an offline node can check it
+        again; None if it is larger than `limit`."""
+        data = await self.store.read_bytes(digest, limit)
+        if data is not None or await self.store.stat(digest) is not None:
+            return data
+        if self.offline:
+            raise offline_miss("BLOB_UNKNOWN", "blob")
+        stream = await _open_upstream(target.upstream, target.name, digest)
+        received = bytearray()
+        async with contextlib.aclosing(verified(stream.chunks(), digest, stream.close)) as chunks:
+            async for chunk in chunks:
+                received += chunk
+                if len(received) > limit:
+                    return None
+        await self._record(target, [digest], private)
+        await self.keep_bytes(digest, bytes(received))
+        return bytes(received)
 
     async def keep_bytes(self, digest: Digest, data: bytes) -> None:
         """Store verified bytes by digest, here and in a cluster's shared store."""
