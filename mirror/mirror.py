@@ -352,6 +352,18 @@ class Mirror:
             target, name, subject, private, artifact_type, query
         )
 
+    async def all_referrers(
+        self,
+        name: Name,
+        subject: Digest,
+        namespace: str | None = None,
+        principal: Principal = ANONYMOUS,
+    ) -> list[dict[str, Any]]:
+        """Every referrer of `subject`, all pages (for warm), with the access rules."""
+        target = self.router.route(name, namespace)
+        private = await self.access.authorize(principal, target)
+        return await self.referrers_service.all_descriptors(target, subject, private)
+
     async def tag_manifest(
         self, target: Target, tag: Tag, private: bool
     ) -> tuple[bytes, str, Digest]:

@@ -91,9 +91,14 @@ class ManifestSource(Protocol):
         """Stored bytes by digest, or None."""
 
 
-def record_key(target: Target, subject: Digest, query: dict[str, str]) -> TagKey:
+def record_tag(subject: Digest, query: dict[str, str] | None = None) -> str:
+    """The tag-shaped key of a cached answer (`referrers/<digest>[?page]`)."""
     page = f"?{urlencode(sorted(query.items()))}" if query else ""
-    return (target.upstream.name, target.repository, f"{RECORD_PREFIX}{subject}{page}")
+    return f"{RECORD_PREFIX}{subject}{page}"
+
+
+def record_key(target: Target, subject: Digest, query: dict[str, str]) -> TagKey:
+    return (target.upstream.name, target.repository, record_tag(subject, query))
 
 
 def refused(message: str, subject: str, **detail: object) -> UpstreamError:
@@ -184,6 +189,30 @@ class Referrers:
                 return out
             query = listing.next_query
         raise refused("upstream referrers list is too long", subject, limit=MAX_REFERRERS)
+
+    async def cached_descriptors(self, target: Target, subject: Digest) -> list[dict[str, Any]]:
+        """What the cache holds of `subject`'s referrers, every cached page; no upstream
+        (for export)."""
+        out: list[dict[str, Any]] = []
+        query: dict[str, str] = {}
+        for _ in range(MAX_REFERRERS):
+            listing = await self._cached(
+                await self.metadata.get_tag(record_key(target, subject, query))
+            )
+            if listing is None:
+                break
+            out += listing.descriptors
+            if not listing.next_query:
+                break
+            query = listing.next_query
+        return out
+
+    async def restore(self, key: TagKey, descriptors: list[dict[str, Any]], at: float) -> None:
+        """Record `descriptors` as the referrers list under `key` (an import), fetched `at`."""
+        data = Listing(descriptors, {}).to_bytes()
+        digest = Digest("sha256:" + hashlib.sha256(data).hexdigest())
+        await self.source.keep_bytes(digest, data)
+        await self.metadata.put_tag(key, TagRecord(digest, RECORD_TYPE, at))
 
     async def _listing(
         self, target: Target, subject: Digest, private: bool, key: TagKey, query: dict[str, str]

@@ -15,13 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import httpx
 import pytest
 
+from mirror.cli import main
 from mirror.config import ConfigError
 from mirror.web.keys import MIRROR
 from tests.fixtures.cosign import Key, Plain, digest_of, payload_for
 from tests.fixtures.distribution import Registry
-from tests.fixtures.mirror_server import mirror_config, running_app
+from tests.fixtures.mirror_server import MirrorProcess, mirror_config, running_app
+from tests.integration.test_skopeo import copy_through, sha256_file
 
 CHECKS = "registry_mirror_signature_checks_total"
 
@@ -240,3 +243,52 @@ def test_config_refuses_bad_keys_and_modes(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as caught:
             mirror_config(tmp_path, "http://127.0.0.1:1", settings={"verify": [rule]})
         assert words in str(caught.value), str(caught.value)
+
+
+def test_referrers_cross_the_air_gap_and_still_verify(signed: Signed, tmp_path: Path) -> None:
+    """warm --with-referrers -> export -> import -> an offline, enforcing mirror answers the
+    referrers API from its cache, serves the signed images, refuses the unsigned one, and
+    skopeo copies an image and its signature through it."""
+    here, there, bundle = tmp_path / "here", tmp_path / "there", tmp_path / "bundle.tar"
+    images = ["acme/signed:v1", "acme/referred:v1", "acme/unsigned:v1"]
+    up = ["--cache-dir", str(here), "--upstream", signed.registry.url]
+    assert main(["warm", *up, "--with-referrers", *images]) == 0
+    assert main(["export", "--cache-dir", str(here), "-o", str(bundle), *images]) == 0
+    assert main(["import", "--cache-dir", str(there), str(bundle)]) == 0
+    policy = _policy(signed, tmp_path)
+    mirror = MirrorProcess(
+        there,
+        "http://127.0.0.1:9",
+        log_path=tmp_path / "mirror.log",
+        env={
+            "REGISTRY_MIRROR_OFFLINE": "true",
+            "REGISTRY_MIRROR_VERIFY": json.dumps(policy["verify"]),
+        },
+    )
+    mirror.start()
+    try:
+        accept = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
+        for repo in ("signed", "referred"):
+            subject = signed.digests[repo]
+            r = httpx.get(f"{mirror.url}/v2/acme/{repo}/referrers/{subject}")
+            assert r.status_code == 200, r.text
+            listed = sorted(d["digest"] for d in r.json()["manifests"])
+            assert listed == sorted(w["digest"] for w in signed.referrers[repo])
+            for digest in listed:
+                m = httpx.get(f"{mirror.url}/v2/acme/{repo}/manifests/{digest}", headers=accept)
+                assert m.status_code == 200 and digest_of(m.content) == digest
+            r = httpx.get(f"{mirror.url}/v2/acme/{repo}/manifests/v1", headers=accept)
+            assert r.status_code == 200 and digest_of(r.content) == subject
+        r = httpx.get(f"{mirror.url}/v2/acme/unsigned/manifests/v1", headers=accept)
+        assert r.status_code == 403 and "no cosign signature found" in r.text
+        sig_tag = "sha256-" + signed.digests["signed"].removeprefix("sha256:") + ".sig"
+        for ref, dest in (("acme/signed:v1", "image"), (f"acme/signed:{sig_tag}", "sig")):
+            copy_through(mirror, ref, tmp_path / dest)
+        assert sha256_file(tmp_path / "image" / "manifest.json") == signed.digests["signed"]
+        sig_manifest = tmp_path / "sig" / "manifest.json"
+        assert sha256_file(sig_manifest) == signed.referrers["signed"][0]["digest"]
+        for layer in json.loads(sig_manifest.read_text())["layers"]:
+            path = tmp_path / "sig" / layer["digest"].removeprefix("sha256:")
+            assert sha256_file(path) == layer["digest"]
+    finally:
+        mirror.stop()
