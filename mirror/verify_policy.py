@@ -117,6 +117,13 @@ class SignaturePolicy:
                 return finding.outcome
         return None
 
+    def label(self, digest: str) -> str | None:
+        """What the page shows beside an image: `signed`, or why not; None if not checked."""
+        outcome = self.outcome(Digest(digest))
+        if outcome is None:
+            return None
+        return "signed" if outcome is Outcome.VERIFIED else outcome.value
+
     async def check(self, target: Target, tag: Tag, digest: Digest, private: bool) -> None:
         """Raise 403 DENIED if a policy in `enforce` mode covers `target` and `digest` is not
         signed by one of its keys; log (and serve) in `warn` mode."""

@@ -20,6 +20,7 @@ import pytest
 
 from mirror.cli import main
 from mirror.config import ConfigError
+from mirror.mediatypes import ALL_MANIFESTS
 from mirror.web.keys import MIRROR
 from tests.fixtures.cosign import Key, Plain, digest_of, payload_for
 from tests.fixtures.distribution import Registry
@@ -109,7 +110,7 @@ def _policy(s: Signed, tmp_path: Path, mode: str = "enforce") -> dict[str, objec
 
 
 async def _get(s: aiohttp.ClientSession, url: str) -> tuple[int, bytes, dict[str, str]]:
-    async with s.get(url, headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}) as r:
+    async with s.get(url, headers={"Accept": ", ".join(ALL_MANIFESTS)}) as r:
         return r.status, await r.read(), dict(r.headers)
 
 
@@ -184,6 +185,13 @@ async def test_enforce_serves_signed_and_refuses_the_rest_with_reasons(
         assert metrics.get_sample_value(CHECKS, {"result": "verified"}) == 3
         assert metrics.get_sample_value(CHECKS, {"result": "unsigned"}) == 1
         assert metrics.get_sample_value(CHECKS, {"result": "failed"}) == 4
+        # The page shows each image's result beside it.
+        for repo, label in (("signed", "signed"), ("otherkey", "signed by another key")):
+            async with s.get(f"{base}/ui/image?u=default&r=acme/{repo}&t=v1") as r:
+                assert r.status == 200
+                assert f'data-signature="{label}"' in await r.text(), repo
+        async with s.get(f"{base}/ui/image?u=default&r=open/app&t=v1") as r:
+            assert "data-signature" not in await r.text()  # no policy there: nothing to show
         # The signature tags themselves are not held to the policy.
         sig_tag = "sha256-" + signed.digests["signed"].removeprefix("sha256:") + ".sig"
         assert (await _get(s, f"{base}/v2/acme/signed/manifests/{sig_tag}"))[0] == 200
