@@ -13,6 +13,7 @@ import aiohttp
 
 from mirror.web.keys import MIRROR
 from tests.fixtures.clock import Clock
+from tests.fixtures.cosign import Key, payload_for
 from tests.fixtures.fake_upstream import OCI_MANIFEST, FakeUpstream, digest_of
 from tests.fixtures.mirror_server import mirror_config, running_app
 
@@ -233,3 +234,50 @@ async def test_offline_mirror_answers_referrers_and_tags_from_the_cache(
         assert body["tags"] == ["a"] and "last=a" in headers["Link"]  # no referrers record
         status, _, body = await get_json(s, f"{base}/v2/lib/app/tags/list")
         assert body["tags"] == ["a", "v1"]
+
+
+async def test_a_refusal_is_not_kept_once_the_image_is_signed(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """Failures are kept only for `referrers_ttl`: a signature pushed after the image counts."""
+    subject, _, _ = fake.add_image("acme/app", "v1", [b"x"])
+    key = Key.ecdsa()
+    rule = {"repositories": ["default/acme/*"], "keys": [key.public_pem], "mode": "enforce"}
+    clock = Clock()
+    config = mirror_config(
+        tmp_path, fake.url, referrers_ttl="1m", tag_ttl="1h", settings={"verify": [rule]}
+    )
+    async with running_app(config, clock) as (base, _app), aiohttp.ClientSession() as s:
+        url = f"{base}/v2/acme/app/manifests/v1"
+        assert (await get_json(s, url))[0] == 403
+        payload = payload_for(subject)
+        layer = fake.add_blob(payload)
+        sig = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": fake.add_blob(b"{}"),
+                "size": 2,
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.dev.cosign.simplesigning.v1+json",
+                    "digest": layer,
+                    "size": len(payload),
+                    "annotations": {"dev.cosignproject.cosign/signature": key.sign(payload)},
+                }
+            ],
+        }
+        data = json.dumps(sig).encode()
+        fake.manifests[("acme/app", "sha256-" + subject.removeprefix("sha256:") + ".sig")] = (
+            data,
+            OCI_MANIFEST,
+        )
+        assert (await get_json(s, url))[0] == 403  # the result is kept a while
+        clock.now += 61
+        async with s.get(url) as r:
+            assert r.status == 200 and digest_of(await r.read()) == subject
+        clock.now += 3600  # verified stays verified (the tag revalidates to the same digest)
+        async with s.get(url) as r:
+            assert r.status == 200
