@@ -53,12 +53,17 @@ from mirror.cache.metadata import MetadataStore, Origins, Privacy, RepoKey, TagR
 from mirror.errors import DigestMismatch, RegistryError
 from mirror.maintenance import CacheHandle
 from mirror.mediatypes import ALL_MANIFESTS, sniff_media_type
-from mirror.mirror import Mirror
+from mirror.mirror import Manifest, Mirror
 from mirror.progress import Progress
 from mirror.reference import SHA256_RE, Digest, Name, is_digest, parse_image, parse_name, parse_tag
+from mirror.referrers import record_tag
+from mirror.upstream.routing import Target
 
 REF_NAME = "org.opencontainers.image.ref.name"
 UPSTREAM_ANNOTATION = "io.registry-mirror.upstream"
+# On a referrer's entry: JSON {subject, repository, artifactType?, annotations?} (no tag).
+REFERRER_ANNOTATION = "io.registry-mirror.referrer"
+SCHEME_SUFFIXES = ("sig", "att", "sbom")  # cosign's tag scheme: sha256-<hex>.<suffix>
 LAYOUT = json.dumps({"imageLayoutVersion": "1.0.0"}).encode()
 SIDECAR = "registry-mirror.json"  # provenance, beside index.json
 SIDECAR_VERSION = 1
@@ -115,9 +120,72 @@ async def export(handle: CacheHandle, images: list[str], out: Path, fmt: str) ->
                 "annotations": annotations,
             }
         )
+        entries += await _referrers(handle, target, digest, blobs, repos)
     index = json.dumps({"schemaVersion": 2, "manifests": entries}, indent=2).encode()
     sidecar = await _provenance(handle.metadata, sorted(blobs), sorted(repos))
     return await asyncio.to_thread(_write_layout, out, fmt, index, sidecar, blobs)
+
+
+async def _referrers(
+    handle: CacheHandle,
+    target: Target,
+    subject: Digest,
+    blobs: dict[Digest, Path],
+    repos: set[RepoKey],
+) -> list[dict[str, object]]:
+    """Index entries for what the cache holds of `subject`'s referrers (signatures, SBOMs,
+    attestations: `warm --with-referrers` fetches them), so an offline site can still list
+    and verify them: each cached referrer whose content is all cached, and the tag scheme's
+    tags (`sha256-<hex>.sig`, ...) as tags. Referrers not cached are left out."""
+    mirror = handle.mirror
+    entries: list[dict[str, object]] = []
+    upstream = target.upstream.name
+    prefix = "sha256-" + subject.removeprefix("sha256:")
+    for tag in [prefix, *(f"{prefix}.{suffix}" for suffix in SCHEME_SUFFIXES)]:
+        record = await mirror.metadata.get_tag((upstream, target.repository, tag))
+        manifest = None if record is None else await _all_cached(handle, record.digest, blobs)
+        if manifest is None:
+            continue
+        repos.add((upstream, target.repository))
+        annotations = {UPSTREAM_ANNOTATION: upstream, REF_NAME: f"{target.repository}:{tag}"}
+        entries.append(
+            {
+                "mediaType": manifest.media_type,
+                "digest": manifest.digest,
+                "size": len(manifest.data),
+                "annotations": annotations,
+            }
+        )
+    for desc in await mirror.referrers_service.cached_descriptors(target, subject):
+        digest = Digest(desc["digest"])
+        if await _all_cached(handle, digest, blobs) is None:
+            continue
+        about = {"subject": subject, "repository": target.repository}
+        about |= {k: desc[k] for k in ("artifactType", "annotations") if k in desc}
+        annotations = {UPSTREAM_ANNOTATION: upstream, REFERRER_ANNOTATION: json.dumps(about)}
+        entries.append(
+            {
+                "mediaType": desc["mediaType"],
+                "digest": digest,
+                "size": desc["size"],
+                "annotations": annotations,
+            }
+        )
+    return entries
+
+
+async def _all_cached(
+    handle: CacheHandle, digest: Digest, blobs: dict[Digest, Path]
+) -> Manifest | None:
+    """The manifest if it and all it references are cached (they then join `blobs`)."""
+    manifest = await handle.mirror.cached_manifest(digest)
+    if manifest is None:
+        return None
+    needed = await handle.policy.references(digest)
+    if any(not handle.store.path_for(d).exists() for d in needed):
+        return None
+    blobs.update({d: handle.store.path_for(d) for d in sorted(needed)})
+    return manifest
 
 
 async def _provenance(
@@ -357,6 +425,8 @@ class Plan:
     manifest_types: dict[Digest, str] = field(default_factory=dict)
     tags: list[tuple[str, Name, str, Digest, str]] = field(default_factory=list)
     origins: dict[Digest, Origins] = field(default_factory=dict)  # absent: unknown
+    # Referrers lists to restore: (upstream, repository, subject) -> descriptors.
+    referrers: dict[tuple[str, Name, Digest], list[dict[str, object]]] = field(default_factory=dict)
     privacy: dict[tuple[str, Name], bool] = field(default_factory=dict)  # (upstream, repo)
     # Filled by `import_bundle`: the blobs this import wrote (the rest were cached already).
     written: dict[Digest, int] = field(default_factory=dict)
@@ -376,6 +446,9 @@ def plan_import(layout: Layout, repository: str | None, progress: Progress) -> P
         desc = _descriptor(value, what)
         manifests.append(desc)
         annotations = _object(_object(value, what).get("annotations", {}), f"{what} annotations")
+        if REFERRER_ANNOTATION in annotations:
+            upstream = _string(annotations.get(UPSTREAM_ANNOTATION, ""), f"{what} upstream")
+            _read_referrer(plan, upstream, desc, annotations[REFERRER_ANNOTATION], what)
         if REF_NAME in annotations:
             ref = _string(annotations[REF_NAME], f"{what} {REF_NAME}")
             name, tag = _split_ref(ref, repository)
@@ -419,6 +492,32 @@ def plan_import(layout: Layout, repository: str | None, progress: Progress) -> P
             raise BundleError(f"blob {digest} does not match its digest: bundle refused")
         progress.finished(size, f"verified {digest}")
     return plan
+
+
+def _read_referrer(plan: Plan, upstream: str, desc: Descriptor, value: object, what: str) -> None:
+    """A referrer entry: whose referrer it is, and the labels its descriptor carries. Only
+    labels: the referrer's bytes are verified like every manifest, and a signature's payload
+    still has to name the digest it is checked for."""
+    what = f"{what} {REFERRER_ANNOTATION}"
+    doc = _object(_json(_string(value, what).encode(), what), what)
+    subject = _digest(doc.get("subject"), f"{what} subject")
+    try:
+        name = parse_name(_string(doc.get("repository"), f"{what} repository"))
+    except RegistryError as exc:
+        raise BundleError(f"{what}: {exc.message}") from None
+    descriptor: dict[str, object] = {
+        "mediaType": desc.media_type,
+        "digest": desc.digest,
+        "size": desc.size,
+    }
+    if "artifactType" in doc:
+        descriptor["artifactType"] = _string(doc["artifactType"], f"{what} artifactType")
+    if "annotations" in doc:
+        labels = _object(doc["annotations"], f"{what} annotations")
+        descriptor["annotations"] = {
+            k: _string(v, f"{what} annotations[{k[:50]!r}]") for k, v in labels.items()
+        }
+    plan.referrers.setdefault((upstream, name, subject), []).append(descriptor)
 
 
 def _expect_size(sizes: dict[Digest, int], desc: Descriptor) -> None:
@@ -514,6 +613,10 @@ async def import_bundle(
         for (upstream, repo), tag, digest in tags:
             record = TagRecord(digest, plan.manifest_types[digest], EXPIRED)
             await metadata.put_tag((upstream, repo, tag), record)
+        for (up, name, subject), descriptors in plan.referrers.items():
+            upstream, repo = _local_key(mirror, up, name)
+            key = (upstream, repo, record_tag(subject))
+            await mirror.referrers_service.restore(key, list(descriptors), EXPIRED)
         return plan
     finally:
         layout.close()

@@ -231,6 +231,7 @@ async def _warm(config: Config, args: argparse.Namespace) -> int:
                 platforms=platforms,
                 concurrency=max(1, args.concurrency),
                 progress=Progress("warm"),
+                with_referrers=args.with_referrers,
             )
         finally:
             await cache.mirror.router.close()
@@ -415,6 +416,11 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("-f", "--file", type=Path, help="read images from FILE, one per line")
     w.add_argument("--platform", help="only these platforms of an index: linux/amd64,...")
     w.add_argument("--pin", action="store_true", help="pin what was warmed")
+    w.add_argument(
+        "--with-referrers",
+        action="store_true",
+        help="also each image's signatures, SBOMs and attestations (its referrers)",
+    )
     w.add_argument("--concurrency", type=int, default=4, help="blobs fetched at a time (4)")
     w.add_argument("--upstream", help="upstream registry URL (default: from the config)")
     e = _cache_parser(sub, "export", "write cached images as an OCI image layout")

@@ -32,6 +32,7 @@ import yaml
 
 from mirror.errors import RegistryError
 from mirror.reference import parse_image
+from mirror.signatures import load_public_key
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -190,6 +191,32 @@ def _parse_rules(value: object) -> tuple[AccessRule, ...]:
 
 
 @dataclass(frozen=True)
+class VerifyRule:
+    """Verify cosign signatures of tags in `repositories` (globs over `<upstream>/<repo>`)
+    against `keys` (PEM text or files); `mode` enforce (refuse) or warn (serve, log)."""
+
+    repositories: tuple[str, ...]
+    keys: tuple[str, ...]
+    mode: str
+
+
+def _parse_verify(value: object) -> tuple[VerifyRule, ...]:
+    """The structure only; modes and keys are checked by `validate`, which names the entry."""
+    value = _yaml_text(value) or []
+    if not isinstance(value, list):
+        raise ValueError
+    rules = []
+    for item in value:
+        if not isinstance(item, Mapping) or set(item) - {"repositories", "keys", "mode"}:
+            raise ValueError
+        keys = item.get("keys")
+        keys = (keys,) if isinstance(keys, str) else _parse_list(keys or [])
+        repositories = _parse_list(item.get("repositories", ["*"]))
+        rules.append(VerifyRule(repositories, keys, str(item.get("mode", "enforce")).lower()))
+    return tuple(rules)
+
+
+@dataclass(frozen=True)
 class Kind:
     """How one option's value (from YAML, a variable or a flag) is parsed, and what the operator
     is told it expects when it cannot be: the parser raises ValueError or TypeError, the loader
@@ -239,6 +266,10 @@ LIST = Kind(_parse_list, "a list of strings (comma-separated in the environment)
 GROUPS = Kind(_parse_groups, "a mapping of group names to lists of user names")
 RULES = Kind(
     _parse_rules, "a list of rules, each {who: [...], repositories: [...], action: allow | deny}"
+)
+VERIFY = Kind(
+    _parse_verify,
+    "a list of policies, each {repositories: [...], keys: [PEM or file], mode: enforce | warn}",
 )
 # Parsed by `_with_upstreams` (each entry is a section of its own), never by `parse`.
 UPSTREAMS = Kind(lambda v: v, "a mapping of upstream names to their options")
@@ -315,6 +346,9 @@ class UpstreamConfig:
     # A tag is answered from the cache this long (default 10m) before it is revalidated;
     # 0 = revalidated on every request.
     tag_ttl: float = opt(600.0, DURATION)
+    # A referrers list (signatures, SBOMs) is answered from the cache this long (default 5m:
+    # new signatures appear after the image), then asked again; 0 = asked every time.
+    referrers_ttl: float = opt(300.0, DURATION)
     # Connection set-up and idle-read time-outs (default 10s, 60s); 0 = none.
     connect_timeout: float = opt(10.0, DURATION)
     read_timeout: float = opt(60.0, DURATION)
@@ -547,6 +581,9 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     metadata: MetadataConfig = field(default_factory=MetadataConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    # Only signed images: cosign signatures checked before a tag's manifest is served, for
+    # the repositories each policy names (first match decides); default none (off).
+    verify: tuple[VerifyRule, ...] = opt((), VERIFY)
 
     def worker_count(self) -> int:
         return self.workers or len(os.sched_getaffinity(0))
@@ -812,7 +849,7 @@ def _validate_upstream(up: UpstreamConfig, key: str) -> None:
         raise ConfigError(f"{key}.username", "username and password go together")
     if up.ca_file is not None and not up.ca_file.is_file():
         raise ConfigError(f"{key}.ca_file", f"cannot read {up.ca_file}")
-    for name in ("tag_ttl", "connect_timeout", "read_timeout"):
+    for name in ("tag_ttl", "referrers_ttl", "connect_timeout", "read_timeout"):
         if getattr(up, name) < 0:
             raise ConfigError(f"{key}.{name}", "expected a duration of zero or more")
     if up.retries < 0:
@@ -904,3 +941,29 @@ def validate(config: Config) -> None:
             hosts[host] = name
     _validate_front_door(config)
     _validate_cluster(config)
+    _validate_verify(config.verify)
+
+
+def _validate_verify(rules: tuple[VerifyRule, ...]) -> None:
+    for i, rule in enumerate(rules):
+        key = f"verify[{i}]"
+        if rule.mode not in ("enforce", "warn"):
+            raise ConfigError(f"{key}.mode", f"expected enforce or warn, got {rule.mode!r}")
+        if not rule.keys or not rule.repositories:
+            raise ConfigError(key, "expected at least one repository and one key")
+        for j, text in enumerate(rule.keys):
+            try:
+                load_public_key(read_key(text))
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"{key}.keys[{j}]", str(exc)) from None
+
+
+def read_key(text: str) -> bytes:
+    """A key given inline (PEM text) or as a file holding it."""
+    if "-----BEGIN" in text:
+        return text.encode()
+    path = Path(text).expanduser()
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise OSError(f"cannot read {path}: {exc.strerror}") from None

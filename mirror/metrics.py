@@ -119,6 +119,12 @@ class Metrics:
             "Tags answered stale because the upstream failed",
             registry=r,
         )
+        self.signature_checks = Counter(
+            "registry_mirror_signature_checks",
+            "Signature policy checks of a manifest (verified, failed, unsigned)",
+            ["result"],
+            registry=r,
+        )
         self.cache_bypassed = Counter(
             "registry_mirror_cache_bypassed",
             "Blobs passed through uncached because the cache could not take them (disk full)",

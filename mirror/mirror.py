@@ -9,12 +9,13 @@ moved. Misses are single-flight: one upstream fetch per manifest or blob however
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import structlog
 from cachetools import LRUCache
@@ -27,17 +28,21 @@ from mirror.cache.fill import FillBase, FillManager, RemoteFill, TailReader, Ups
 from mirror.cache.index import CacheIndex
 from mirror.cache.locks import FileLocks
 from mirror.cache.metadata import MetadataStore, TagKey, TagRecord
+from mirror.config import VerifyRule
 from mirror.errors import DigestMismatch, RegistryError
 from mirror.interfaces import ByteSource, SharedTier
 from mirror.mediatypes import ALL_MANIFESTS, accepts, sniff_media_type
 from mirror.metrics import Metrics
 from mirror.provenance import Provenance, Verdict
 from mirror.reference import Digest, Name, Tag, is_digest
+from mirror.referrers import Referrers, ReferrersResult
 from mirror.resume import ResumingSource
 from mirror.shared import NoSharedTier
 from mirror.singleflight import SingleFlight
+from mirror.tag_pages import tag_page
 from mirror.upstream.client import BlobStream, FetchedManifest, TagList, UpstreamClient
 from mirror.upstream.routing import Router, Target
+from mirror.verify_policy import SignaturePolicy
 
 log = structlog.get_logger(__name__)
 
@@ -118,6 +123,7 @@ class Mirror:
         clock: Callable[[], float] = time.time,
         policy: Policy | None = None,
         shared: SharedTier | None = None,
+        verify: tuple[VerifyRule, ...] = (),
     ) -> None:
         self.metrics = metrics or Metrics()
         # What this node shares with others: nothing (one node), or a cluster's store and Redis.
@@ -147,6 +153,11 @@ class Mirror:
         )
         self.provenance = Provenance(metadata, policy, guarded=guarded, offline=offline)
         self._background: set[asyncio.Future[None]] = set()  # records made after a fill
+        self.referrers_service = Referrers(
+            metadata, self, offline=offline, clock=clock, on_stale=self.metrics.stale_answers.inc
+        )
+        # Only signed images (the `verify` config; off when empty): see verify_policy.py.
+        self.signatures = SignaturePolicy(verify, self, self.metrics, clock)
 
     @property
     def guarded(self) -> bool:
@@ -199,7 +210,9 @@ class Mirror:
                 raise offline_miss("MANIFEST_UNKNOWN", "manifest")
             fetched = await self._fetch_manifest(target, digest, accept, private)
             return ManifestAnswer(fetched, "miss")
-        return await self._manifest_by_tag(target, Tag(reference), accept, private)
+        answer = await self._manifest_by_tag(target, Tag(reference), accept, private)
+        await self.signatures.check(target, Tag(reference), answer.manifest.digest, private)
+        return answer
 
     async def _manifest_by_tag(
         self, target: Target, tag: Tag, accept: list[str], private: bool
@@ -320,6 +333,85 @@ class Mirror:
             if not is_disk_full(exc):
                 raise
             self.disk.trip(exc)  # still answer: the bytes are verified, just not kept
+
+    # -- referrers (see referrers.py) -------------------------------------------------------
+
+    async def referrers(
+        self,
+        name: Name,
+        subject: Digest,
+        artifact_type: str | None = None,
+        query: dict[str, str] | None = None,
+        namespace: str | None = None,
+        principal: Principal = ANONYMOUS,
+    ) -> ReferrersResult:
+        """The referrers of `subject` (one page), with the access rules of its repository."""
+        target = self.router.route(name, namespace)
+        private = await self.access.authorize(principal, target)
+        return await self.referrers_service.answer(
+            target, name, subject, private, artifact_type, query
+        )
+
+    async def all_referrers(
+        self,
+        name: Name,
+        subject: Digest,
+        namespace: str | None = None,
+        principal: Principal = ANONYMOUS,
+    ) -> list[dict[str, Any]]:
+        """Every referrer of `subject`, all pages (for warm), with the access rules."""
+        target = self.router.route(name, namespace)
+        private = await self.access.authorize(principal, target)
+        return await self.referrers_service.all_descriptors(target, subject, private)
+
+    async def tag_manifest(
+        self, target: Target, tag: Tag, private: bool
+    ) -> tuple[bytes, str, Digest]:
+        """A tag's manifest pulled as any tag is (for the tag scheme's signature tags)."""
+        answer = await self._manifest_by_tag(target, tag, list(ALL_MANIFESTS), private)
+        m = answer.manifest
+        return m.data, m.media_type, m.digest
+
+    async def referrer_descriptors(
+        self, target: Target, subject: Digest, private: bool
+    ) -> list[dict[str, Any]]:
+        """Every referrer of `subject` (all pages), for the signature policy and warm."""
+        return await self.referrers_service.all_descriptors(target, subject, private)
+
+    async def manifest_by_digest(self, target: Target, digest: Digest, private: bool) -> bytes:
+        """A manifest's bytes by digest: cached, or fetched from the target (verified)."""
+        cached = await self.cached_manifest(digest)
+        if cached is not None:
+            return cached.data
+        if self.offline:
+            raise offline_miss("MANIFEST_UNKNOWN", "manifest")
+        return (await self._fetch_manifest(target, digest, list(ALL_MANIFESTS), private)).data
+
+    async def small_blob(
+        self, target: Target, digest: Digest, private: bool, limit: int
+    ) -> bytes | None:
+        """A small blob's bytes (a signature payload), cached so an offline node can check it
+        again; None if it is larger than `limit`."""
+        data = await self.store.read_bytes(digest, limit)
+        if data is not None or await self.store.stat(digest) is not None:
+            return data
+        if self.offline:
+            raise offline_miss("BLOB_UNKNOWN", "blob")
+        stream = await _open_upstream(target.upstream, target.name, digest)
+        received = bytearray()
+        async with contextlib.aclosing(verified(stream.chunks(), digest, stream.close)) as chunks:
+            async for chunk in chunks:
+                received += chunk
+                if len(received) > limit:
+                    return None
+        await self._record(target, [digest], private)
+        await self.keep_bytes(digest, bytes(received))
+        return bytes(received)
+
+    async def keep_bytes(self, digest: Digest, data: bytes) -> None:
+        """Store verified bytes by digest, here and in a cluster's shared store."""
+        await self._keep_manifest(digest, data)
+        await self.shared.put_manifest(digest, data)
 
     # -- blobs ------------------------------------------------------------------------------
 
@@ -564,34 +656,31 @@ class Mirror:
         namespace: str | None = None,
         principal: Principal = ANONYMOUS,
     ) -> TagList:
-        """The upstream's tag list, passed through, with its `Link` pointing back at us.
-        Offline, the tags the cache holds for the repository."""
+        """One page of the repository's tags, paged by the mirror itself (lexical order, `n`,
+        `last`: see tag_pages.py) over the upstream's whole list, whatever order or page
+        size the upstream uses. Offline, over the tags the cache holds."""
         target = self.router.route(name, namespace)
         await self.access.authorize(principal, target)
         if self.offline:
             return await self._cached_tags(target, name, params)
-        listing = await target.upstream.list_tags(target.name, params)
-        upstream_path = f"/v2/{target.repository}/tags/list"
-        link = listing.link
-        if link and upstream_path != f"/v2/{name}/tags/list":
-            link = link.replace(upstream_path, f"/v2/{name}/tags/list")
-        return TagList(listing.body, listing.content_type, link)
+        tags = await target.upstream.all_tags(target.name)
+        return _tag_list(name, target.repository, tags, params)
 
     async def _cached_tags(self, target: Target, name: Name, params: dict[str, str]) -> TagList:
         repo = target.repository
         upstream = target.upstream.name
         records = await asyncio.to_thread(lambda: list(self.metadata.iter_tags()))
-        tags = sorted(t for (up, r, t), _ in records if up == upstream and r == repo)
+        tags = [t for (up, r, t), _ in records if up == upstream and r == repo]
         if not tags:
             raise RegistryError("NAME_UNKNOWN", "the mirror is offline and has no tags cached")
-        if "last" in params:
-            tags = [t for t in tags if t > params["last"]]
-        link = None
-        if "n" in params and len(tags) > int(params["n"]):
-            tags = tags[: int(params["n"])]
-            link = f'</v2/{name}/tags/list?n={params["n"]}&last={tags[-1]}>; rel="next"'
-        body = json.dumps({"name": repo, "tags": tags}).encode()
-        return TagList(body, "application/json", link)
+        return _tag_list(name, repo, tags, params)
+
+
+def _tag_list(name: Name, repository: str, tags: list[str], params: dict[str, str]) -> TagList:
+    n = int(params["n"]) if "n" in params else None
+    page = tag_page(name, tags, n, params.get("last"))
+    body = json.dumps({"name": repository, "tags": page.tags}).encode()
+    return TagList(body, "application/json", page.link)
 
 
 async def _open_upstream(

@@ -110,7 +110,7 @@ async def open_node(
     router = build_router(config, metrics, network=network)
     mirror = Mirror(
         store, metadata, index, router, metrics=metrics, offline=config.offline, clock=clock,
-        policy=build_policy(config), shared=shared,
+        policy=build_policy(config), shared=shared, verify=config.verify,
     )  # fmt: skip
     evictor = Evictor(store, index, config.cache, clock)
     policy = CachePolicy(config, mirror, evictor, shared)

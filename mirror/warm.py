@@ -68,6 +68,31 @@ async def _image_blobs(
     return blobs
 
 
+MAX_REFERRER_DEPTH = 3  # a signature of an attestation of an image: deep enough, never a loop
+
+
+async def _referrer_blobs(
+    mirror: Mirror, name: Name, reference: Tag | Digest
+) -> list[tuple[Digest, int]]:
+    """Fetch the referrers of the image (and of those, to `MAX_REFERRER_DEPTH`; a digest is
+    visited once, so a referrers cycle ends) and list their blobs."""
+    answer = await mirror.manifest(name, reference, list(ALL_MANIFESTS), principal=OPERATOR)
+    seen = {answer.manifest.digest}
+    level = [answer.manifest.digest]
+    blobs: list[tuple[Digest, int]] = []
+    for _ in range(MAX_REFERRER_DEPTH):
+        following: list[Digest] = []
+        for subject in level:
+            for desc in await mirror.all_referrers(name, subject, principal=OPERATOR):
+                digest = Digest(desc["digest"])
+                if digest not in seen:
+                    seen.add(digest)
+                    following.append(digest)
+                    blobs += await _image_blobs(mirror, name, digest, None)
+        level = following
+    return blobs
+
+
 async def warm(
     mirror: Mirror,
     images: list[str],
@@ -75,13 +100,18 @@ async def warm(
     platforms: set[str] | None,
     concurrency: int,
     progress: Progress,
+    with_referrers: bool = False,
 ) -> WarmSummary:
+    """`with_referrers`: each image's referrers too (signatures, SBOMs, attestations, and
+    theirs in turn, bounded): what an offline site needs to verify what it runs."""
     summary = WarmSummary()
     todo: list[tuple[str, Name, Digest, int]] = []
     for image in images:
         try:
             name, reference = parse_image(image)
             blobs = await _image_blobs(mirror, name, reference, platforms)
+            if with_referrers:
+                blobs += await _referrer_blobs(mirror, name, reference)
         except RegistryError as exc:
             summary.failures.append(f"{image}: {exc.message}")
             continue

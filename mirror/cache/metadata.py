@@ -34,6 +34,12 @@ TagKey = tuple[str, str, str]  # (upstream name, repository, tag)
 RepoKey = tuple[str, str]  # (upstream name, repository)
 
 
+def is_tag(tag: str) -> bool:
+    """A real tag, not one of the mirror's own records kept beside tags under a key no tag
+    can spell (a `/`: e.g. referrers lists, see mirror/referrers.py); listings skip those."""
+    return "/" not in tag
+
+
 @dataclass(frozen=True)
 class Origins:
     """Where a digest is known to come from: some repository anyone may read upstream
@@ -155,7 +161,7 @@ class LocalMetadataStore:
             yield from sqlite.call(lambda: list(self.iter_tags()))
             return
         for key in self._db.iterkeys():
-            if isinstance(key, tuple) and key and key[0] == "tag":
+            if isinstance(key, tuple) and key and key[0] == "tag" and is_tag(key[3]):
                 raw = self._db.get(key)
                 if raw is not None:
                     yield (key[1], key[2], key[3]), TagRecord(*raw)

@@ -30,7 +30,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry as SyncRetry
 
 from mirror.cache.index import Entry
-from mirror.cache.metadata import Origins, Privacy, RepoKey, TagKey, TagRecord
+from mirror.cache.metadata import Origins, Privacy, RepoKey, TagKey, TagRecord, is_tag
 from mirror.interfaces import Unavailable
 from mirror.reference import Digest
 
@@ -366,7 +366,7 @@ class RedisMetadataStore:
         returns twice, as a scan may while the hash grows, is listed once)."""
         with _unavailable("all_tags"):
             found = {f: v async for f, v in self._r.hscan_iter(self._tags, count=1000)}
-        return [_tag(f, v) for f, v in found.items()]
+        return [t for t in (_tag(f, v) for f, v in found.items()) if is_tag(t[0][2])]
 
     # -- blocking (worker threads) -----------------------------------------------------------
 
@@ -387,7 +387,9 @@ class RedisMetadataStore:
             for field, value in self._client().hscan_iter(self._tags, count=1000):
                 if field not in seen:
                     seen.add(field)
-                    yield _tag(field, value)
+                    key, record = _tag(field, value)
+                    if is_tag(key[2]):
+                        yield key, record
 
     def close(self) -> None:
         """Close the blocking client (the shared `RedisStore` is closed by its owner)."""

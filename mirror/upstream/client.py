@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import random
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import parse_qs, urljoin, urlsplit
 
 import aiohttp
 import structlog
@@ -25,7 +26,7 @@ from multidict import CIMultiDict
 
 from mirror.config import UpstreamConfig
 from mirror.errors import DigestMismatch, RegistryError, UpstreamError
-from mirror.mediatypes import ALL_MANIFESTS, sniff_media_type
+from mirror.mediatypes import ALL_MANIFESTS, OCI_INDEX, sniff_media_type
 from mirror.metrics import Metrics, add_upstream_time
 from mirror.reference import SHA256_RE, Digest, Name, docker_hub_name
 from mirror.upstream.auth import Authenticator, Challenge, parse_www_authenticate
@@ -77,6 +78,14 @@ class TagList:
 
 
 @dataclass(frozen=True)
+class ReferrersPage:
+    """One page of an upstream's referrers answer and the query of the next one (if any)."""
+
+    body: bytes
+    next_query: dict[str, str]
+
+
+@dataclass(frozen=True)
 class ProbeStep:
     """One check of `UpstreamClient.probe`: whether it worked, and what happened in words."""
 
@@ -94,6 +103,8 @@ class UpstreamProbe:
 
 
 PROBE_REPOSITORY = Name("library/alpine")  # a token for pulling it reveals and changes nothing
+MAX_TAG_PAGES = 100  # an upstream's tag list, followed page by page, at most this many pages
+MAX_TAGS = 100_000  # and at most this many tags: beyond, the list is refused, never cut
 
 
 def _origin(url: str) -> tuple[str, str | None, int | None]:
@@ -539,7 +550,7 @@ class UpstreamClient:
         async with resp:
             if resp.status != 200:
                 self._raise_for(resp, "NAME_UNKNOWN", repo)
-            body = await resp.content.read(self.config.manifest_max_size + 1)
+            body = await _read_bounded(resp, self.config.manifest_max_size)
             if len(body) > self.config.manifest_max_size:
                 raise UpstreamError("upstream tag list too large", {"repository": repo})
             return TagList(
@@ -547,6 +558,55 @@ class UpstreamClient:
                 resp.headers.get("Content-Type", "application/json"),
                 resp.headers.get("Link"),
             )
+
+    async def all_tags(self, repo: Name) -> list[str]:
+        """Every tag of `repo`, following the upstream's `Link` pages (only their query is
+        used: the next page is always asked of this upstream and this repository). Bounded:
+        more than `MAX_TAG_PAGES` pages or `MAX_TAGS` tags is refused, never cut short."""
+        tags: list[str] = []
+        params: dict[str, str] = {}
+        for _ in range(MAX_TAG_PAGES):
+            listing = await self.list_tags(repo, params)
+            try:
+                page = json.loads(listing.body).get("tags") or []
+            except (ValueError, AttributeError):
+                raise UpstreamError("upstream tag list is not JSON", {"repository": repo}) from None
+            if not isinstance(page, list) or not all(isinstance(t, str) for t in page):
+                raise UpstreamError("upstream tag list is malformed", {"repository": repo})
+            tags += page
+            if len(tags) > MAX_TAGS:
+                raise too_many_tags(repo)
+            params = next_page_query(listing.link)
+            if not params:
+                return tags
+        raise too_many_tags(repo)
+
+    async def get_referrers(
+        self, repo: Name, digest: Digest, query: Mapping[str, str]
+    ) -> ReferrersPage | None:
+        """One page of the upstream's referrers API for `digest`; None when the upstream does
+        not implement it (a 404: the spec says a registry that does answers 200, even empty).
+        The body is bounded by `manifest_max_size`; the caller checks what it holds."""
+        upstream_repo = self.repository(repo)
+        async with self._slot():
+            resp = await self._request(
+                "GET",
+                f"/v2/{upstream_repo}/referrers/{digest}",
+                upstream_repo,
+                headers={"Accept": OCI_INDEX},
+                params=query,
+            )
+        async with resp:
+            if resp.status in (404, 405, 400):
+                return None
+            if resp.status != 200:
+                self._raise_for(resp, "MANIFEST_UNKNOWN", repo)
+            limit = self.config.manifest_max_size
+            body = await _read_bounded(resp, limit)
+            if len(body) > limit:
+                raise UpstreamError("upstream referrers list too large", {"limit": limit})
+            self.metrics.upstream_fetched_bytes.labels(self.metric_label).inc(len(body))
+            return ReferrersPage(body, next_page_query(resp.headers.get("Link")))
 
     async def probe(self, repository: Name = PROBE_REPOSITORY) -> UpstreamProbe:
         """Ask `/v2/` once (no retries, no back-off, no metrics) and, if it wants a login,
@@ -620,6 +680,36 @@ class UpstreamClient:
             if resp.status >= 500 or resp.status == 429:
                 self._raise_for(resp, "NAME_UNKNOWN", repo)
             return resp.status == 200
+
+
+async def _read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body, or its first `limit + 1` bytes when it is longer (one `read(n)` may
+    return less than there is)."""
+    body = bytearray()
+    async for chunk in resp.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            break
+    return bytes(body[: limit + 1])
+
+
+def too_many_tags(repo: Name) -> UpstreamError:
+    return UpstreamError(
+        "upstream tag list too long for the mirror to order",
+        {"repository": repo, "max_pages": MAX_TAG_PAGES, "max_tags": MAX_TAGS},
+    )
+
+
+def next_page_query(link: str | None) -> dict[str, str]:
+    """The query of a `Link: <...>; rel="next"` header (empty: no next page). Only the
+    query is kept, so a page link can never send the mirror to another host or path."""
+    if not link or 'rel="next"' not in link.replace("'", '"'):
+        return {}
+    start, end = link.find("<"), link.find(">")
+    if start < 0 or end < start:
+        return {}
+    query = urlsplit(link[start + 1 : end]).query
+    return {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
 
 
 class BlobStream:

@@ -21,15 +21,20 @@ from mirror.web.keys import CACHE_RESULT, MIRROR, PRINCIPAL, ROUTE
 from mirror.web.responses import BlobBody, FileBody, FillBody, StreamBody, send_blob
 
 API_VERSION_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
-_ROUTE_RE = re.compile(r"/v2/(?P<name>.+)/(?:(?P<kind>manifests|blobs)/(?P<ref>[^/]+)|tags/list)")
+_ROUTE_RE = re.compile(
+    r"/v2/(?P<name>.+)/(?:(?P<kind>manifests|blobs|referrers)/(?P<ref>[^/]+)|tags/list)"
+)
 READ_METHODS = frozenset({"GET", "HEAD"})
 MAX_PAGE = 10_000
 _COUNT_RE = re.compile(r"[0-9]{1,9}")
+_MEDIA_TYPE_RE = re.compile(
+    r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
+)
 
 
 @dataclass(frozen=True)
 class Route:
-    kind: str  # "base", "manifests", "blobs" or "tags"
+    kind: str  # "base", "manifests", "blobs", "referrers" or "tags"
     name: Name | None = None
     reference: str | None = None
 
@@ -188,6 +193,30 @@ async def tags(request: web.Request, route: Route) -> web.Response:
     return web.Response(body=listing.body, headers=headers)
 
 
+async def referrers(request: web.Request, route: Route) -> web.Response:
+    """OCI 1.1 referrers; `artifactType` filters, any other query is a page from our `Link`."""
+    assert route.name is not None and route.reference is not None
+    subject = parse_digest(route.reference)
+    artifact_type = request.query.get("artifactType")
+    if artifact_type is not None and not _MEDIA_TYPE_RE.fullmatch(artifact_type):
+        raise RegistryError("UNSUPPORTED", "artifactType is not a media type")
+    query = {k: v for k, v in request.query.items() if k not in ("artifactType", "ns")}
+    if len(str(query)) > 1024:
+        raise RegistryError("UNSUPPORTED", "referrers page query too long")
+    result = await request.app[MIRROR].referrers(
+        route.name, subject, artifact_type, query, _namespace(request), request[PRINCIPAL]
+    )
+    request[CACHE_RESULT] = result.cache
+    headers = {"Content-Type": result.answer.content_type}
+    if result.answer.filtered:
+        headers["OCI-Filters-Applied"] = "artifactType"
+    if result.link:
+        headers["Link"] = result.link
+    if result.cache == "stale":
+        headers["Warning"] = '110 registry-mirror "Response is Stale"'
+    return web.Response(body=result.answer.body, headers=headers)
+
+
 async def dispatch(request: web.Request) -> web.StreamResponse:
     route = parse_route(request)
     request[ROUTE] = route.kind
@@ -197,4 +226,6 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         return await manifest(request, route)
     if route.kind == "blobs":
         return await blob(request, route)
+    if route.kind == "referrers":
+        return await referrers(request, route)
     return await tags(request, route)

@@ -410,6 +410,7 @@ async def repository(request: web.Request) -> web.Response:
         "repo": row,
         "own_pins": own_pins,
         "pin_ref": lambda u, r, t: pin_ref(request.app[MIRROR], u, r, t),
+        "signature": request.app[MIRROR].signatures.label,
     }
     return _render(request, "repository.html", context)
 
@@ -456,6 +457,7 @@ async def image(request: web.Request) -> web.Response:
         "tag_row": tag_row,
         "platforms": platforms,
         "own_pin": pin_ref(mirror, upstream, repo, tag) in own_pins,
+        "signature": mirror.signatures.label(record.digest),
     }
     return _render(request, "image.html", context)
 
