@@ -34,6 +34,7 @@ from mirror.ranges import ByteRange, multipart
 from mirror.web.sender import ThreadSender
 
 FALLBACK_CHUNK = 1024 * 1024
+THREAD_SEND_MIN = 256 * 1024  # smaller bodies: one sendfile call on the loop costs less than a hop
 
 
 class StreamAborted(ConnectionResetError):
@@ -169,6 +170,15 @@ class FileBody:
         end = self.blob.size if stop is None else stop
         transport = request.transport
         if transport is not None and not response.chunked:
+            # Big bodies are copied by a thread: a multi-megabyte sendfile call on the event
+            # loop would hold up every small request (manifests) behind it.
+            sender = ThreadSender.open(transport) if end - start >= THREAD_SEND_MIN else None
+            if sender is not None:
+                try:
+                    await sender.sendfile(self.blob.file.fileno(), start, end - start)
+                finally:
+                    sender.close()
+                return
             with contextlib.suppress(NotImplementedError):
                 loop = asyncio.get_running_loop()
                 await loop.sendfile(transport, self.blob.file, start, end - start)
