@@ -38,8 +38,8 @@ from mirror.reference import Digest
 log = structlog.get_logger(__name__)
 
 BATCH_SIZE = 1024 * 1024  # bytes gathered for the hashing/writing thread while it is busy
-WINDOW_MAX = 8 * 1024 * 1024  # newest bytes of one fill kept in memory for readers near its head
-WINDOW_TOTAL = 32 * 1024 * 1024  # the same, for every fill of the process together
+WINDOW_MAX = 4 * 1024 * 1024  # newest bytes of one fill kept in memory for readers near its head
+WINDOW_TOTAL = 16 * 1024 * 1024  # the same, for every fill of the process together
 
 
 class WindowBudget:
