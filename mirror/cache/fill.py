@@ -9,11 +9,12 @@ then it stays at least one byte behind what arrived, and if the fill fails it ra
 web layer aborts the client's connection short of a complete-looking body. The fill runs in its
 own task: a reader that goes away cancels nothing.
 
-Memory: a fill holds at most `2 x BATCH_SIZE` plus one chunk of not-yet-written bytes (reading
-the upstream waits beyond that), and its window shares those chunks and keeps at most
-`WindowBudget.total / fills in flight` (capped at `WINDOW_MAX`) of older ones: a process holds
-at most `WINDOW_TOTAL + fills x (2 x BATCH_SIZE + one chunk)` of blob bytes, whatever the number
-of readers.
+Memory: fills share two budgets. Bytes waiting for the disk: a fill reads no more of its
+upstream once it holds its share of `PENDING_TOTAL` (at least `PENDING_MIN`, at most
+`2 x BATCH_SIZE`); windows: each keeps at most its share of `WINDOW_TOTAL` (at most
+`WINDOW_MAX`) of chunks, the newest always. So a process holds at most 32 MiB of blob bytes plus,
+per fill, one chunk (at most the upstream client's read buffer) and `PENDING_MIN` — and fills
+are at most `max_concurrent_fetches` per upstream — whatever the number of readers.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ log = structlog.get_logger(__name__)
 BATCH_SIZE = 1024 * 1024  # bytes gathered for the hashing/writing thread while it is busy
 WINDOW_MAX = 4 * 1024 * 1024  # newest bytes of one fill kept in memory for readers near its head
 WINDOW_TOTAL = 16 * 1024 * 1024  # the same, for every fill of the process together
+PENDING_TOTAL = 16 * 1024 * 1024  # bytes waiting for the disk, for every fill together
+PENDING_MIN = 256 * 1024  # a fill's share never drops below this (it would crawl)
 
 
 class WindowBudget:
@@ -52,6 +55,10 @@ class WindowBudget:
 
     def limit(self) -> int:
         return min(self.per_fill, self.total // max(1, self.fills))
+
+    def pending_limit(self) -> int:
+        """Bytes one fill may hold for the disk before reading more of its upstream."""
+        return max(PENDING_MIN, min(2 * BATCH_SIZE, PENDING_TOTAL // max(1, self.fills)))
 
 
 class Window:
@@ -272,7 +279,7 @@ class Fill(FillBase):
                     if worker is not None:
                         worker.result()
                     worker = asyncio.ensure_future(drain())
-                elif pending_bytes >= 2 * BATCH_SIZE:
+                elif pending_bytes >= self._budget.pending_limit():
                     await worker
             if worker is not None:
                 await worker
