@@ -45,3 +45,15 @@ def test_clear_frees_every_chunk() -> None:
     window.append(b"abc")
     window.clear()
     assert window.views(0, 3) == [] and window.start == window.end == 3
+
+
+def test_bytes_waiting_for_the_disk_share_one_budget() -> None:
+    from mirror.cache.fill import BATCH_SIZE, PENDING_MIN, PENDING_TOTAL
+
+    budget = WindowBudget()
+    budget.fills = 1
+    assert budget.pending_limit() == 2 * BATCH_SIZE
+    budget.fills = 64
+    assert budget.pending_limit() * 64 <= max(PENDING_TOTAL, PENDING_MIN * 64)
+    budget.fills = 10_000
+    assert budget.pending_limit() == PENDING_MIN
