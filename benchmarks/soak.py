@@ -237,14 +237,22 @@ def pss(pids: list[int]) -> int:
     return total
 
 
-def open_fds(pids: list[int]) -> int:
-    total = 0
+def open_fds(pids: list[int]) -> dict[str, int]:
+    """Open descriptors of these processes, by kind (socket, pipe, file, ...) and in total."""
+    kinds: dict[str, int] = {}
     for pid in pids:
         try:
-            total += len(os.listdir(f"/proc/{pid}/fd"))
+            fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:
             continue
-    return total
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            kind = target.split(":", 1)[0] if ":" in target else "file"
+            kinds[kind] = kinds.get(kind, 0) + 1
+    return {"total": sum(kinds.values()), **kinds}
 
 
 class MemorySampler:
@@ -330,14 +338,16 @@ async def pull(session: aiohttp.ClientSession, base: str, image: Image, tally: T
     manifest = json.loads(body)
     blobs = f"{base}/v2/{image.repo}/blobs/"
     config = manifest["config"]
-    tally.blob_bytes += await get_blob(session, blobs + config["digest"], **_want(config))
+    # (`tally.x += await f()` would read tally.x before the await: other clients' bytes lost)
+    received = await get_blob(session, blobs + config["digest"], **_want(config))
     slots = asyncio.Semaphore(LAYER_DOWNLOADS)
 
     async def layer(desc: dict[str, Any]) -> int:
         async with slots:
             return await get_blob(session, blobs + desc["digest"], **_want(desc))
 
-    tally.blob_bytes += sum(await asyncio.gather(*(layer(d) for d in manifest["layers"])))
+    received += sum(await asyncio.gather(*(layer(d) for d in manifest["layers"])))
+    tally.blob_bytes += received
 
 
 def _want(descriptor: dict[str, Any]) -> dict[str, Any]:
@@ -450,8 +460,8 @@ class Result:
     pss_mid: int
     pss_end: int
     processes: int
-    fds_before: int
-    fds_after: int
+    fds_before: dict[str, int]  # by kind, and "total"
+    fds_after: dict[str, int]
     upstream_blob_gets: int
     upstream_manifest_requests: int
     client_loop_lag_p99_ms: float
@@ -588,8 +598,10 @@ def rows(ref: Result, mir: Result) -> list[dict[str, Any]]:
             f"<= {PSS_LIMIT / 1e6:.0f} MB", mir.pss_peak <= PSS_LIMIT),
         row("PSS at end", "MB", ref.pss_end / 1e6, mir.pss_end / 1e6,
             f"flat: <= {FLAT} x mid-soak ({mir.pss_mid / 1e6:.1f} MB)", flat),
-        row("open fds before", "fds", ref.fds_before, mir.fds_before, "context", None),
-        row("open fds after", "fds", ref.fds_after, mir.fds_after, "context", None),
+        row("open fds before", "fds", ref.fds_before["total"], mir.fds_before["total"],
+            "context", None),
+        row("open fds after", "fds", ref.fds_after["total"], mir.fds_after["total"],
+            f"context: mirror's {_kinds(mir.fds_after)}", None),
         row("upstream blob GETs", "GETs", ref.upstream_blob_gets, mir.upstream_blob_gets,
             "context: WAN fetches", None),
         row("upstream manifest requests", "reqs", ref.upstream_manifest_requests,
@@ -599,6 +611,10 @@ def rows(ref: Result, mir: Result) -> list[dict[str, Any]]:
         row("errors", "errors", ref.errors, mir.errors, "== 0 (both)",
             mir.errors == 0 and ref.errors == 0),
     ]  # fmt: skip
+
+
+def _kinds(fds: dict[str, int]) -> str:
+    return ", ".join(f"{n} {kind}" for kind, n in fds.items() if kind != "total")
 
 
 def write(out: Path, ref: Result, mir: Result, image_set: dict[str, float]) -> bool:
@@ -659,6 +675,7 @@ async def scenario(
         r = results[name]
         progress(
             f"soak: {name} done, {r.pulls} pulls in {r.seconds:.1f} s, {r.errors} errors, "
+            f"{r.blob_MB_per_s:.0f} MB/s of blobs verified, "
             f"clients' process {r.client_cpu:.2f} CPU s/s"
             + (f"; py-spy: {r.profile.get('error') or r.profile['path']}" if r.profile else "")
         )
