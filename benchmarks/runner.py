@@ -1,6 +1,7 @@
 """registry-mirror side by side with the reference pull-through cache and nginx, same machine.
 
 Usage: bash benchmarks/run [--smoke] [--out DIR] [--publish [DIR]]
+                          [--soak-seconds S] [--soak-clients N] [--profile-soak [FORMAT]]
 
 On loopback it starts: a real upstream (Debian's docker-registry, distribution v2.8), the
 reference pull-through cache (the same docker-registry with `proxy: remoteurl:`), nginx serving
@@ -9,6 +10,10 @@ same synthetic images into the upstream, runs every scenario against both caches
 table, and writes results.json and results.png (matplotlib) to --out (benchmarks/out/, which
 git ignores); --publish copies them into benchmarks/results/, the figures the README shows. A
 progress line is printed (and flushed) as each measurement ends.
+
+Scenario 8, the soak (benchmarks/soak.py), has --soak-clients clients pull whole images from
+each cache, cold at the start, for --soak-seconds; --profile-soak records a mirror worker with
+py-spy meanwhile.
 
 Scenario 3 puts a throttle between each cache and the upstream that shares one link rate
 across all connections (a branch office's WAN), so that single flight shows as users feel it.
@@ -38,6 +43,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import soak  # noqa: E402
 from benchmarks.output import add_arguments, progress, publish  # noqa: E402
 from tests.fixtures.distribution import Registry  # noqa: E402
 from tests.fixtures.mirror_server import free_port  # noqa: E402
@@ -358,7 +364,7 @@ class Row:
     met: bool | None
 
 
-async def run(sizes: Sizes, out: Path, work: Path) -> list[Row]:
+async def run(sizes: Sizes, out: Path, work: Path, soaking: soak.Settings) -> list[Row]:
     rows: list[Row] = []
     procs: list[Proc] = []
 
@@ -683,6 +689,11 @@ async def run(sizes: Sizes, out: Path, work: Path) -> list[Row]:
                 mirror_rss <= 150e6,
             )
         )
+
+        # 8. the soak: many clients pulling whole images, each cache cold at its start.
+        services = {"reference": reference_proxy, "mirror": mirror}
+        for fields in await soak.scenario(work, upstream, soaking, services, wait_http):
+            add(Row(**fields))
     finally:
         for proc in procs:
             proc.stop()
@@ -742,11 +753,13 @@ def chart(rows: list[Row], path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds")
+    soak.add_soak_arguments(parser)
     add_arguments(parser)
     args = parser.parse_args()
+    soaking = soak.settings_from(args)
     with tempfile.TemporaryDirectory(prefix="rm-bench-") as tmp:
         os.chmod(tmp, 0o755)  # nginx's workers run as an unprivileged user
-        rows = asyncio.run(run(SMOKE if args.smoke else FULL, args.out, Path(tmp)))
+        rows = asyncio.run(run(SMOKE if args.smoke else FULL, args.out, Path(tmp), soaking))
     if rows:
         publish(args.out, args.publish, ["results.json", "results.png"])
     return 0 if rows else 1

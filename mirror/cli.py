@@ -20,6 +20,7 @@ from mirror import __version__, bundle, doctor, maintenance, workers
 from mirror.config import Config, ConfigError, load_config
 from mirror.errors import RegistryError
 from mirror.logs import setup_logging
+from mirror.memory import tune_malloc
 from mirror.progress import Progress, human, plural
 from mirror.reference import Digest, is_digest, parse_image
 from mirror.warm import warm as warm_images
@@ -137,6 +138,7 @@ def serve(
                 lock.close()
         sockets = workers.bind(*config.listen_address())
     with workers.starting():
+        tune_malloc()  # before the serving process allocates its first blob chunk
         # Let the event loop take the GIL back from worker threads (hashing, SQLite) within 1 ms
         # rather than Python's default 5 ms, which would show up in request latency.
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)

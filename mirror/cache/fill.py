@@ -2,10 +2,19 @@
 
 One `Fill` per missing digest pulls the upstream body (an async byte iterator, so this module
 never imports `upstream/`), writes it through a `BlobWriter` that hashes it, and lets any number
-of readers follow the temp file as the bytes land in it. A reader never receives the last byte
-before the digest verified: until then it stays at least one byte behind the writer, and if
-the fill fails it raises, so the web layer aborts the client's connection short of a
-complete-looking body. The fill runs in its own task: a reader that goes away cancels nothing.
+of readers follow it. A reader near the head is sent the fill's newest bytes from memory (its
+`Window`) as they arrive, so delivery never waits for the disk write; a reader further behind
+reads the temp file. A reader never receives the last byte before the digest verified: until
+then it stays at least one byte behind what arrived, and if the fill fails it raises, so the
+web layer aborts the client's connection short of a complete-looking body. The fill runs in its
+own task: a reader that goes away cancels nothing.
+
+Memory: fills share two budgets. Bytes waiting for the disk: a fill reads no more of its
+upstream once it holds its share of `PENDING_TOTAL` (at least `PENDING_MIN`, at most
+`2 x BATCH_SIZE`); windows: each keeps at most its share of `WINDOW_TOTAL` (at most
+`WINDOW_MAX`) of chunks, the newest always. So a process holds at most 32 MiB of blob bytes plus,
+per fill, one chunk (at most the upstream client's read buffer) and `PENDING_MIN` — and fills
+are at most `max_concurrent_fetches` per upstream — whatever the number of readers.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import asyncio
 import contextlib
 import enum
 import os
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -29,6 +39,72 @@ from mirror.reference import Digest
 log = structlog.get_logger(__name__)
 
 BATCH_SIZE = 1024 * 1024  # bytes gathered for the hashing/writing thread while it is busy
+WINDOW_MAX = 4 * 1024 * 1024  # newest bytes of one fill kept in memory for readers near its head
+WINDOW_TOTAL = 16 * 1024 * 1024  # the same, for every fill of the process together
+PENDING_TOTAL = 16 * 1024 * 1024  # bytes waiting for the disk, for every fill together
+PENDING_MIN = 256 * 1024  # a fill's share never drops below this (it would crawl)
+
+
+class WindowBudget:
+    """Shares `total` bytes of window among the process's fills in flight."""
+
+    def __init__(self, total: int = WINDOW_TOTAL, per_fill: int = WINDOW_MAX) -> None:
+        self.total = total
+        self.per_fill = per_fill
+        self.fills = 0
+
+    def limit(self) -> int:
+        return min(self.per_fill, self.total // max(1, self.fills))
+
+    def pending_limit(self) -> int:
+        """Bytes one fill may hold for the disk before reading more of its upstream."""
+        return max(PENDING_MIN, min(2 * BATCH_SIZE, PENDING_TOTAL // max(1, self.fills)))
+
+
+class Window:
+    """The newest chunks a fill received, by offset: sent to readers near the head without
+    waiting for the disk. Older chunks fall out past the budget's limit (readers behind them
+    read the temp file)."""
+
+    def __init__(self, budget: WindowBudget) -> None:
+        self.budget = budget
+        self._chunks: deque[tuple[int, bytes]] = deque()
+        self.start = 0  # offset of the oldest byte held
+        self.end = 0  # offset after the newest byte held (= bytes received)
+        self._held = 0
+
+    def append(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        self._chunks.append((self.end, chunk))
+        self.end += len(chunk)
+        self._held += len(chunk)
+        limit = self.budget.limit()
+        while self._held > limit and len(self._chunks) > 1:
+            _, old = self._chunks.popleft()
+            self._held -= len(old)
+            self.start = self._chunks[0][0]
+
+    def views(self, pos: int, stop: int) -> list[memoryview]:
+        """Bytes `[pos, stop)` as views of the held chunks, if the window still holds `pos`
+        (else empty: read the file)."""
+        if not self.start <= pos < self.end or pos >= stop:
+            return []
+        out: list[memoryview] = []
+        for offset, chunk in reversed(self._chunks):  # readers are near the head
+            if offset >= stop:
+                continue
+            end = min(stop, offset + len(chunk))
+            out.append(memoryview(chunk)[max(0, pos - offset) : end - offset])
+            if offset <= pos:
+                break
+        out.reverse()
+        return out
+
+    def clear(self) -> None:
+        self._chunks.clear()
+        self._held = 0
+        self.start = self.end
 
 
 @dataclass
@@ -62,6 +138,15 @@ class FillBase:
         self._tail_fd: int | None = None
         self._changed = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+
+    @property
+    def received(self) -> int:
+        """Bytes that arrived so far (a reader may have those in the window beyond `written`)."""
+        return self.written
+
+    def window_views(self, pos: int, stop: int) -> list[memoryview]:
+        """Bytes `[pos, stop)` from memory, for a fill that keeps a window (else empty)."""
+        return []
 
     def _notify(self) -> None:
         self._changed.set()
@@ -104,13 +189,25 @@ class FillBase:
 class Fill(FillBase):
     """This process fetches the blob from the upstream into the store."""
 
-    def __init__(self, digest: Digest, store: FillTarget) -> None:
+    def __init__(
+        self, digest: Digest, store: FillTarget, budget: WindowBudget | None = None
+    ) -> None:
         super().__init__(digest)
         self.store = store
         self._writer: BlobWriter | None = None
+        self._budget = budget or WindowBudget()
+        self._window = Window(self._budget)
+
+    @property
+    def received(self) -> int:
+        return max(self.written, self._window.end)
+
+    def window_views(self, pos: int, stop: int) -> list[memoryview]:
+        return self._window.views(pos, stop)
 
     async def run(self, open_body: Callable[[], Awaitable[UpstreamBody]]) -> None:
         body: UpstreamBody | None = None
+        self._budget.fills += 1
         try:
             if await self.store.stat(self.digest) is not None:
                 # Committed by a fill that ended between our caller's miss and its join.
@@ -146,6 +243,8 @@ class Fill(FillBase):
             if not isinstance(exc, Exception):
                 raise
         finally:
+            self._budget.fills -= 1
+            self._window.clear()
             self._close_tail()
             self._notify()
             if body is not None:
@@ -174,11 +273,13 @@ class Fill(FillBase):
             async for chunk in chunks:
                 pending.append(chunk)
                 pending_bytes += len(chunk)
+                self._window.append(chunk)
+                self._notify()  # readers near the head send it from the window now
                 if worker is None or worker.done():
                     if worker is not None:
                         worker.result()
                     worker = asyncio.ensure_future(drain())
-                elif pending_bytes >= 2 * BATCH_SIZE:
+                elif pending_bytes >= self._budget.pending_limit():
                     await worker
             if worker is not None:
                 await worker
@@ -295,6 +396,40 @@ class TailReader:
             else:
                 await changed.wait()
 
+    async def pieces(
+        self, start: int = 0, stop: int | None = None
+    ) -> AsyncGenerator[tuple[int, int, list[memoryview]], None]:
+        """`(offset, count, data)` pieces of `[start, stop)` as they arrive: `data` from the
+        fill's window when it still holds them (no wait for the disk), else empty: read
+        `count` bytes at `offset` of the temp file. The same release rule as `ranges`."""
+        fill = self.fill
+        pos = start
+        while True:
+            changed = fill._changed
+            released = fill.verified or fill.state is FillState.COMMITTED
+            arrived = fill.received
+            limit = arrived if released else arrived - 1
+            if stop is not None:
+                limit = min(limit, stop)
+            if pos < limit:
+                views = fill.window_views(pos, limit)
+                if views:
+                    count = sum(map(len, views))
+                    yield pos, count, views
+                    pos += count
+                    continue
+                on_disk = min(limit, fill.written)
+                if pos < on_disk:
+                    yield pos, on_disk - pos, views
+                    pos = on_disk
+                    continue
+            elif released or (stop is not None and pos >= stop):
+                return
+            if fill.state is FillState.FAILED:
+                assert fill.error is not None
+                raise fill.error
+            await changed.wait()
+
     async def read(self, offset: int, count: int) -> bytes:
         """Copying fallback where sendfile is not available (callers bound `count`)."""
         data = await asyncio.to_thread(os.pread, self.file.fileno(), count, offset)
@@ -323,6 +458,7 @@ class FillManager:
         self.locks = locks
         self.on_commit = on_commit
         self._fills: dict[Digest, FillBase] = {}
+        self.windows = WindowBudget()
 
     def __len__(self) -> int:
         return len(self._fills)
@@ -347,7 +483,7 @@ class FillManager:
             remote.task = asyncio.ensure_future(remote.run())
             fill = remote
         else:
-            local = Fill(digest, self.store)
+            local = Fill(digest, self.store, self.windows)
             local.task = asyncio.ensure_future(self._run_locked(local, open_body, lock))
             fill = local
         self._fills[digest] = fill

@@ -31,8 +31,10 @@ from aiohttp.abc import AbstractStreamWriter
 from mirror.cache.blobs import OpenBlob
 from mirror.cache.fill import TailReader
 from mirror.ranges import ByteRange, multipart
+from mirror.web.sender import ThreadSender
 
 FALLBACK_CHUNK = 1024 * 1024
+THREAD_SEND_MIN = 256 * 1024  # smaller bodies: one sendfile call on the loop costs less than a hop
 
 
 class StreamAborted(ConnectionResetError):
@@ -128,30 +130,16 @@ async def stream_fill(
     *,
     start: int = 0,
 ) -> web.StreamResponse:
-    """Send a fill to the client as it arrives (from byte `start`), each new range by
-    sendfile; a failed fill (wrong digest, truncation) aborts the connection."""
+    """Send a fill to the client as it arrives (from byte `start`); a failed fill (wrong
+    digest, truncation) aborts the connection."""
     response = _streaming(None if size is None else size - start, headers)
-    ranges = reader.ranges(start)
+    body = FillBody(reader)
     try:
         with _abort_on_failure(request):
             await response.prepare(request)
-            loop = asyncio.get_running_loop()
-            sendfile = size is not None  # chunked framing needs the writer to see every byte
-            async for offset, count in ranges:
-                if sendfile and request.transport is not None:
-                    try:
-                        await loop.sendfile(request.transport, reader.file, offset, count)
-                        continue
-                    except NotImplementedError:
-                        sendfile = False
-                end = offset + count
-                while offset < end:
-                    data = await reader.read(offset, min(FALLBACK_CHUNK, end - offset))
-                    await response.write(data)
-                    offset += len(data)
+            await body.send(request, response, start, None)
     finally:
-        await ranges.aclose()
-        reader.close()
+        await body.close()
     await response.write_eof()
     return response
 
@@ -182,6 +170,15 @@ class FileBody:
         end = self.blob.size if stop is None else stop
         transport = request.transport
         if transport is not None and not response.chunked:
+            # Big bodies are copied by a thread: a multi-megabyte sendfile call on the event
+            # loop would hold up every small request (manifests) behind it.
+            sender = ThreadSender.open(transport) if end - start >= THREAD_SEND_MIN else None
+            if sender is not None:
+                try:
+                    await sender.sendfile(self.blob.file.fileno(), start, end - start)
+                finally:
+                    sender.close()
+                return
             with contextlib.suppress(NotImplementedError):
                 loop = asyncio.get_running_loop()
                 await loop.sendfile(transport, self.blob.file, start, end - start)
@@ -199,8 +196,9 @@ class FileBody:
 
 
 class FillBody:
-    """A fill in flight, tailed: bytes already in the temp file go at once, later ones as
-    they land (the last byte only once verified, see `TailReader`)."""
+    """A fill in flight, tailed: bytes near its head go from its in-memory window as they
+    arrive, older ones from the temp file by sendfile (the last byte only once verified, see
+    `TailReader`)."""
 
     def __init__(self, reader: TailReader) -> None:
         self.reader = reader
@@ -208,11 +206,22 @@ class FillBody:
     async def send(
         self, request: web.Request, response: web.StreamResponse, start: int, stop: int | None
     ) -> None:
-        ranges = self.reader.ranges(start, stop)
+        pieces = self.reader.pieces(start, stop)
+        sender = None if response.chunked else ThreadSender.open(request.transport)
         try:
             loop = asyncio.get_running_loop()
             sendfile = not response.chunked
-            async for offset, count in ranges:
+            async for offset, count, data in pieces:
+                if sender is not None:
+                    if data:
+                        await sender.write(data)
+                    else:
+                        await sender.sendfile(self.reader.file.fileno(), offset, count)
+                    continue
+                if data:
+                    for view in data:
+                        await response.write(view)
+                    continue
                 if sendfile and request.transport is not None:
                     try:
                         await loop.sendfile(request.transport, self.reader.file, offset, count)
@@ -221,11 +230,13 @@ class FillBody:
                         sendfile = False
                 end = offset + count
                 while offset < end:
-                    data = await self.reader.read(offset, min(FALLBACK_CHUNK, end - offset))
-                    await response.write(data)
-                    offset += len(data)
+                    chunk = await self.reader.read(offset, min(FALLBACK_CHUNK, end - offset))
+                    await response.write(chunk)
+                    offset += len(chunk)
         finally:
-            await ranges.aclose()
+            await pieces.aclose()
+            if sender is not None:
+                sender.close()
 
     async def close(self) -> None:
         self.reader.close()

@@ -59,7 +59,7 @@ def test_benchmark_runner_smoke(tmp_path: Path) -> None:
     for name in ("results.json", "results.png"):
         assert (tmp_path / "published" / name).read_bytes() == (out / name).read_bytes()
     scenarios = {row["scenario"].split(".")[0] for row in rows}
-    assert scenarios == {"1", "2", "2b", "3", "4", "5", "6", "7"}
+    assert scenarios == {"1", "2", "2b", "3", "4", "5", "6", "7", "8"}
     copies = next(r for r in rows if r["scenario"] == "3. 20 clients, cold blob: upstream copies")
     assert copies["mirror"] == 1, "single flight: one upstream copy for 20 clients"
     cold = {r["scenario"]: r for r in rows if r["scenario"].startswith("2. cold GET")}
@@ -67,6 +67,16 @@ def test_benchmark_runner_smoke(tmp_path: Path) -> None:
     for name in ("nginx proxy", "nginx proxy_cache", "CPU ceiling here", "page-cache writes here"):
         row = next(r for scenario, r in cold.items() if scenario.endswith(name))
         assert row["baseline"] > 0 and row["met"] is None, row  # shown for context, not judged
+    # The soak (scenario 8): its rows for both caches, every pull verified, none failed.
+    soak = {r["scenario"].split(": ", 1)[1]: r for r in rows if r["scenario"].startswith("8.")}
+    for name in ("pulls/s", "manifest p50", "manifest p99", "PSS peak", "open fds after"):
+        assert soak[name]["mirror"] > 0 and soak[name]["reference"] > 0, soak[name]
+    assert soak["errors"]["mirror"] == 0 and soak["errors"]["reference"] == 0, soak["errors"]
+    details = json.loads((out / "soak.json").read_text())
+    assert details["same_sequence"], "both caches saw the same request sequence"
+    for result in details["results"].values():
+        assert result["pulls"] > 0 and result["error_samples"] == [], result
+        assert len(result["pss_samples"]) >= 3, "PSS sampled every 0.5 s"
     assert (out / "results.png").stat().st_size > 10_000
     assert "scenario" in run.stdout
     # One progress line per measurement, as it ended.

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.fixtures.mirror_server import MirrorProcess, mirror_config, running_mirror
+from tests.fixtures.mirror_server import MirrorProcess, mirror_config, running_mirror, wait_cached
 from tests.fixtures.real_upstream import Upstream
 from tests.integration.test_single_flight import fetch
 
@@ -44,6 +44,7 @@ async def test_ranges_on_miss_and_hit(upstream: Upstream, tmp_path: Path) -> Non
         async with s.get(url, headers={"Range": f"bytes={blob.size}-"}) as resp:
             assert resp.status == 416
             assert resp.headers["Content-Range"] == f"bytes */{blob.size}"
+        wait_cached(tmp_path, blob.digest)  # clients may have every byte before the commit
         async with s.get(url, headers={"If-None-Match": f'"{blob.digest}"'}) as resp:
             assert resp.status == 304
         async with s.get(url) as resp:
