@@ -14,20 +14,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
 
 import structlog
-from aiohttp import web
 
-from mirror import __version__, bundle, doctor, maintenance, workers
+from mirror import __version__, workers
 from mirror.config import Config, ConfigError, load_config
 from mirror.errors import RegistryError
 from mirror.logs import setup_logging
 from mirror.memory import tune_malloc
 from mirror.progress import Progress, human, plural
 from mirror.reference import Digest, is_digest, parse_image
-from mirror.warm import warm as warm_images
 
 GIL_SWITCH_INTERVAL = 0.001
 if TYPE_CHECKING:  # argparse names no public type for it; generic only to the checker
     Subcommands: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
+    from aiohttp import web
+
+    from mirror import maintenance
+# The commands import what they use when they run: `serve`'s supervisor never loads the web,
+# cache or bundle code its workers run, and stays small (issue 20: memory of the service).
 
 
 def _serve_parser(sub: Subcommands) -> None:
@@ -102,7 +105,6 @@ def serve(
     workers supervises them), or, given `listen_fds`, is a worker serving its supervisor's
     sockets. A start failure raises StartError (see workers.py)."""
     from mirror.web import tls  # the web layer is only for the serving command
-    from mirror.web.app import handler_options, make_app
 
     stop = workers.StopSignals()  # from here on, SIGINT/SIGTERM ask for a clean stop
     # `systemctl reload` (SIGHUP) must never end the mirror, also before the reload handler is
@@ -138,6 +140,10 @@ def serve(
                 lock.close()
         sockets = workers.bind(*config.listen_address())
     with workers.starting():
+        from aiohttp import web  # a worker (or the one process) serves: the web stack now
+
+        from mirror.web.app import handler_options, make_app
+
         tune_malloc()  # before the serving process allocates its first blob chunk
         # Let the event loop take the GIL back from worker threads (hashing, SQLite) within 1 ms
         # rather than Python's default 5 ms, which would show up in request latency.
@@ -212,6 +218,9 @@ def _cache_config(args: argparse.Namespace) -> Config:
 
 
 async def _warm(config: Config, args: argparse.Namespace) -> int:
+    from mirror import maintenance
+    from mirror.warm import warm as warm_images
+
     images = list(args.images)
     if args.file is not None:
         try:
@@ -252,6 +261,8 @@ def _when(ts: float) -> str:
 
 
 async def _gc(config: Config, dry_run: bool) -> int:
+    from mirror import maintenance
+
     async with maintenance.open_cache(config) as cache:
         plan, shared = await maintenance.gc(cache, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
@@ -275,6 +286,8 @@ async def _gc(config: Config, dry_run: bool) -> int:
 
 
 async def _ls(config: Config) -> int:
+    from mirror import maintenance
+
     directory = config.cache.dir
     if not directory.is_dir():  # say so, rather than make an empty cache there to list
         print(
@@ -296,6 +309,8 @@ async def _ls(config: Config) -> int:
 
 
 async def _verify(config: Config, repair: bool) -> int:
+    from mirror import maintenance
+
     async with maintenance.open_cache(config) as cache:
         checked, bad = await maintenance.verify(cache, repair=repair)
     for digest in bad:
@@ -322,6 +337,8 @@ async def _cached(cache: maintenance.CacheHandle, image: str) -> bool:
 
 
 async def _pins(config: Config, images: list[str], pin: bool) -> int:
+    from mirror import maintenance
+
     async with maintenance.open_cache(config) as cache:
         pins = await maintenance.set_pins(cache, images, pin=pin)
         absent = [image for image in images if pin and not await _cached(cache, image)]
@@ -337,6 +354,8 @@ async def _pins(config: Config, images: list[str], pin: bool) -> int:
 
 
 async def _export(config: Config, args: argparse.Namespace) -> int:
+    from mirror import bundle, maintenance
+
     for image in args.images:
         parse_image(image)
     async with maintenance.open_cache(config) as cache:
@@ -350,6 +369,8 @@ async def _export(config: Config, args: argparse.Namespace) -> int:
 
 
 async def _import(config: Config, args: argparse.Namespace) -> int:
+    from mirror import bundle, maintenance
+
     async with maintenance.open_cache(config) as cache:
         try:
             plan = await bundle.import_bundle(
@@ -368,6 +389,8 @@ async def _import(config: Config, args: argparse.Namespace) -> int:
 
 
 async def _probe(config: Config) -> int:
+    from mirror import doctor
+
     lines, code = doctor.report(await doctor.run(config))
     print("\n".join(lines))
     return code

@@ -32,7 +32,6 @@ import yaml
 
 from mirror.errors import RegistryError
 from mirror.reference import parse_image
-from mirror.signatures import load_public_key
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -953,6 +952,8 @@ def _validate_verify(rules: tuple[VerifyRule, ...]) -> None:
             raise ConfigError(key, "expected at least one repository and one key")
         for j, text in enumerate(rule.keys):
             try:
+                from mirror.signatures import load_public_key  # cryptography: when used
+
                 load_public_key(read_key(text))
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"{key}.keys[{j}]", str(exc)) from None

@@ -23,20 +23,19 @@ import binascii
 import json
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
+# `cryptography` is loaded when a key is (a verify policy is configured): 8 MB a worker that
+# a mirror without one does not carry.
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+    PublicKey: TypeAlias = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
 
 SIMPLE_SIGNING = "application/vnd.dev.cosign.simplesigning.v1+json"
 SIGNATURE_ANNOTATION = "dev.cosignproject.cosign/signature"
 SIGNATURE_ARTIFACT = "application/vnd.dev.cosign.artifact.sig.v1+json"
 MAX_PAYLOAD = 64 * 1024  # a simple-signing payload is a few hundred bytes
-
-PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
 
 
 class Outcome(Enum):
@@ -65,6 +64,9 @@ class SignatureLayer:
 
 def load_public_key(pem: bytes) -> PublicKey:
     """An ECDSA or Ed25519 public key from PEM; ValueError (with words) for anything else."""
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
     try:
         key = load_pem_public_key(pem)
     except (ValueError, TypeError) as exc:
@@ -94,6 +96,10 @@ def signature_layers(manifest: bytes) -> list[SignatureLayer]:
 
 
 def _signed_by(key: PublicKey, signature: bytes, payload: bytes) -> bool:
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     try:
         if isinstance(key, ec.EllipticCurvePublicKey):
             key.verify(signature, payload, ec.ECDSA(hashes.SHA256()))
@@ -107,6 +113,8 @@ def _signed_by(key: PublicKey, signature: bytes, payload: bytes) -> bool:
 def _well_formed(signature: bytes) -> bool:
     """Whether the bytes are shaped like an ECDSA (DER) or Ed25519 (64 bytes) signature: a
     well-formed one no configured key accepts is "another key", anything else "bad"."""
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
     if len(signature) == 64:
         return True
     try:

@@ -24,7 +24,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 from cachetools import LRUCache
@@ -38,13 +38,15 @@ from mirror.signatures import (
     SIGNATURE_ARTIFACT,
     Finding,
     Outcome,
-    PublicKey,
     best,
     check,
     load_public_key,
     signature_layers,
 )
 from mirror.upstream.routing import Target
+
+if TYPE_CHECKING:
+    from mirror.signatures import PublicKey
 
 log = structlog.get_logger(__name__)
 

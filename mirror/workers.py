@@ -38,18 +38,28 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
-from aiohttp import web
-from prometheus_client import multiprocess
 
 from mirror.config import Config, ConfigError
-from mirror.upstream.routing import startup_warnings
+from mirror.startup import startup_warnings
+
+if TYPE_CHECKING:  # the supervisor never imports the web stack: it stays small (issue 20)
+    from aiohttp import web
 
 log = structlog.get_logger(__name__)
-# prometheus_client leaves this one unannotated; its signature is (pid, path) -> None. The path
-# must be given: the supervisor's own environment has no PROMETHEUS_MULTIPROC_DIR.
-mark_process_dead: Callable[[int, str], None] = multiprocess.mark_process_dead
+
+
+def mark_process_dead(pid: int, path: str) -> None:
+    """Drop a dead worker's live gauges from the shared metrics directory. The path must be
+    given: the supervisor's own environment has no PROMETHEUS_MULTIPROC_DIR."""
+    from prometheus_client import multiprocess
+
+    # prometheus_client leaves it unannotated; its signature is (pid, path) -> None.
+    dead: Callable[[int, str], None] = multiprocess.mark_process_dead
+    dead(pid, path)
+
 
 MAX_RESTARTS_PER_MINUTE = 5
 EXIT_START_FAILED = 1
@@ -222,6 +232,8 @@ async def _serve(
     stop: StopSignals,
     on_ready: Callable[[], None],
 ) -> None:
+    from aiohttp import web
+
     loop = asyncio.get_running_loop()
     stopped = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

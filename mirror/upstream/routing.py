@@ -22,7 +22,6 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import structlog
 
@@ -227,31 +226,6 @@ class Router:
         for upstream in self.upstreams.values():
             await upstream.close()
         await asyncio.gather(*self._closing, return_exceptions=True)
-
-
-def startup_warnings(config: Config) -> list[str]:
-    """What an operator should hear at start-up (log each as a warning): a mirror open to the
-    network, and a default upstream that containerd's `?ns=docker.io` cannot reach."""
-    warnings = []
-    host, port = config.listen_address()
-    if host in ("", "0.0.0.0", "::") and config.auth.htpasswd is None and not config.tls.client_ca:
-        warnings.append(
-            f"listening on {config.listen} with no client authentication: anyone who can reach"
-            f" port {port} can pull through this mirror (with its upstream credentials, if any);"
-            " set auth.htpasswd or tls.client_ca, or listen on a private address"
-        )
-    named = set(config.upstream.registry_names())
-    for upstream in config.upstreams.values():
-        named |= upstream.registry_names()
-    hub = (urlsplit(config.upstream.url).hostname or "") in DOCKER_HUB_HOSTS
-    if not hub and "docker.io" not in named and not config.allow_any_upstream:
-        warnings.append(
-            f"the default upstream is {config.upstream.url} and no upstream stands for"
-            " docker.io: containerd (hosts.toml) sends ?ns=docker.io with every request, gets"
-            " NAME_UNKNOWN and pulls from the internet instead; if containerd pulls docker.io"
-            " images through this mirror, add docker.io to upstream.names"
-        )
-    return warnings
 
 
 def build_router(

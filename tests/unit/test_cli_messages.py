@@ -19,9 +19,10 @@ from mirror.config import UpstreamConfig, load_config
 from mirror.errors import RegistryError
 from mirror.progress import Progress
 from mirror.reference import Name
+from mirror.startup import startup_warnings
 from mirror.upstream import routing
 from mirror.upstream.client import UpstreamClient
-from mirror.upstream.routing import UNMIRRORED_WARNING_SECONDS, Router, startup_warnings
+from mirror.upstream.routing import UNMIRRORED_WARNING_SECONDS, Router
 from mirror.warm import WarmSummary
 
 MiB = 1024 * 1024
