@@ -44,6 +44,7 @@ from aiohttp import web
 from prometheus_client import multiprocess
 
 from mirror.config import Config, ConfigError
+from mirror.upstream.bandwidth import WORKERS_VARIABLE
 from mirror.upstream.routing import startup_warnings
 
 log = structlog.get_logger(__name__)
@@ -323,6 +324,7 @@ def supervise(
     env = {
         **os.environ,
         "REGISTRY_MIRROR_WORKERS": "1",
+        WORKERS_VARIABLE: str(count),  # each takes its share of an upstream's bandwidth cap
         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
     }
     cmd = [sys.executable, "-m", "mirror", *argv]

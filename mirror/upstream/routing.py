@@ -251,18 +251,36 @@ def startup_warnings(config: Config) -> list[str]:
             " NAME_UNKNOWN and pulls from the internet instead; if containerd pulls docker.io"
             " images through this mirror, add docker.io to upstream.names"
         )
+    for name, upstream in [("upstream", config.upstream), *config.upstreams.items()]:
+        if upstream.serve_private_to_anonymous:
+            key = name if name == "upstream" else f"upstreams.{name}"
+            warnings.append(
+                f"{key}.serve_private_to_anonymous is on: anyone who can reach this mirror"
+                f" pulls {upstream.url}'s private images with its credentials, without logging in"
+            )
     return warnings
 
 
 def build_router(
-    config: Config, metrics: Metrics | None = None, *, network: UpstreamNetwork | None = None
+    config: Config,
+    metrics: Metrics | None = None,
+    *,
+    network: UpstreamNetwork | None = None,
+    bandwidth_share: int = 1,
 ) -> Router:
     """The default upstream, the named ones, and (if allowed) any other on demand; `network`
     is how they are reached (tests substitute a resolver that never touches DNS)."""
     network = network or UpstreamNetwork()
 
     def make(name: str, upstream: UpstreamConfig, *, dynamic: bool = False) -> UpstreamClient:
-        return UpstreamClient(name, upstream, metrics=metrics, dynamic=dynamic, network=network)
+        return UpstreamClient(
+            name,
+            upstream,
+            metrics=metrics,
+            dynamic=dynamic,
+            network=network,
+            bandwidth_share=bandwidth_share,
+        )
 
     others = [make(name, upstream) for name, upstream in config.upstreams.items()]
     return Router(
