@@ -120,6 +120,7 @@ async def open_node(
             await router.start()
         yield Node(config, store, metadata, index, router, shared, mirror, evictor, policy, metrics)
     finally:
+        await mirror.prefetcher.close()
         await mirror.fills.close()
         await shared.close()
         await router.close()
