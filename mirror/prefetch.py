@@ -34,6 +34,9 @@ log = structlog.get_logger(__name__)
 Outcome = Literal["fetched", "cached", "too_big", "failed", "cancelled"]
 FetchBlob = Callable[[Target, Digest, bool], Awaitable[Outcome]]
 RECENT = 10_000  # manifests prefetched lately: not looked at again on every hit
+# A prefetch starts this long after the manifest's answer: the answer is written first, and
+# a client's own blob requests, which follow at once, start the fills themselves.
+START_DELAY = 0.02
 _INDEXES = frozenset(
     {
         "application/vnd.oci.image.index.v1+json",
@@ -89,6 +92,7 @@ class Prefetcher:
         task.add_done_callback(lambda _t: self._tasks.pop(digest, None))
 
     async def _prefetch(self, target: Target, digest: Digest, data: bytes, private: bool) -> None:
+        await asyncio.sleep(START_DELAY)
         upstream = target.upstream
         config = upstream.config
         wanted, too_big = blobs_of(data, config.prefetch_max_size)
