@@ -117,8 +117,8 @@ class Budget:
         elif manifest:
             ready = [a for a in self.accounts if not a.resting]
         else:
-            ready = sorted(self.accounts, key=lambda a: a.resting)
-        return sorted(ready, key=lambda a: -a.left)
+            ready = self.accounts
+        return sorted(ready, key=lambda a: (a.resting, -a.left))
 
     def low(self, floor: int) -> bool:
         """Whether the best account has fewer than `floor` pulls left (unknown: not low)."""

@@ -201,3 +201,27 @@ async def test_credentials_and_tokens_are_never_logged(fake: FakeUpstream, tmp_p
     basic = [basic_authorization(u, p) for u, p in [("alice", "s3cret-alice"), ("bob", "s3cret-bob")]]
     for secret in ("s3cret-alice", "s3cret-bob", "fake-token", *basic, *(b[6:] for b in basic)):
         assert secret not in text, secret
+
+
+async def test_serve_private_to_anonymous_opens_private_images_to_anonymous_clients(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    fake.accounts = {"paid": "pa55"}
+    fake.tag_lists = True
+    fake.private_repos = {"acme/secret"}
+    mdigest, config_digest, layers = fake.add_image("acme/secret", "v1", [b"private layer"])
+    for opened in (False, True):
+        cache = tmp_path / str(opened)
+        config = mirror_config(
+            cache, fake.url, username="paid", password="pa55",
+            serve_private_to_anonymous=opened, prefetch=False,
+        )  # fmt: skip
+        async with running_app(config) as (base, _app), aiohttp.ClientSession() as s:
+            async with s.get(f"{base}/v2/acme/secret/manifests/v1", headers=ACCEPT) as r:
+                if not opened:  # the default: anonymous clients never read private content
+                    assert r.status == 401
+                    continue
+                assert r.status == 200 and sha256_digest(await r.read()) == mdigest
+            for digest in [config_digest, *layers]:
+                async with s.get(f"{base}/v2/acme/secret/blobs/{digest}") as r:
+                    assert r.status == 200 and sha256_digest(await r.read()) == digest
