@@ -119,6 +119,9 @@ async def test_budget_spent_cached_tags_served_stale_cold_tag_429_blobs_go_on(
         source = {**labels, "source": "anonymous"}
         assert sample("registry_mirror_upstream_account_ratelimit_source", source) == 1
         assert sample("registry_mirror_budget_stale_answers_total", {"upstream": "default"}) == 3
+        async with s.get(f"{base}/ui/") as r:  # the operator page shows the budget too
+            page = await r.text()
+        assert 'data-account="account 1"' in page and "0 of 3 per 21600 s" in page
     assert fake.count("HEAD", "/manifests/v1") == 3
 
 
