@@ -72,9 +72,12 @@ class AccessGuard:
         without asking the upstream (for listings of what the cache holds)."""
         client = self.router.upstreams.get(upstream)
         private = True
-        if client is None or not client.config.has_credentials:
-            private = False
-        elif client.config.serve_private_to_anonymous:
+        # No credentials: nothing private; private opened to anyone: the rules see it public.
+        if (
+            client is None
+            or not client.config.has_credentials
+            or client.config.serve_private_to_anonymous
+        ):
             private = False
         else:
             known = self.metadata.cached_privacy((upstream, repository))

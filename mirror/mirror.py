@@ -140,7 +140,9 @@ class Mirror:
         )
         self._manifest_flight: SingleFlight[tuple[str, ...], FetchedManifest] = SingleFlight()
         # One manifest GET per reference for every worker (and node): the budget's sake.
-        self._manifest_flight_across = ManifestFlight(store.root / "locks" / "manifests", self.shared)
+        self._manifest_flight_across = ManifestFlight(
+            store.root / "locks" / "manifests", self.shared
+        )
         self._revalidations: dict[TagKey, asyncio.Task[TagRecord]] = {}
         self.prefetcher = Prefetcher(self._prefetch_blob, self.metrics)
         self.access = AccessGuard(policy, metadata, router, offline=offline, clock=clock)
@@ -217,7 +219,7 @@ class Mirror:
     async def _manifest_by_tag(
         self, target: Target, tag: Tag, accept: list[str], private: bool
     ) -> ManifestAnswer:
-        upstream, name = target.upstream, target.name
+        upstream = target.upstream
         key: TagKey = (upstream.name, target.repository, tag)
         broad = _takes_everything(accept)
         record = await self.metadata.get_tag(key)
@@ -294,8 +296,9 @@ class Mirror:
         if fresh is None:
             if low:
                 self.metrics.budget_stale_answers.labels(upstream.metric_label).inc()
+            why = "budget under the floor" if low else "slow upstream"
             log.info("tag_served_while_revalidating", upstream=key[0], repository=key[1],
-                     tag=key[2], why="budget under the floor" if low else "slow upstream")  # fmt: skip
+                     tag=key[2], why=why)  # fmt: skip
             return ManifestAnswer(cached, "stale")
         if fresh.digest == record.digest:
             return ManifestAnswer(cached, "revalidated")
@@ -379,7 +382,11 @@ class Mirror:
             if is_digest(reference):
                 return await load(Digest(reference))
             record = await self.metadata.get_tag((upstream.name, target.repository, reference))
-            if record is None or record.fetched_at < began or not accepts(accept, record.media_type):
+            if (
+                record is None
+                or record.fetched_at < began
+                or not accepts(accept, record.media_type)
+            ):
                 return None
             return await load(record.digest)
 

@@ -45,8 +45,8 @@ from mirror.metrics import Metrics
 from mirror.mirror import Mirror
 from mirror.reference import Digest
 from mirror.shared import NoSharedTier
-from mirror.upstream.guard import UpstreamNetwork
 from mirror.upstream.bandwidth import worker_share
+from mirror.upstream.guard import UpstreamNetwork
 from mirror.upstream.routing import Router, build_router
 
 

@@ -79,7 +79,9 @@ class Prefetcher:
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._tasks: dict[Digest, asyncio.Task[None]] = {}  # by manifest digest
 
-    def offer(self, target: Target, digest: Digest, media_type: str, data: bytes, private: bool) -> None:
+    def offer(
+        self, target: Target, digest: Digest, media_type: str, data: bytes, private: bool
+    ) -> None:
         """A manifest was just served: schedule its blobs (cheap; never waits)."""
         config = target.upstream.config
         if not config.prefetch or media_type in _INDEXES or media_type not in ALL_MANIFESTS:
@@ -98,7 +100,9 @@ class Prefetcher:
         wanted, too_big = blobs_of(data, config.prefetch_max_size)
         if too_big:
             self.metrics.prefetches.labels(upstream.metric_label, "too_big").inc(too_big)
-        slots = self._slots.setdefault(upstream.name, asyncio.Semaphore(config.prefetch_concurrency))
+        slots = self._slots.setdefault(
+            upstream.name, asyncio.Semaphore(config.prefetch_concurrency)
+        )
 
         async def one(blob: Digest) -> None:
             async with slots:

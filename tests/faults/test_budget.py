@@ -201,7 +201,9 @@ async def test_credentials_and_tokens_are_never_logged(fake: FakeUpstream, tmp_p
         await asyncio.to_thread(mirror.stop)
     text = (tmp_path / "mirror.log").read_text()
     assert "upstream_account_refused" in text and '"request"' in text  # it logged, and served
-    basic = [basic_authorization(u, p) for u, p in [("alice", "s3cret-alice"), ("bob", "s3cret-bob")]]
+    basic = [
+        basic_authorization(u, p) for u, p in [("alice", "s3cret-alice"), ("bob", "s3cret-bob")]
+    ]
     for secret in ("s3cret-alice", "s3cret-bob", "fake-token", *basic, *(b[6:] for b in basic)):
         assert secret not in text, secret
 

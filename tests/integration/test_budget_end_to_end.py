@@ -48,7 +48,9 @@ def test_skopeo_finds_the_whole_image_prefetched_and_private_images_through_the_
     upstream: Upstream, pooled: MirrorProcess, tmp_path: Path
 ) -> None:
     image = upstream.images["ocismall"]
-    result = skopeo("inspect", "--tls-verify=false", "--raw", f"docker://{pooled.address}/{image.ref}")
+    result = skopeo(
+        "inspect", "--tls-verify=false", "--raw", f"docker://{pooled.address}/{image.ref}"
+    )
     assert result.returncode == 0, result.stderr  # the manifest only: no client asks for a blob
     for blob in image.all_blobs():
         wait_cached(pooled.cache_dir, blob.digest, timeout=30)

@@ -4,6 +4,7 @@ Hub's headers read; accounts chosen by budget; the bucket's fairness; prefetch's
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -136,10 +137,10 @@ async def test_the_bucket_serves_waiting_fills_in_turn() -> None:
 
 def test_prefetch_takes_an_image_manifests_blobs_under_the_size_limit() -> None:
     d = ["sha256:" + c * 64 for c in "abc"]
-    data = (
-        '{"config": {"digest": "%s", "size": 10}, "layers": [{"digest": "%s", "size": 5000},'
-        ' {"digest": "%s", "size": 50}]}' % tuple(d)
-    ).encode()
+    descriptors = {"config": {"digest": d[0], "size": 10}, "layers": [
+        {"digest": d[1], "size": 5000}, {"digest": d[2], "size": 50}
+    ]}  # fmt: skip
+    data = json.dumps(descriptors).encode()
     assert blobs_of(data, 100) == ([d[0], d[2]], 1)
     assert blobs_of(b'{"manifests": []}', 100) == ([], 0)  # an index: its platform's turn
     assert blobs_of(b"not json", 100) == ([], 0)
@@ -160,7 +161,7 @@ async def test_evicting_an_image_cancels_its_prefetch() -> None:
     class Up:
         name = metric_label = "default"
 
-        class config:  # noqa: N801 - the shape of UpstreamConfig the prefetcher reads
+        class config:  # the shape of UpstreamConfig the prefetcher reads
             prefetch, prefetch_max_size, prefetch_concurrency = True, 1000, 2
 
     class Target:
