@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 QUANTUM = 64 * 1024
-BURST_SECONDS = 0.05  # the bucket holds this long's worth: a short burst, never a long one
+BURST_SECONDS = 0.1  # the bucket's depth: a short burst; a late wake-up is not lost
 WORKERS_VARIABLE = "MIRROR_WORKER_COUNT"  # set by the supervisor for its workers
 
 
