@@ -603,26 +603,30 @@ class Mirror:
         self.prefetcher.cancel(digests)
 
     async def _prefetch_blob(self, target: Target, digest: Digest, private: bool) -> Outcome:
-        """Fetch one blob of an image just served into the cache, from the target's own
-        upstream (its verified bytes are the target's: recorded so)."""
+        """Fetch one blob of an image just served into the cache as a client's GET would (the
+        same provenance check, the same fill, shared with the cluster), sending it nowhere."""
         if await self.store.stat(digest) is not None or self.fills.get(digest) is not None:
             return "cached"
         if self.disk.bypassing or self.shared.store_down or await self.shared.entry(digest):
             return "cached"  # the shared store holds it (or the cache cannot take it now)
+        verdict = await self.provenance.check(
+            target, digest, private=private, principal=ANONYMOUS, kind="blob"
+        )
+        if verdict is not Verdict.SERVE:
+            return "skipped"  # only a client's own fetch may prove it (see provenance)
         upstream, name = target.upstream, target.name
 
+        async def from_upstream(offset: int = 0) -> ByteSource:
+            return await _open_upstream(upstream, name, digest, offset)
+
         async def open_body() -> UpstreamBody:
-            stream = await _open_upstream(upstream, name, digest)
-            return UpstreamBody(stream.size, stream.chunks(), stream.close)
+            return await self.shared.open_body(digest, from_upstream, lambda: fill)
 
         fill, started = self.fills.join(digest, open_body)
         if started and fill.task is not None:
             fill.task.add_done_callback(lambda _t: self._fill_ended(fill))
         await fill.wait_done()
-        if not (started and fill.fetched):
-            return "cached"
-        await self._record(target, [digest], private)
-        return "fetched"
+        return "fetched" if started and fill.fetched else "cached"
 
     def _blob_committed(self, digest: Digest, size: int) -> None:
         self.index.add(digest, size, "blob")

@@ -7,10 +7,10 @@ usual fill (one fetch per blob, within the upstream's bandwidth cap), layers lar
 `prefetch_max_size` left for a client to ask. An index is not followed: its platform manifest
 is prefetched when a client asks for that one. Evicting the image cancels what is left of it.
 
-Provenance (mirror/provenance.py): the blobs come from the very upstream and repository the
-client was allowed to pull the manifest from, are verified, and are recorded for that
-repository only (public only if it is), so a prefetch tells no client anything it could not
-pull itself; nothing is sent to the client.
+Provenance (mirror/provenance.py): each blob passes the check a client's GET of it under the
+manifest's repository would (recorded for that repository only, public only if it is; one
+that only a client's own fetch may prove is skipped) and comes from that upstream, verified,
+so a prefetch tells no client anything it could not pull itself; nothing is sent to anyone.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from mirror.upstream.routing import Target
 
 log = structlog.get_logger(__name__)
 
-Outcome = Literal["fetched", "cached", "too_big", "failed", "cancelled"]
+Outcome = Literal["fetched", "cached", "skipped", "too_big", "failed", "cancelled"]
 FetchBlob = Callable[[Target, Digest, bool], Awaitable[Outcome]]
 RECENT = 10_000  # manifests prefetched lately: not looked at again on every hit
 # A prefetch starts this long after the manifest's answer: the answer is written first, and
