@@ -34,6 +34,7 @@ from mirror.reference import SHA256_RE, Digest
 from mirror.upstream.client import FetchedManifest
 
 POLL = 0.02  # seconds between looks at another worker's fetch
+SWEEP_EVERY = 300.0  # answers older than `patience` are removed this often (by whoever asks)
 
 Load = Callable[[Digest], Awaitable[FetchedManifest | None]]
 Recheck = Callable[[float], Awaitable[FetchedManifest | None]]
@@ -54,6 +55,7 @@ class ManifestFlight:
         self.shared = shared
         self.patience = patience
         self._clock = clock  # wall time: compared across processes
+        self._swept = time.monotonic()
 
     async def do(
         self,
@@ -64,11 +66,14 @@ class ManifestFlight:
     ) -> FetchedManifest:
         """`fetch()` here, or the answer of the worker (or node) fetching `key` already."""
         name = Digest("sha256:" + hashlib.sha256("\0".join(key).encode()).hexdigest())
+        if time.monotonic() - self._swept > SWEEP_EVERY:
+            self._swept = time.monotonic()
+            await asyncio.to_thread(self._sweep)
         began = self._clock()
         deadline = time.monotonic() + self.patience
         waited = False
         while True:
-            fd = self.locks.try_acquire(name)
+            fd = await asyncio.to_thread(self.locks.try_acquire, name)
             if fd is None:  # another worker fetches: wait for its answer
                 waited = True
                 if time.monotonic() > deadline:
@@ -84,7 +89,7 @@ class ManifestFlight:
                     return answer
                 return await self._fetch_claimed(name, began, waited, deadline, fetch, recheck)
             finally:
-                self.locks.release(name, fd)
+                await asyncio.to_thread(self.locks.release, name, fd)
 
     async def _fetch_claimed(
         self,
@@ -103,14 +108,14 @@ class ManifestFlight:
             await asyncio.sleep(POLL * 5)
         try:
             if waited and (found := await recheck(began)) is not None:
-                self._write(name, {"digest": found.digest, "media_type": found.media_type})
+                await self._write(name, {"digest": found.digest, "media_type": found.media_type})
                 return found
             try:
                 fetched = await fetch()
             except RegistryError as exc:
-                self._write(name, {"error": _error_json(exc)})
+                await self._write(name, {"error": _error_json(exc)})
                 raise
-            self._write(name, {"digest": fetched.digest, "media_type": fetched.media_type})
+            await self._write(name, {"digest": fetched.digest, "media_type": fetched.media_type})
             return fetched
         finally:
             await self.shared.release_fetch(name)
@@ -118,18 +123,31 @@ class ManifestFlight:
     def _path(self, name: Digest) -> Path:
         return self.directory / (name.split(":", 1)[1] + ".json")
 
-    def _write(self, name: Digest, answer: dict[str, Any]) -> None:
+    async def _write(self, name: Digest, answer: dict[str, Any]) -> None:
         """The answer for the waiting workers (atomic: a temp file renamed)."""
         path = self._path(name)
         temp = path.with_suffix(f".{os.getpid()}.tmp")
-        with contextlib.suppress(OSError):  # a full disk: the waiters fetch on their own
-            temp.write_text(json.dumps({"at": self._clock(), **answer}))
-            os.replace(temp, path)
+        text = json.dumps({"at": self._clock(), **answer}, default=str)
+
+        def write() -> None:
+            with contextlib.suppress(OSError):  # a full disk: the waiters fetch on their own
+                temp.write_text(text)
+                os.replace(temp, path)
+
+        await asyncio.to_thread(write)
+
+    def _sweep(self) -> None:
+        """Forget answers no wait can still need (older than `patience`)."""
+        old = time.time() - self.patience - SWEEP_EVERY
+        for path in self.directory.glob("*.json"):
+            with contextlib.suppress(OSError):
+                if path.stat().st_mtime < old:
+                    path.unlink()
 
     async def _answer(self, name: Digest, began: float, load: Load) -> FetchedManifest | None:
         """The fetching worker's answer, if it came after `began` (raised again if an error)."""
         try:
-            answer = json.loads(self._path(name).read_text())
+            answer = json.loads(await asyncio.to_thread(self._path(name).read_text))
         except (OSError, ValueError):
             return None
         if not isinstance(answer, dict) or float(answer.get("at", 0)) < began:
