@@ -230,3 +230,21 @@ async def test_serve_private_to_anonymous_opens_private_images_to_anonymous_clie
             for digest in [config_digest, *layers]:
                 async with s.get(f"{base}/v2/acme/secret/blobs/{digest}") as r:
                     assert r.status == 200 and sha256_digest(await r.read()) == digest
+
+
+async def test_the_budget_floor_decides_when_an_expired_tag_is_answered_at_once(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    fake.pull_budget = 10
+    ((repo, mdigest, _),) = images(fake, 1)
+    for floor, stale in ((9, False), (10, True), (0, False)):  # 9 pulls left after the first
+        clock = Clock()
+        config = mirror_config(tmp_path / str(floor), fake.url, tag_ttl="1m", budget_floor=floor)
+        async with running_app(config, clock) as (base, _app), aiohttp.ClientSession() as s:
+            fake.manifest_gets.clear()
+            async with s.get(f"{base}/v2/{repo}/manifests/v1", headers=ACCEPT) as r:
+                assert r.status == 200
+            clock.now += 61
+            async with s.get(f"{base}/v2/{repo}/manifests/v1", headers=ACCEPT) as r:
+                assert r.status == 200 and sha256_digest(await r.read()) == mdigest
+                assert ("Warning" in r.headers) is stale, floor
