@@ -104,7 +104,7 @@ async def test_prefetch_skips_layers_over_its_size_limit_and_can_be_turned_off(
 
 
 SAMPLES = 60
-PAUSE = 0.06  # the image before is prefetched by then: each answer's own delay is measured
+PAUSE = 0.12  # the image before is prefetched by then: each answer's own delay is measured
 
 
 async def _manifest_latencies(
