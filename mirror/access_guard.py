@@ -57,7 +57,10 @@ class AccessGuard:
         """Refuse a client the policy does not let pull `target`; True if it is private."""
         private = await self.is_private(target)
         upstream, repository = target.upstream.name, target.repository
-        if self.policy.allows(principal, upstream, repository, private=private):
+        # An upstream whose private images the operator opened to anonymous clients: the
+        # rules see them as public; provenance still records them as private (`private`).
+        shown = private and not target.upstream.config.serve_private_to_anonymous
+        if self.policy.allows(principal, upstream, repository, private=shown):
             return private
         detail = {"repository": target.key}
         if principal.authenticated:
@@ -69,7 +72,12 @@ class AccessGuard:
         without asking the upstream (for listings of what the cache holds)."""
         client = self.router.upstreams.get(upstream)
         private = True
-        if client is None or not client.config.has_credentials:
+        # No credentials: nothing private; private opened to anyone: the rules see it public.
+        if (
+            client is None
+            or not client.config.has_credentials
+            or client.config.serve_private_to_anonymous
+        ):
             private = False
         else:
             known = self.metadata.cached_privacy((upstream, repository))

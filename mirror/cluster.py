@@ -458,6 +458,13 @@ class Cluster:
                 with contextlib.suppress(RedisUnavailable):
                     await self.index.done_serving(digest, self.node_url)
 
+    async def claim_fetch(self, key: Digest) -> bool:
+        """A manifest fetch's lease: the fill leases' mechanism, under a key no blob has."""
+        return (await self.coordinator.claim(key)).mine
+
+    async def release_fetch(self, key: Digest) -> None:
+        await self.coordinator.release(key)
+
     async def _claim(self, digest: Digest) -> Claim:
         return await self.coordinator.claim(digest)
 

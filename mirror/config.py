@@ -189,6 +189,50 @@ def _parse_rules(value: object) -> tuple[AccessRule, ...]:
     return tuple(rules)
 
 
+def _parse_rate(value: object) -> int:
+    """`50MB/s`, `400Mbit/s`, `10MiB` (per second) or bytes per second -> bytes per second."""
+    text = str(value).strip()
+    text = text[:-2] if text.lower().endswith("/s") else text
+    if text.lower().endswith("bit"):
+        return parse_size(text[:-3]) // 8
+    return parse_size(text)
+
+
+@dataclass(frozen=True)
+class Credential:
+    """One upstream account of a pool; `password` is the resolved one after `load_config`."""
+
+    username: str
+    password: str | None = field(default=None, repr=False)
+    password_file: Path | None = None
+    password_env: str | None = None
+
+
+def _parse_credentials(value: object) -> tuple[Credential, ...]:
+    value = _yaml_text(value) or []
+    if not isinstance(value, list):
+        raise ValueError
+    accounts = []
+    for item in value:
+        if not isinstance(item, Mapping) or set(item) - {
+            "username", "password", "password_file", "password_env"
+        }:  # fmt: skip
+            raise ValueError
+        if not isinstance(item.get("username"), str) or not item["username"]:
+            raise ValueError
+        file = item.get("password_file")
+        env, password = item.get("password_env"), item.get("password")
+        accounts.append(
+            Credential(
+                item["username"],
+                None if password is None else _parse_str(password),
+                None if file is None else Path(_parse_str(file)).expanduser(),
+                None if env is None else _parse_str(env),
+            )
+        )
+    return tuple(accounts)
+
+
 @dataclass(frozen=True)
 class VerifyRule:
     """Verify cosign signatures of tags in `repositories` (globs over `<upstream>/<repo>`)
@@ -269,6 +313,12 @@ RULES = Kind(
 VERIFY = Kind(
     _parse_verify,
     "a list of policies, each {repositories: [...], keys: [PEM or file], mode: enforce | warn}",
+)
+# Issue 22: the upstream's budget.
+RATE = Kind(_parse_rate, "a rate such as 50MB/s or 400Mbit/s, or 0 (no limit)")
+CREDENTIALS = Kind(
+    _parse_credentials,
+    "a list of accounts, each {username, password_file | password_env | password}",
 )
 # Parsed by `_with_upstreams` (each entry is a section of its own), never by `parse`.
 UPSTREAMS = Kind(lambda v: v, "a mapping of upstream names to their options")
@@ -355,10 +405,40 @@ class UpstreamConfig:
     retries: int = opt(3, INT)
     # Largest manifest accepted from the upstream (default 4MiB).
     manifest_max_size: int = opt(4 * 1024 * 1024, SIZE)
+    # -- the upstream's budget (Docker Hub's pull limit, a WAN link) --
+    # A pool of accounts besides (or instead of) username/password, each
+    # {username, password_file | password_env | password}: every request goes to the account
+    # with the most pull budget left; one's 401 or 429 moves it to the next. Default none.
+    credentials: tuple[Credential, ...] = opt((), CREDENTIALS)
+    # Fewer pulls left than this (ratelimit-remaining): a tag past its TTL is answered from the
+    # cache at once (Warning 110) and revalidated in the background by HEAD, which Docker Hub
+    # does not count; a GET only if the tag moved. Default 5; 0 = off.
+    budget_floor: int = opt(5, INT)
+    # A revalidation HEAD slower than this answers the cached tag and finishes in the
+    # background (default 2s; 0 = always in the background). A cold tag waits as ever.
+    revalidate_timeout: float = opt(2.0, DURATION)
+    # This upstream's bytes per second for all its fills (50MB/s, 400Mbit/s), shared fairly
+    # between them; each of N workers takes 1/N. Default 0 = no limit.
+    max_bandwidth: int = opt(0, RATE)
+    # After a manifest is served, fetch its config and layers not cached yet in the background
+    # (layers up to prefetch_max_size, default 1GiB; prefetch_concurrency at once, default 4).
+    prefetch: bool = opt(True, BOOL)
+    prefetch_max_size: int = opt(1024**3, SIZE)
+    prefetch_concurrency: int = opt(4, INT)
+    # Let anonymous clients pull this upstream's private images (those only the mirror's
+    # credentials read): for a site that wants its paid account's images open to its network.
+    # Default false; start-up warns when on.
+    serve_private_to_anonymous: bool = opt(False, BOOL)
 
     @property
     def has_credentials(self) -> bool:
-        return self.username is not None
+        return self.username is not None or bool(self.credentials)
+
+    def accounts(self) -> list[tuple[str, str]]:
+        """Every account to pull with, (username, password): username/password first."""
+        first = [(self.username, self.password)] if self.username and self.password else []
+        pool = [(c.username, c.password) for c in self.credentials if c.password is not None]
+        return first + pool
 
     def registry_names(self) -> set[str]:
         if self.names:
@@ -731,6 +811,7 @@ def _secret_variables(config: Config) -> set[str]:
         *config.upstreams.values(),
         config.storage.s3,
     ]
+    sections += [c for up in (config.upstream, *config.upstreams.values()) for c in up.credentials]
     return {
         value
         for section in sections
@@ -788,16 +869,26 @@ def resolve_secrets(config: Config, env: Mapping[str, str]) -> Config:
     s3 = _with_secrets(config.storage.s3, "storage.s3", env, ("access_key", "secret_key"))
     return dataclasses.replace(
         config,
-        upstream=_with_secrets(config.upstream, "upstream", env, ("username", "password")),
+        upstream=_upstream_secrets(config.upstream, "upstream", env),
         upstreams=MappingProxyType(
             {
-                name: _with_secrets(up, f"upstreams.{name}", env, ("username", "password"))
+                name: _upstream_secrets(up, f"upstreams.{name}", env)
                 for name, up in config.upstreams.items()
             }
         ),
         storage=dataclasses.replace(config.storage, s3=s3),
         cluster=_with_secrets(config.cluster, "cluster", env, ("secret",)),
     )
+
+
+def _upstream_secrets(up: UpstreamConfig, key: str, env: Mapping[str, str]) -> UpstreamConfig:
+    """An upstream's credentials, and each pool account's password, resolved."""
+    up = _with_secrets(up, key, env, ("username", "password"))
+    pool = tuple(
+        _with_secrets(c, f"{key}.credentials[{i}]", env, ("password",))
+        for i, c in enumerate(up.credentials)
+    )
+    return dataclasses.replace(up, credentials=pool)
 
 
 def _with_secrets(
@@ -855,6 +946,19 @@ def _validate_upstream(up: UpstreamConfig, key: str) -> None:
         raise ConfigError(f"{key}.retries", "expected zero or more")
     if up.max_concurrent_fetches < 0:
         raise ConfigError(f"{key}.max_concurrent_fetches", "expected 0 (no limit) or more")
+    for i, account in enumerate(up.credentials):
+        if account.password is None:
+            raise ConfigError(
+                f"{key}.credentials[{i}]", "expected password_file, password_env or password"
+            )
+    names = [name for name, _ in up.accounts()]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"{key}.credentials", "each account may appear once")
+    for name in ("budget_floor", "max_bandwidth", "revalidate_timeout", "prefetch_max_size"):
+        if getattr(up, name) < 0:
+            raise ConfigError(f"{key}.{name}", "expected zero or more")
+    if up.prefetch_concurrency < 1:
+        raise ConfigError(f"{key}.prefetch_concurrency", "expected 1 or more")
 
 
 def _validate_front_door(config: Config) -> None:

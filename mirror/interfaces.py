@@ -265,6 +265,13 @@ class SharedTier(Protocol):
         """The bytes for this node's fill: from the shared store, the node holding the fill's
         lease, or `upstream(offset)`. The upstream's failures propagate."""
 
+    async def claim_fetch(self, key: Digest) -> bool:
+        """Whether this node makes the fetch named `key` (a manifest by tag) for every node;
+        False while another node makes it. True on one node, or with Redis down."""
+
+    async def release_fetch(self, key: Digest) -> None:
+        """Give a claimed fetch back (a no-op if not held)."""
+
     async def shared_pins(self) -> list[str]:
         """Images pinned for every node (none on one node)."""
 

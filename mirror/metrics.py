@@ -111,6 +111,44 @@ class Metrics:
             ["upstream"],
             registry=r,
         )
+        # Per account (a pool's user name, or `anonymous`): Docker Hub's rate-limit headers.
+        account = ["upstream", "account"]
+        self.account_ratelimit_remaining = Gauge(
+            "registry_mirror_upstream_account_ratelimit_remaining",
+            "Pulls left for one account (ratelimit-remaining)",
+            account,
+            registry=r,
+        )
+        self.account_ratelimit_limit = Gauge(
+            "registry_mirror_upstream_account_ratelimit_limit",
+            "Pulls allowed per window for one account (ratelimit-limit)",
+            account,
+            registry=r,
+        )
+        self.account_ratelimit_window = Gauge(
+            "registry_mirror_upstream_account_ratelimit_window_seconds",
+            "The rate limit's window (the w= of ratelimit-limit)",
+            account,
+            registry=r,
+        )
+        self.account_ratelimit_source = Gauge(
+            "registry_mirror_upstream_account_ratelimit_source",
+            "What the upstream counts the pulls against (docker-ratelimit-source), as a label",
+            [*account, "source"],
+            registry=r,
+        )
+        self.budget_stale_answers = Counter(
+            "registry_mirror_budget_stale_answers",
+            "Expired tags answered from the cache because the pull budget was under the floor",
+            ["upstream"],
+            registry=r,
+        )
+        self.prefetches = Counter(
+            "registry_mirror_prefetches",
+            "Blobs prefetched after a manifest was served, by outcome",
+            ["upstream", "outcome"],
+            registry=r,
+        )
         self.fills_in_flight = Gauge(
             "registry_mirror_fills_in_flight", "Blob fills streaming from upstreams", registry=r
         )

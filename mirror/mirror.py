@@ -31,8 +31,10 @@ from mirror.cache.metadata import MetadataStore, TagKey, TagRecord
 from mirror.config import VerifyRule
 from mirror.errors import DigestMismatch, RegistryError
 from mirror.interfaces import ByteSource, SharedTier
+from mirror.manifest_flight import ManifestFlight
 from mirror.mediatypes import ALL_MANIFESTS, accepts, sniff_media_type
 from mirror.metrics import Metrics
+from mirror.prefetch import Outcome, Prefetcher
 from mirror.provenance import Provenance, Verdict
 from mirror.reference import Digest, Name, Tag, is_digest
 from mirror.referrers import Referrers, ReferrersResult
@@ -143,7 +145,12 @@ class Mirror:
             MANIFEST_MEMORY_BYTES, getsizeof=lambda m: len(m.data) + 256
         )
         self._manifest_flight: SingleFlight[tuple[str, ...], FetchedManifest] = SingleFlight()
-        self._revalidate_flight: SingleFlight[TagKey, bool] = SingleFlight()
+        # One manifest GET per reference for every worker (and node): the budget's sake.
+        self._manifest_flight_across = ManifestFlight(
+            store.root / "locks" / "manifests", self.shared
+        )
+        self._revalidations: dict[TagKey, asyncio.Task[TagRecord]] = {}
+        self.prefetcher = Prefetcher(self._prefetch_blob, self.metrics)
         self.access = AccessGuard(policy, metadata, router, offline=offline, clock=clock)
         # Private content exists only where the mirror holds upstream credentials, and
         # anyone may name a registry of their own with `allow_any_upstream`; with neither,
@@ -202,22 +209,30 @@ class Mirror:
                     target, digest, private=private, principal=principal, kind="manifest"
                 )
                 if verdict is Verdict.SERVE:
-                    return ManifestAnswer(cached, "hit")
+                    return self._served(target, ManifestAnswer(cached, "hit"), private)
                 # Only the target's own verified copy proves it holds this manifest.
                 fetched = await self._fetch_manifest(target, digest, accept, private)
-                return ManifestAnswer(fetched, "bypass")
+                return self._served(target, ManifestAnswer(fetched, "bypass"), private)
             if self.offline:
                 raise offline_miss("MANIFEST_UNKNOWN", "manifest")
             fetched = await self._fetch_manifest(target, digest, accept, private)
-            return ManifestAnswer(fetched, "miss")
+            return self._served(target, ManifestAnswer(fetched, "miss"), private)
         answer = await self._manifest_by_tag(target, Tag(reference), accept, private)
+        # Checked before it goes out: a refused image is neither served nor prefetched.
         await self.signatures.check(target, Tag(reference), answer.manifest.digest, private)
+        return self._served(target, answer, private)
+
+    def _served(self, target: Target, answer: ManifestAnswer, private: bool) -> ManifestAnswer:
+        """The answer goes out now; its image's blobs follow in the background (prefetch)."""
+        if not self.offline:
+            m = answer.manifest
+            self.prefetcher.offer(target, m.digest, m.media_type, m.data, private)
         return answer
 
     async def _manifest_by_tag(
         self, target: Target, tag: Tag, accept: list[str], private: bool
     ) -> ManifestAnswer:
-        upstream, name = target.upstream, target.name
+        upstream = target.upstream
         key: TagKey = (upstream.name, target.repository, tag)
         broad = _takes_everything(accept)
         record = await self.metadata.get_tag(key)
@@ -227,15 +242,9 @@ class Mirror:
         if cached is not None and record is not None:
             if self.offline or self.clock() - record.fetched_at < upstream.config.tag_ttl:
                 return ManifestAnswer(cached, "hit")
-            try:
-                if await self._revalidate_flight.do(
-                    key, lambda: self._revalidate(upstream, name, key, record)
-                ):
-                    return ManifestAnswer(cached, "revalidated")
-            except Exception as exc:
-                if not upstream_trouble(exc):
-                    raise
-                return self._stale(cached, key, exc)
+            answer = await self._revalidated(target, key, record, cached, accept, private)
+            if answer is not None:
+                return answer
         if self.offline:
             raise offline_miss("MANIFEST_UNKNOWN", "tag")
         try:
@@ -264,16 +273,75 @@ class Mirror:
         )
         return ManifestAnswer(cached, "stale")
 
-    async def _revalidate(
-        self, upstream: UpstreamClient, name: Name, key: TagKey, record: TagRecord
-    ) -> bool:
-        """HEAD the tag upstream; if it still names our digest, restart its TTL."""
-        head = await upstream.head_manifest(name, key[2], list(ALL_MANIFESTS))
-        if head.digest != record.digest:
+    async def _revalidated(
+        self,
+        target: Target,
+        key: TagKey,
+        record: TagRecord,
+        cached: Manifest,
+        accept: list[str],
+        private: bool,
+    ) -> ManifestAnswer | None:
+        """A tag past its TTL. Revalidated by HEAD (free on Docker Hub), refetched only if it
+        moved; the answer waits for that at most `revalidate_timeout`, then the cached tag
+        goes out (Warning 110) and the check finishes in the background. Under the budget
+        floor it goes out at once. None: the tag moved to what this client cannot take."""
+        upstream = target.upstream
+        config = upstream.config
+        low = config.budget_floor > 0 and upstream.budget.low(config.budget_floor)
+        task = self._revalidations.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._refresh_tag(target, key, record, private))
+            self._revalidations[key] = task
+            task.add_done_callback(lambda t: self._revalidation_done(key, t))
+        bound = 0.0 if low else config.revalidate_timeout
+        try:
+            if bound > 0:
+                fresh: TagRecord | None = await asyncio.wait_for(asyncio.shield(task), bound)
+            else:
+                fresh = task.result() if task.done() else None
+        except TimeoutError:
+            fresh = None
+        except Exception as exc:
+            if not upstream_trouble(exc):
+                raise
+            return self._stale(cached, key, exc)
+        if fresh is None:
+            if low:
+                self.metrics.budget_stale_answers.labels(upstream.metric_label).inc()
+            why = "budget under the floor" if low else "slow upstream"
+            log.info("tag_served_while_revalidating", upstream=key[0], repository=key[1],
+                     tag=key[2], why=why)  # fmt: skip
+            return ManifestAnswer(cached, "stale")
+        if fresh.digest == record.digest:
+            return ManifestAnswer(cached, "revalidated")
+        if accepts(accept, fresh.media_type):
+            moved = await self.cached_manifest(fresh.digest)
+            if moved is not None:
+                return ManifestAnswer(moved, "miss")
+        return None
+
+    def _revalidation_done(self, key: TagKey, task: asyncio.Task[TagRecord]) -> None:
+        """A background revalidation ended: its failure is logged, not raised anywhere."""
+        self._revalidations.pop(key, None)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.info("tag_revalidation_failed", upstream=key[0], repository=key[1], tag=key[2],
+                     error=getattr(exc, "message", str(exc)))  # fmt: skip
+
+    async def _refresh_tag(
+        self, target: Target, key: TagKey, record: TagRecord, private: bool
+    ) -> TagRecord:
+        """HEAD the tag upstream: the same digest restarts its TTL; another is fetched (the
+        one GET the budget pays for) and becomes the tag's record."""
+        head = await target.upstream.head_manifest(target.name, key[2], list(ALL_MANIFESTS))
+        if head.digest == record.digest:
+            fresh = TagRecord(record.digest, record.media_type, self.clock())
+        else:
             log.info("tag_moved", upstream=key[0], repository=key[1], tag=key[2])
-            return False
-        await self.metadata.put_tag(key, TagRecord(record.digest, record.media_type, self.clock()))
-        return True
+            fetched = await self._fetch_manifest(target, key[2], list(ALL_MANIFESTS), private)
+            fresh = TagRecord(fetched.digest, fetched.media_type, self.clock())
+        await self.metadata.put_tag(key, fresh)
+        return fresh
 
     async def cached_manifest(self, digest: Digest) -> Manifest | None:
         manifest = self._manifests.get(digest)
@@ -318,7 +386,26 @@ class Mirror:
             await self.shared.put_manifest(fetched.digest, fetched.data)
             return fetched
 
-        fetched = await self._manifest_flight.do(key, fetch)
+        async def load(digest: Digest) -> FetchedManifest | None:
+            found = await self.cached_manifest(digest)
+            return None if found is None else FetchedManifest(found.data, found.media_type, digest)
+
+        async def recheck(began: float) -> FetchedManifest | None:
+            """Another node fetched it while this one waited: its record, if it says."""
+            if is_digest(reference):
+                return await load(Digest(reference))
+            record = await self.metadata.get_tag((upstream.name, target.repository, reference))
+            if (
+                record is None
+                or record.fetched_at < began
+                or not accepts(accept, record.media_type)
+            ):
+                return None
+            return await load(record.digest)
+
+        fetched = await self._manifest_flight.do(
+            key, lambda: self._manifest_flight_across.do(key, fetch, load, recheck)
+        )
         manifest = Manifest(fetched.data, fetched.media_type, fetched.digest)
         self._manifests[manifest.digest] = manifest
         return manifest
@@ -600,9 +687,38 @@ class Mirror:
         self.metrics.fills_in_flight.set(len(self.fills))
 
     def forget_manifests(self, digests: Iterable[Digest]) -> None:
-        """Drop evicted manifests from memory, so they are not answered as still cached."""
+        """Drop evicted manifests from memory, so they are not answered as still cached (and
+        stop prefetching their blobs)."""
+        digests = list(digests)
         for digest in digests:
             self._manifests.pop(digest, None)
+        self.prefetcher.cancel(digests)
+
+    async def _prefetch_blob(self, target: Target, digest: Digest, private: bool) -> Outcome:
+        """Fetch one blob of an image just served into the cache as a client's GET would (the
+        same provenance check, the same fill, shared with the cluster), sending it nowhere."""
+        if await self.store.stat(digest) is not None or self.fills.get(digest) is not None:
+            return "cached"
+        if self.disk.bypassing or self.shared.store_down or await self.shared.entry(digest):
+            return "cached"  # the shared store holds it (or the cache cannot take it now)
+        verdict = await self.provenance.check(
+            target, digest, private=private, principal=ANONYMOUS, kind="blob"
+        )
+        if verdict is not Verdict.SERVE:
+            return "skipped"  # only a client's own fetch may prove it (see provenance)
+        upstream, name = target.upstream, target.name
+
+        async def from_upstream(offset: int = 0) -> ByteSource:
+            return await _open_upstream(upstream, name, digest, offset)
+
+        async def open_body() -> UpstreamBody:
+            return await self.shared.open_body(digest, from_upstream, lambda: fill)
+
+        fill, started = self.fills.join(digest, open_body)
+        if started and fill.task is not None:
+            fill.task.add_done_callback(lambda _t: self._fill_ended(fill))
+        await fill.wait_done()
+        return "fetched" if started and fill.fetched else "cached"
 
     def _blob_committed(self, digest: Digest, size: int) -> None:
         self.index.add(digest, size, "blob")

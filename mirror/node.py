@@ -45,6 +45,7 @@ from mirror.metrics import Metrics
 from mirror.mirror import Mirror
 from mirror.reference import Digest
 from mirror.shared import NoSharedTier
+from mirror.upstream.bandwidth import worker_share
 from mirror.upstream.guard import UpstreamNetwork
 from mirror.upstream.routing import Router, build_router
 
@@ -107,7 +108,7 @@ async def open_node(
     local = await sqlite.run(LocalMetadataStore, config.cache.dir / "meta")
     index = await sqlite.run(CacheIndex, config.cache.dir / "index", clock)
     shared, metadata = await _shared_tier(config, metrics, local, store, index)
-    router = build_router(config, metrics, network=network)
+    router = build_router(config, metrics, network=network, bandwidth_share=worker_share())
     mirror = Mirror(
         store, metadata, index, router, metrics=metrics, offline=config.offline, clock=clock,
         policy=build_policy(config), shared=shared, verify=config.verify,
@@ -119,6 +120,7 @@ async def open_node(
             await router.start()
         yield Node(config, store, metadata, index, router, shared, mirror, evictor, policy, metrics)
     finally:
+        await mirror.prefetcher.close()
         await mirror.fills.close()
         await shared.close()
         await router.close()

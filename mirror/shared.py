@@ -38,6 +38,12 @@ class NoSharedTier:
     async def put_manifest(self, digest: Digest, data: bytes) -> None:
         return None
 
+    async def claim_fetch(self, key: Digest) -> bool:
+        return True
+
+    async def release_fetch(self, key: Digest) -> None:
+        return None
+
     async def open_body(
         self,
         digest: Digest,

@@ -30,4 +30,11 @@ def startup_warnings(config: Config) -> list[str]:
             " NAME_UNKNOWN and pulls from the internet instead; if containerd pulls docker.io"
             " images through this mirror, add docker.io to upstream.names"
         )
+    for name, upstream in [("upstream", config.upstream), *config.upstreams.items()]:
+        if upstream.serve_private_to_anonymous:
+            key = name if name == "upstream" else f"upstreams.{name}"
+            warnings.append(
+                f"{key}.serve_private_to_anonymous is on: anyone who can reach this mirror"
+                f" pulls {upstream.url}'s private images with its credentials, without logging in"
+            )
     return warnings

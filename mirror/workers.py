@@ -44,6 +44,7 @@ import structlog
 
 from mirror.config import Config, ConfigError
 from mirror.startup import startup_warnings
+from mirror.upstream.bandwidth import WORKERS_VARIABLE
 
 if TYPE_CHECKING:  # the supervisor never imports the web stack: it stays small (issue 20)
     from aiohttp import web
@@ -335,6 +336,7 @@ def supervise(
     env = {
         **os.environ,
         "REGISTRY_MIRROR_WORKERS": "1",
+        WORKERS_VARIABLE: str(count),  # each takes its share of an upstream's bandwidth cap
         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
     }
     cmd = [sys.executable, "-m", "mirror", *argv]

@@ -29,6 +29,10 @@ EXPIRY_MARGIN = 30.0  # stop using a token this long before it ends (or a tenth 
 DEFAULT_TOKEN_LIFETIME = 60.0  # the distribution spec's default when `expires_in` is missing
 
 
+class CredentialsRefused(UpstreamError):
+    """The token service refused this account's credentials (another account may do)."""
+
+
 @dataclass(frozen=True)
 class Challenge:
     scheme: str  # "bearer" or "basic", lower case
@@ -152,7 +156,7 @@ class Authenticator:
                 challenge.realm, params=params, headers=headers, allow_redirects=True
             ) as resp:
                 if resp.status in (401, 403):
-                    raise UpstreamError(
+                    raise CredentialsRefused(
                         "upstream token service refused the configured credentials",
                         {"realm": challenge.realm, "status": resp.status},
                         status=502,

@@ -29,7 +29,14 @@ from mirror.errors import DigestMismatch, RegistryError, UpstreamError
 from mirror.mediatypes import ALL_MANIFESTS, OCI_INDEX, sniff_media_type
 from mirror.metrics import Metrics, add_upstream_time
 from mirror.reference import SHA256_RE, Digest, Name, docker_hub_name
-from mirror.upstream.auth import Authenticator, Challenge, parse_www_authenticate
+from mirror.upstream.auth import (
+    Authenticator,
+    Challenge,
+    CredentialsRefused,
+    parse_www_authenticate,
+)
+from mirror.upstream.bandwidth import Bandwidth
+from mirror.upstream.budget import Account, Budget, parse_ratelimit
 from mirror.upstream.failures import describe
 from mirror.upstream.guard import AddressGuard, GuardedResolver, UpstreamNetwork
 
@@ -130,6 +137,7 @@ class UpstreamClient:
         dynamic: bool = False,
         network: UpstreamNetwork | None = None,
         clock: Callable[[], float] = time.monotonic,
+        bandwidth_share: int = 1,
     ) -> None:
         self.name = name
         self.config = config
@@ -156,8 +164,13 @@ class UpstreamClient:
         self._sleep = sleep
         self._session: aiohttp.ClientSession | None = None
         self._resolver: GuardedResolver | None = None
-        self.auth: Authenticator | None = None
+        self.auth: Authenticator | None = None  # the first account's
+        self._authenticators: dict[str, Authenticator] = {}  # per account: tokens per scope
         self.anonymous_auth: Authenticator | None = None  # probes what anyone may read
+        names = [user for user, _ in config.accounts()] or ["anonymous"]
+        self.budget = Budget([Account(user) for user in names])
+        # Every fill of this upstream draws from one bucket (this worker's share of the cap).
+        self.bandwidth = Bandwidth(config.max_bandwidth / max(1, bandwidth_share))
         limit = config.max_concurrent_fetches
         self._slots = asyncio.Semaphore(limit) if limit else None
 
@@ -195,12 +208,14 @@ class UpstreamClient:
             middlewares=(self.guard.middleware,),
             headers={"User-Agent": "registry-mirror", "Accept-Encoding": "identity"},
         )
-        self.auth = Authenticator(
-            self._session,
-            self.config.username,
-            self.config.password,
-            on_fetch=self.metrics.token_fetches.labels(self.metric_label).inc,
-        )
+        on_fetch = self.metrics.token_fetches.labels(self.metric_label).inc
+        accounts: list[tuple[str | None, str | None]] = [*self.config.accounts()]
+        accounts = accounts or [(None, None)]
+        self._authenticators = {
+            user or "anonymous": Authenticator(self._session, user, password, on_fetch=on_fetch)
+            for user, password in accounts
+        }
+        self.auth = next(iter(self._authenticators.values()))
         if self.config.has_credentials:
             self.anonymous_auth = Authenticator(self._session, None, None)
 
@@ -255,11 +270,15 @@ class UpstreamClient:
         params: Mapping[str, str] | None = None,
         follow_redirects: bool = False,
         anonymous: bool = False,
+        manifest: bool = False,
     ) -> aiohttp.ClientResponse:
-        """Send with auth, retries and (optionally) safe redirects; the caller releases it."""
+        """Send with auth, retries and (optionally) safe redirects; the caller releases it.
+
+        With several accounts, the one with the most budget left asks; its 401 (credentials
+        refused) or, for a manifest, 429 passes the request on to the next. A manifest 429 rests
+        that account only (blobs, which Docker Hub does not count, go on); another 429 or a
+        failure backs off the whole upstream."""
         assert self._session is not None and self.auth is not None
-        authenticator = self.anonymous_auth if anonymous else self.auth
-        assert authenticator is not None
         wait = self.backoff_until - time.monotonic()
         if wait > 0:
             raise UpstreamError(
@@ -268,6 +287,72 @@ class UpstreamClient:
                 status=503,
                 headers={"Retry-After": str(int(wait) + 1)},
             )
+        if anonymous:
+            assert self.anonymous_auth is not None
+            resp = await self._send(
+                method, path, repo, self.anonymous_auth, None, headers, params, follow_redirects
+            )
+            return self._after(resp, manifest)
+        spend = manifest and method == "GET"
+        order = self.budget.order(manifest=manifest, spend=spend)
+        if not order:
+            raise self._rate_limited(None)
+        for i, account in enumerate(order):
+            last = i == len(order) - 1
+            authenticator = self._authenticators[account.name]
+            try:
+                resp = await self._send(
+                    method, path, repo, authenticator, account, headers, params, follow_redirects
+                )
+            except CredentialsRefused:
+                account.rest(None)
+                log.warning("upstream_account_refused", upstream=self.name, account=account.name)
+                if last:
+                    raise
+                continue
+            if resp.status == 429 and manifest:
+                account.rest(retry_after_seconds(resp.headers.get("Retry-After")))
+                log.warning("upstream_account_rate_limited", upstream=self.name,
+                            account=account.name)  # fmt: skip
+            elif resp.status not in (401, 403):
+                return self._after(resp, manifest)
+            if last:
+                return self._after(resp, manifest)
+            resp.release()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _rate_limited(self, retry_after: str | None) -> RegistryError:
+        """TOOMANYREQUESTS with a Retry-After (the upstream's, or when an account regains
+        a pull): never a 404 or an empty answer."""
+        wait = retry_after or str(self.budget.retry_after())
+        return RegistryError(
+            "TOOMANYREQUESTS",
+            "upstream registry rate limit: the mirror's pull budget is spent",
+            {"upstream": self.name, "retry_in_seconds": wait},
+            headers={"Retry-After": wait},
+        )
+
+    def _after(self, resp: aiohttp.ClientResponse, manifest: bool) -> aiohttp.ClientResponse:
+        """Back off the whole upstream after a failure or a 429 that is not a manifest's."""
+        if resp.status >= 500 or (resp.status == 429 and not manifest):
+            self._outage(retry_after_seconds(resp.headers.get("Retry-After")))
+        else:
+            self._outages = 0
+        return resp
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        repo: Name,
+        authenticator: Authenticator,
+        account: Account | None,
+        headers: Mapping[str, str] | CIMultiDict[str] | None,
+        params: Mapping[str, str] | None,
+        follow_redirects: bool,
+    ) -> aiohttp.ClientResponse:
+        """One account's request, with its retries and one re-authentication."""
+        assert self._session is not None
         scope = f"repository:{repo}:pull"
         url = self.base_url + path
         attempt = 0
@@ -300,7 +385,7 @@ class UpstreamClient:
                 log.warning("upstream_request_failed", upstream=self.name, url=url, why=why)
                 raise UpstreamError("upstream registry failed", self._detail(why)) from exc
             self._observe(method, str(resp.status), started)
-            self._note_answer(resp)
+            self._note_answer(resp, account)
             if resp.status == 401 and not reauthed:
                 challenge = parse_www_authenticate(resp.headers.get("WWW-Authenticate"))
                 resp.release()
@@ -317,10 +402,6 @@ class UpstreamClient:
                 attempt += 1
                 await self._backoff(attempt, method, url, str(resp.status))
                 continue
-            if resp.status >= 500 or resp.status == 429:
-                self._outage(retry_after_seconds(resp.headers.get("Retry-After")))
-            else:
-                self._outages = 0
             return resp
 
     async def _follow(
@@ -369,16 +450,27 @@ class UpstreamClient:
         self.metrics.upstream_seconds.labels(self.metric_label, method).observe(elapsed)
         add_upstream_time(elapsed)
 
-    def _note_answer(self, resp: aiohttp.ClientResponse) -> None:
+    def _note_answer(self, resp: aiohttp.ClientResponse, account: Account | None) -> None:
         if resp.status < 500:
             self.last_success = time.time()
         else:
             self.last_failure = f"HTTP {resp.status}"
-        remaining = resp.headers.get("ratelimit-remaining")
-        if remaining:
-            with contextlib.suppress(ValueError):
-                value = float(remaining.split(";", 1)[0])
-                self.metrics.ratelimit_remaining.labels(self.metric_label).set(value)
+        rate = parse_ratelimit(resp.headers)
+        if rate is None or account is None or self.dynamic:
+            return
+        account.observe(rate)
+        labels = (self.metric_label, account.name)
+        m = self.metrics
+        if account.remaining is not None:
+            m.account_ratelimit_remaining.labels(*labels).set(account.remaining)
+        if account.limit is not None:
+            m.account_ratelimit_limit.labels(*labels).set(account.limit)
+        if account.window is not None:
+            m.account_ratelimit_window.labels(*labels).set(account.window)
+        if account.source is not None:
+            m.account_ratelimit_source.labels(*labels, account.source).set(1)
+        if (best := self.budget.remaining) is not None:
+            m.ratelimit_remaining.labels(self.metric_label).set(best)
 
     async def _backoff(self, attempt: int, method: str, url: str, why: str) -> None:
         delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (attempt - 1)) * (0.5 + random.random())
@@ -396,12 +488,7 @@ class UpstreamClient:
         if status in (401, 403):
             raise RegistryError("DENIED", "upstream registry denied access", detail)
         if status == 429:
-            headers = {}
-            if retry_after := resp.headers.get("Retry-After"):
-                headers["Retry-After"] = retry_after
-            raise RegistryError(
-                "TOOMANYREQUESTS", "upstream registry rate limit", detail, headers=headers
-            )
+            raise self._rate_limited(resp.headers.get("Retry-After"))
         raise UpstreamError("upstream registry failed", detail)
 
     # -- manifests ------------------------------------------------------------------------
@@ -432,6 +519,7 @@ class UpstreamClient:
             f"/v2/{upstream_repo}/manifests/{reference}",
             upstream_repo,
             headers=_accept_headers(accept),
+            manifest=True,
         )
         async with resp:
             if resp.status != 200:
@@ -469,6 +557,7 @@ class UpstreamClient:
                 f"/v2/{upstream_repo}/manifests/{reference}",
                 upstream_repo,
                 headers=_accept_headers(accept),
+                manifest=True,
             )
         async with resp:
             if resp.status != 200:
@@ -525,7 +614,9 @@ class UpstreamClient:
             await self._leave()
             raise
         count = self.metrics.upstream_fetched_bytes.labels(self.metric_label).inc
-        return BlobStream(resp, count, self._slots, skip=skip, done=self._leave)
+        return BlobStream(
+            resp, count, self._slots, skip=skip, done=self._leave, bandwidth=self.bandwidth
+        )
 
     async def head_blob(self, repo: Name, digest: Digest) -> int | None:
         """The blob's size if the upstream has it (None if it does not say)."""
@@ -639,10 +730,12 @@ class UpstreamClient:
     async def _probe_login(self, url: str, challenge: Challenge, repository: Name) -> ProbeStep:
         assert self._session is not None
         config = self.config
-        who = f"as {config.username}" if config.has_credentials else "anonymously"
-        if challenge.scheme == "basic" and not config.has_credentials:
+        first: list[tuple[str | None, str | None]] = [*config.accounts()]
+        username, password = (first or [(None, None)])[0]
+        who = f"as {username}" if username else "anonymously"
+        if challenge.scheme == "basic" and not username:
             return ProbeStep(False, "the registry wants a user and password; none is configured")
-        authenticator = Authenticator(self._session, config.username, config.password)
+        authenticator = Authenticator(self._session, username, password)
         authenticator.learn(challenge)
         try:
             auth = await authenticator.header(f"repository:{self.repository(repository)}:pull")
@@ -723,7 +816,9 @@ class BlobStream:
         *,
         skip: int = 0,
         done: Callable[[], Awaitable[None]] | None = None,
+        bandwidth: Bandwidth | None = None,
     ) -> None:
+        self._bandwidth = bandwidth  # the upstream's cap, paid for each chunk received
         self._resp = resp
         self._count = count
         self._slots = slots  # released on close
@@ -741,6 +836,8 @@ class BlobStream:
         try:
             async for chunk in self._resp.content.iter_any():
                 self._count(len(chunk))
+                if self._bandwidth is not None:
+                    await self._bandwidth.take(len(chunk))
                 if skip:
                     if len(chunk) <= skip:
                         skip -= len(chunk)

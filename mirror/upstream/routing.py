@@ -229,14 +229,25 @@ class Router:
 
 
 def build_router(
-    config: Config, metrics: Metrics | None = None, *, network: UpstreamNetwork | None = None
+    config: Config,
+    metrics: Metrics | None = None,
+    *,
+    network: UpstreamNetwork | None = None,
+    bandwidth_share: int = 1,
 ) -> Router:
     """The default upstream, the named ones, and (if allowed) any other on demand; `network`
     is how they are reached (tests substitute a resolver that never touches DNS)."""
     network = network or UpstreamNetwork()
 
     def make(name: str, upstream: UpstreamConfig, *, dynamic: bool = False) -> UpstreamClient:
-        return UpstreamClient(name, upstream, metrics=metrics, dynamic=dynamic, network=network)
+        return UpstreamClient(
+            name,
+            upstream,
+            metrics=metrics,
+            dynamic=dynamic,
+            network=network,
+            bandwidth_share=bandwidth_share,
+        )
 
     others = [make(name, upstream) for name, upstream in config.upstreams.items()]
     return Router(

@@ -35,6 +35,7 @@ from mirror.mirror import Mirror
 from mirror.progress import Progress
 from mirror.reference import Digest, parse_image, parse_name
 from mirror.stats import Sampler, parse_scrape
+from mirror.upstream.client import UpstreamClient
 from mirror.warm import warm
 from mirror.web import ui_support as s
 from mirror.web.keys import CLIENT_AUTH, CONFIG, MIRROR, NODE, PRINCIPAL
@@ -293,6 +294,7 @@ async def overview(request: web.Request) -> web.Response:
                 "ratelimit": scrape.value(
                     "registry_mirror_upstream_ratelimit_remaining", upstream=name
                 ),
+                "accounts": _accounts(up, principal_of(request).admin),
             }
         )
     principal = principal_of(request)
@@ -599,3 +601,23 @@ async def _warm(request: web.Request, reference: str) -> web.Response:
     task.add_done_callback(state.tasks.discard)
     log.info("ui_warm", image=reference, user=principal.name)
     return _done(request, state.root, f"warming {reference}")
+
+
+def _accounts(up: UpstreamClient, admin: bool) -> list[dict[str, object]]:
+    """Each account's pull budget as this worker last saw it (remaining of limit per window,
+    what the upstream counts against); user names only for admins."""
+    shown: list[dict[str, object]] = []
+    for i, account in enumerate(up.budget.accounts):
+        if account.remaining is None and not account.resting:
+            continue
+        shown.append(
+            {
+                "name": account.name if admin else f"account {i + 1}",
+                "remaining": account.remaining,
+                "limit": account.limit,
+                "window": account.window,
+                "source": account.source if admin else None,
+                "resting": round(account.wait()),
+            }
+        )
+    return shown

@@ -27,12 +27,12 @@ from tests.contracts.conftest import d, dead_redis_url, protocol_members
 from tests.fixtures.mirror_server import free_port
 
 
-def cluster(redis: RedisStore, s3: S3BlobStore) -> Cluster:
+def cluster(redis: RedisStore, s3: S3BlobStore, node_url: str = "http://node-a") -> Cluster:
     async def drop_local(digest: Digest) -> None:
         return None
 
     return Cluster(
-        node_url="http://node-a", lease=1.0, redis=redis, s3=s3,
+        node_url=node_url, lease=1.0, redis=redis, s3=s3,
         peers=PeerClient("secret"), metrics=Metrics(), drop_local=drop_local,
     )  # fmt: skip
 
@@ -127,3 +127,26 @@ def _dead_s3_config() -> S3Config:
         endpoint=f"http://127.0.0.1:{free_port()}", region="us-east-1", bucket="b",
         prefix="", access_key="k", secret_key="s", part_size=5 * 1024 * 1024,
     )  # fmt: skip
+
+
+async def test_a_manifest_fetch_is_claimed_by_one_node_at_a_time(
+    tier: SharedTier, request: pytest.FixtureRequest
+) -> None:
+    """Issue 22: one manifest GET per cluster. One node: always its own; a cluster: the second
+    node waits until the first gives the claim back."""
+    key = d(22)
+    assert await tier.claim_fetch(key)
+    if isinstance(tier, Cluster):
+        assert tier.redis is not None
+        s3 = S3BlobStore(request.getfixturevalue("seaweed").s3_config(prefix="tier-b/"))
+        other = cluster(tier.redis, s3, "http://node-b")
+        await other.start()
+        try:
+            assert not await other.claim_fetch(key)
+            await tier.release_fetch(key)
+            assert await other.claim_fetch(key)
+            await other.release_fetch(key)
+        finally:
+            await other.close()
+    else:
+        await tier.release_fetch(key)

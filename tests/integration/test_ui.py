@@ -77,7 +77,11 @@ def test_overview_and_contents_agree_with_metrics(
     upstream: Upstream, tmp_path: Path, browser: Browser
 ) -> None:
     small, multi, team = (upstream.images[k] for k in ("small", "multi", "team"))
-    mirror = MirrorProcess(tmp_path / "cache", upstream.url, log_path=tmp_path / "mirror.log")
+    # Without prefetch, so that the first pulls are all misses and the second all hits.
+    mirror = MirrorProcess(
+        tmp_path / "cache", upstream.url, log_path=tmp_path / "mirror.log",
+        env={"REGISTRY_MIRROR_UPSTREAM_PREFETCH": "false"},
+    )  # fmt: skip
     mirror.start()
     try:
         for image in (small, multi, team):

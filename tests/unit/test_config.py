@@ -203,7 +203,9 @@ def test_four_upstreams_example_is_valid(tmp_path: Path) -> None:
         files[key] = tmp_path / key
         files[key].write_text("x\n")
     env = {"DOCKERHUB_USER": "u", "DOCKERHUB_TOKEN": "t", "GHCR_USER": "g", "GHCR_TOKEN": "t"}
+    env["DOCKERHUB_CI_TOKEN"] = "c"
     config = load_config(SHIPPED.parent / "upstreams.yaml", env=env, overrides=files)
+    assert config.upstream.accounts() == [("u", "t"), ("ci-bot", "c")]
     assert sorted(config.upstreams) == ["ghcr", "k8s", "quay", "vendor"]
     assert config.upstreams["ghcr"].password == "t" and config.upstreams["vendor"].has_credentials
     assert [r.action for r in config.access.rules] == ["allow", "deny"]
