@@ -11,6 +11,7 @@ The cache directory (`cache.dir`), as the node lays it out (each part's owner in
     ├── index/entries/, index/meta/    LRU/TTL index, totals and pins (diskcache) [cache/index.py]
     ├── meta/                          tags, media types, provenance, privacy
     │                                  (diskcache)                            [cache/metadata.py]
+    ├── hosted/                        hosted repositories: records, uploads  [hosted/content.py]
     ├── token.key                      the key signing client tokens, 0600        [web/auth.py]
     └── metrics/                       per-worker Prometheus files (workers > 1)  [workers.py]
 
@@ -40,6 +41,9 @@ from mirror.cache.index import CacheIndex
 from mirror.cache.metadata import LocalMetadataStore
 from mirror.cache_policy import CachePolicy
 from mirror.config import Config
+from mirror.hosted.content import HostedContent
+from mirror.hosted.metadata import HostedMetadata
+from mirror.hosted.registry import HostedRegistry
 from mirror.interfaces import MetadataStore, SharedTier
 from mirror.metrics import Metrics
 from mirror.mirror import Mirror
@@ -64,6 +68,7 @@ class Node:
     evictor: Evictor
     policy: CachePolicy
     metrics: Metrics
+    hosted: HostedRegistry
 
 
 async def _shared_tier(
@@ -90,6 +95,19 @@ async def _shared_tier(
     return cluster, tiered
 
 
+async def _hosted(
+    config: Config, store: FilesystemBlobStore, index: CacheIndex, clock: Callable[[], float]
+) -> HostedRegistry:
+    """Hosted repositories: their records beside the cache, their bytes in its store."""
+    content = HostedContent(store, config.cache.dir / "hosted")
+    await asyncio.to_thread(content.setup)
+    metadata = await sqlite.run(HostedMetadata, content.root / "hosted.db")
+    logins = config.auth.htpasswd is not None or config.tls.client_ca is not None
+    return HostedRegistry(
+        config.hosted, metadata, content, index, build_policy(config), logins=logins, clock=clock
+    )
+
+
 @asynccontextmanager
 async def open_node(
     config: Config,
@@ -113,12 +131,17 @@ async def open_node(
         policy=build_policy(config), shared=shared,
     )  # fmt: skip
     evictor = Evictor(store, index, config.cache, clock)
-    policy = CachePolicy(config, mirror, evictor, shared)
+    hosted = await _hosted(config, store, index, clock)
+    policy = CachePolicy(config, mirror, evictor, shared, protected=hosted.protected)
     try:
         if connect:
             await router.start()
-        yield Node(config, store, metadata, index, router, shared, mirror, evictor, policy, metrics)
+        yield Node(
+            config, store, metadata, index, router, shared, mirror, evictor, policy, metrics,
+            hosted,
+        )  # fmt: skip
     finally:
+        hosted.metadata.close()
         await mirror.fills.close()
         await shared.close()
         await router.close()

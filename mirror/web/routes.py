@@ -18,6 +18,7 @@ from mirror.mirror import BlobAnswer
 from mirror.ranges import ByteRange, Unsatisfiable, if_range_holds, parse_range
 from mirror.reference import Name, parse_digest, parse_name, parse_reference, parse_tag
 from mirror.web.keys import CACHE_RESULT, MIRROR, PRINCIPAL, ROUTE
+from mirror.web.push import hosted_dispatch
 from mirror.web.responses import BlobBody, FileBody, FillBody, StreamBody, send_blob
 
 API_VERSION_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
@@ -189,6 +190,9 @@ async def tags(request: web.Request, route: Route) -> web.Response:
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
+    hosted = await hosted_dispatch(request)  # hosted names never reach the Mirror
+    if hosted is not None:
+        return hosted
     route = parse_route(request)
     request[ROUTE] = route.kind
     if route.kind == "base":

@@ -1,0 +1,505 @@
+"""`HostedRegistry`: the push, pull and delete policy of hosted repositories.
+
+Who may do what is asked of the access rules with the subject `hosted/<name>`: pulls follow
+`access.default` like mirrored names; pushes and deletes need a rule that allows them
+(`actions: [push]`, `[delete]`), so nobody, anonymous or not, writes unless a rule says so.
+
+Uploads are hashed as their bytes stream in (sha256, the usual algorithm; the state lives in
+this process, so a chunk that lands on another worker makes the commit hash the file again),
+and committed only when the whole matches the digest the client names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import json
+import os
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from mirror.access import Policy, Principal
+from mirror.cache import sqlite
+from mirror.cache.index import CacheIndex
+from mirror.config import HostedConfig
+from mirror.errors import RegistryError
+from mirror.hosted.content import Busy, HostedContent, new_hasher
+from mirror.hosted.metadata import HostedMetadata, ManifestRecord, NewManifest
+from mirror.mediatypes import OCI_INDEX
+from mirror.reference import Digest, Name, parse_content_digest
+from mirror.referrers_index import referrer_descriptor
+
+log = structlog.get_logger(__name__)
+
+SUBJECT = "hosted"  # access rules name hosted repositories `hosted/<name>`
+WRITE_BATCH = 1024 * 1024  # bytes gathered before each write to disk
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+INDEX_TYPES = {OCI_INDEX, DOCKER_LIST}
+IMAGE_TYPES = {OCI_MANIFEST, DOCKER_MANIFEST}
+_UPLOAD_ID_RE = re.compile(r"[0-9a-f]{32}")
+
+
+def _nondistributable(descriptor: dict[str, Any]) -> bool:
+    """Layers a registry is not expected to hold (foreign / nondistributable, or fetched from
+    their `urls`): a manifest may name them without them having been pushed."""
+    media_type = str(descriptor.get("mediaType", ""))
+    return "nondistributable" in media_type or "foreign" in media_type or "urls" in descriptor
+
+
+class HostedNames:
+    """Which repository names are hosted (and which of those fall back to the upstream)."""
+
+    def __init__(self, config: HostedConfig) -> None:
+        self._hosted = [re.compile(fnmatch.translate(p)) for p in config.repositories]
+        self._group = [re.compile(fnmatch.translate(p)) for p in config.group]
+
+    def __bool__(self) -> bool:
+        return bool(self._hosted)
+
+    def is_hosted(self, name: str) -> bool:
+        return any(p.fullmatch(name) for p in self._hosted)
+
+    def is_group(self, name: str) -> bool:
+        return any(p.fullmatch(name) for p in self._group)
+
+
+@dataclass
+class _Hashing:
+    """An upload's running hash, valid while `offset` equals the file's size."""
+
+    offset: int
+    hasher: Any
+
+
+@dataclass(frozen=True)
+class UploadState:
+    upload_id: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    digest: Digest
+    media_type: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Pushed:
+    digest: Digest
+    subject: str | None
+    tags: tuple[str, ...]
+
+
+class HostedRegistry:
+    def __init__(
+        self,
+        config: HostedConfig,
+        metadata: HostedMetadata,
+        content: HostedContent,
+        index: CacheIndex,
+        policy: Policy,
+        *,
+        logins: bool,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.names = HostedNames(config)
+        self.metadata = metadata
+        self.content = content
+        self.index = index
+        self.policy = policy
+        self.logins = logins  # whether clients can log in (else a refusal is a plain DENIED)
+        self.clock = clock
+        self._hashing: dict[str, _Hashing] = {}
+
+    # -- access -------------------------------------------------------------------------------
+
+    def may(self, principal: Principal, name: str, action: str) -> bool:
+        return self.policy.allows(principal, SUBJECT, name, action=action)
+
+    def require(self, principal: Principal, name: str, action: str) -> None:
+        if self.may(principal, name, action):
+            return
+        detail = {"repository": name, "action": action}
+        if not principal.authenticated and self.logins:
+            raise RegistryError("UNAUTHORIZED", f"authentication required to {action}", detail)
+        raise RegistryError(
+            "DENIED",
+            f"you may not {action} {name}: no access rule allows it (access.rules, actions:"
+            f" [{action}], repositories: [{SUBJECT}/...])",
+            detail,
+        )
+
+    # -- blobs --------------------------------------------------------------------------------
+
+    async def blob_size(self, name: Name, digest: Digest) -> int | None:
+        return await sqlite.run(self.metadata.linked, name, digest)
+
+    def blob_path(self, digest: Digest) -> str:
+        return str(self.content.path_for(digest))
+
+    async def delete_blob(self, name: Name, digest: Digest) -> bool:
+        """Unlinked from the repository; the bytes stay until `gc` finds nothing uses them."""
+        return await sqlite.run(self.metadata.unlink, name, digest)
+
+    async def mount(self, name: Name, digest: Digest, source: str | None, p: Principal) -> bool:
+        """Link hosted content already held (from `source`, or from any hosted repository
+        the client may pull when none is named); False: not mountable, upload it."""
+        repos = await sqlite.run(self.metadata.repos_linking, digest)
+        if source is not None:
+            repos = [r for r in repos if r == source]
+        if not any(self.may(p, r, "pull") for r in repos):
+            return False
+        return await sqlite.run(self.metadata.link, name, digest) is not None
+
+    # -- uploads ------------------------------------------------------------------------------
+
+    async def start_upload(self, name: Name) -> str:
+        upload_id = uuid.uuid4().hex
+        await asyncio.to_thread(self.content.create_upload, upload_id)
+        await sqlite.run(self.metadata.new_upload, upload_id, name, self.clock())
+        self._hashing[upload_id] = _Hashing(0, new_hasher("sha256"))
+        return upload_id
+
+    async def upload_state(self, name: Name, upload_id: str) -> UploadState:
+        await self._known_upload(name, upload_id)
+        size = await asyncio.to_thread(self.content.upload_size, upload_id)
+        if size is None:
+            raise self._unknown_upload(upload_id)
+        return UploadState(upload_id, size)
+
+    async def _known_upload(self, name: Name, upload_id: str) -> None:
+        record = None
+        if _UPLOAD_ID_RE.fullmatch(upload_id):
+            record = await sqlite.run(self.metadata.upload, upload_id)
+        if record is None or record.repo != name:
+            raise self._unknown_upload(upload_id)
+
+    @staticmethod
+    def _unknown_upload(upload_id: str) -> RegistryError:
+        return RegistryError("BLOB_UPLOAD_UNKNOWN", "no such upload", {"upload": upload_id[:64]})
+
+    async def append(
+        self,
+        name: Name,
+        upload_id: str,
+        body: AsyncIterator[bytes],
+        *,
+        start: int | None = None,
+        length: int | None = None,
+    ) -> UploadState:
+        """Append a chunk. `start` (Content-Range) must be where the upload stands (else 416);
+        `length`, when given, must be what arrives. A chunk that fails or falls short is
+        taken back: the upload stays as it was."""
+        await self._known_upload(name, upload_id)
+        try:
+            return await self._append(upload_id, body, start, length)
+        except KeyError:
+            raise self._unknown_upload(upload_id) from None
+        except Busy:
+            raise RegistryError(
+                "BLOB_UPLOAD_INVALID",
+                "another request is writing this upload",
+                {"upload": upload_id},
+                status=409,
+            ) from None
+
+    async def _append(
+        self, upload_id: str, body: AsyncIterator[bytes], start: int | None, length: int | None
+    ) -> UploadState:
+        loop = asyncio.get_running_loop()
+        lock = self.content.writing(upload_id)
+        fd = await loop.run_in_executor(None, lock.__enter__)
+        try:
+            offset = await asyncio.to_thread(_file_size, fd)
+            if start is not None and start != offset:
+                raise RegistryError(
+                    "BLOB_UPLOAD_INVALID",
+                    f"chunk starts at {start}, the upload stands at {offset}",
+                    {"upload": upload_id, "offset": offset},
+                    status=416,
+                    headers={"Range": _range(offset)},
+                )
+            await self._check_quota(offset + (length or 0))
+            hashing = self._hashing.get(upload_id)
+            if hashing is not None and hashing.offset != offset:
+                hashing = None  # another worker wrote a chunk: the commit hashes the file
+            if hashing is None and offset == 0:
+                hashing = _Hashing(0, new_hasher("sha256"))
+            written = 0
+            try:
+                batch: list[bytes] = []
+                pending = 0
+                async for data in body:
+                    batch.append(data)
+                    pending += len(data)
+                    if pending >= WRITE_BATCH:
+                        written += await asyncio.to_thread(_write_all, fd, batch, hashing)
+                        batch, pending = [], 0
+                if batch:
+                    written += await asyncio.to_thread(_write_all, fd, batch, hashing)
+                if length is not None and written != length:
+                    raise RegistryError(
+                        "SIZE_INVALID",
+                        f"the chunk has {written} bytes, its headers said {length}",
+                        {"upload": upload_id},
+                    )
+            except BaseException:
+                self._hashing.pop(upload_id, None)
+                await asyncio.to_thread(os.ftruncate, fd, offset)
+                raise
+            if hashing is not None:
+                hashing.offset = offset + written
+                self._hashing[upload_id] = hashing
+            else:
+                self._hashing.pop(upload_id, None)
+            await sqlite.run(self.metadata.touch_upload, upload_id, self.clock())
+            return UploadState(upload_id, offset + written)
+        finally:
+            await loop.run_in_executor(None, lock.__exit__, None, None, None)
+
+    async def _check_quota(self, incoming: int) -> None:
+        quota = self.config.quota
+        if quota <= 0:
+            return
+        used = await sqlite.run(self.metadata.total_size)
+        if used + incoming > quota:
+            raise RegistryError(
+                "DENIED",
+                f"hosted.quota reached: {used} of {quota} bytes are used; delete content and"
+                " run `registry-mirror gc`, or raise the quota",
+                {"quota": quota, "used": used, "incoming": incoming},
+            )
+
+    async def commit(self, name: Name, upload_id: str, digest: Digest) -> int:
+        """Verify the upload against `digest` and make it a blob of `name`; its size. A
+        mismatch ends the upload (DIGEST_INVALID) and keeps nothing."""
+        await self._known_upload(name, upload_id)
+        algorithm = digest.split(":", 1)[0]
+        size = await asyncio.to_thread(self.content.upload_size, upload_id)
+        if size is None:
+            raise self._unknown_upload(upload_id)
+        hashing = self._hashing.pop(upload_id, None)
+        if hashing is not None and hashing.offset == size and algorithm == "sha256":
+            actual = f"sha256:{hashing.hasher.hexdigest()}"
+        else:
+            actual = await asyncio.to_thread(self.content.hash_file, upload_id, algorithm)
+        if actual != digest:
+            await self.cancel(name, upload_id)
+            raise RegistryError(
+                "DIGEST_INVALID",
+                "the uploaded content does not match the digest",
+                {"expected": digest, "actual": actual},
+            )
+        if await sqlite.run(self.metadata.content_size, digest) is None:
+            await self._check_quota(size)
+
+        def place() -> None:
+            with self.content.digest_lock(digest):
+                self.content.place_upload(upload_id, digest)
+                self.metadata.add_blob(name, digest, size, self.clock())
+
+        await asyncio.to_thread(place)
+        await sqlite.run(self.metadata.drop_upload, upload_id)
+        await sqlite.run(self.index.remove, [digest])  # hosted bytes are counted apart
+        log.info("hosted_blob_committed", repository=name, digest=digest, size=size)
+        return size
+
+    async def cancel(self, name: Name, upload_id: str) -> None:
+        await self._known_upload(name, upload_id)
+        self._hashing.pop(upload_id, None)
+        await asyncio.to_thread(self.content.remove_upload, upload_id)
+        await sqlite.run(self.metadata.drop_upload, upload_id)
+
+    # -- manifests ----------------------------------------------------------------------------
+
+    async def resolve(self, name: Name, reference: str) -> Digest | None:
+        if ":" in reference:
+            return Digest(reference)
+        return await sqlite.run(self.metadata.tag, name, reference)
+
+    async def manifest(self, name: Name, reference: str) -> Manifest | None:
+        digest = await self.resolve(name, reference)
+        if digest is None:
+            return None
+        record: ManifestRecord | None = await sqlite.run(self.metadata.manifest, name, digest)
+        if record is None:
+            return None
+        data = await asyncio.to_thread(self.content.read_bytes, digest)
+        if data is None:
+            return None
+        return Manifest(digest, record.media_type, data)
+
+    async def put_manifest(
+        self,
+        name: Name,
+        reference: str,
+        data: bytes,
+        content_type: str | None,
+        tags: tuple[str, ...],
+    ) -> Pushed:
+        """Check and record a pushed manifest: its digest (the reference's, when it is one),
+        its JSON, and that every blob it needs is in the repository."""
+        if ":" in reference:
+            digest = Digest(reference)
+            algorithm = digest.split(":", 1)[0]
+        else:
+            algorithm = "sha256"
+            tags = (*tags, reference)
+        hasher = new_hasher(algorithm)
+        hasher.update(data)
+        actual = Digest(f"{algorithm}:{hasher.hexdigest()}")
+        if ":" in reference and actual != reference:
+            raise RegistryError(
+                "DIGEST_INVALID",
+                "the manifest does not match the digest it was pushed by",
+                {"expected": reference, "actual": actual},
+            )
+        parsed = _parse_manifest(data, content_type, sparse=self.config.sparse)
+        subject = parsed.subject
+        descriptor = None
+        if subject is not None:
+            found = referrer_descriptor(data, actual, parsed.media_type)
+            descriptor = json.dumps(found) if found is not None else None
+        await asyncio.to_thread(self.content.place_bytes, actual, data)
+        record = NewManifest(
+            name, actual, parsed.media_type, len(data), subject, descriptor,
+            parsed.required, parsed.children, tags,
+        )  # fmt: skip
+        missing = await sqlite.run(self.metadata.put_manifest, record, self.clock())
+        if missing:
+            raise RegistryError(
+                "MANIFEST_BLOB_UNKNOWN",
+                "the manifest references blobs this repository does not have",
+                {"digests": missing[:20]},
+            )
+        await sqlite.run(self.index.remove, [actual])
+        log.info("hosted_manifest_pushed", repository=name, digest=actual, tags=list(tags))
+        return Pushed(actual, subject, tags)
+
+    async def delete_manifest(self, name: Name, reference: str) -> bool:
+        """By digest: the manifest and the tags naming it; by tag: only the tag."""
+        if ":" in reference:
+            return await sqlite.run(self.metadata.delete_manifest, name, reference)
+        return await sqlite.run(self.metadata.delete_tag, name, reference)
+
+    async def tags(self, name: Name) -> list[str] | None:
+        return await sqlite.run(self.metadata.tags, name)
+
+    async def referrers(self, name: Name, subject: Digest) -> list[dict[str, Any]]:
+        found = await sqlite.run(self.metadata.referrers, name, subject)
+        return [json.loads(d) for d in found]
+
+    async def repositories(self, principal: Principal) -> list[str]:
+        """Hosted repositories the client may pull (the catalog shows nothing else)."""
+        every = await sqlite.run(self.metadata.repositories)
+        return [r for r in every if self.may(principal, r, "pull")]
+
+    async def protected(self) -> set[Digest]:
+        """Every hosted digest: the cache's eviction must never remove these files."""
+        return await sqlite.run(self.metadata.all_content)
+
+
+def _file_size(fd: int) -> int:
+    return os.fstat(fd).st_size
+
+
+def _range(offset: int) -> str:
+    """The `Range` header of an upload holding `offset` bytes (`0-0` when empty)."""
+    return f"0-{max(offset - 1, 0)}"
+
+
+def _write_all(fd: int, chunks: list[bytes], hashing: _Hashing | None) -> int:
+    written = 0
+    for data in chunks:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        if hashing is not None:
+            hashing.hasher.update(data)
+        written += len(data)
+    return written
+
+
+@dataclass(frozen=True)
+class ParsedManifest:
+    media_type: str
+    subject: str | None
+    required: tuple[str, ...]  # blobs that must be in the repository
+    children: tuple[str, ...]  # everything it references (gc keeps these)
+
+
+def _invalid(message: str, detail: Any = None) -> RegistryError:
+    return RegistryError("MANIFEST_INVALID", message, detail)
+
+
+def _descriptor_digest(descriptor: object, where: str) -> tuple[str, dict[str, Any]]:
+    if not isinstance(descriptor, dict) or not isinstance(descriptor.get("digest"), str):
+        raise _invalid(f"{where}: a descriptor needs a digest")
+    try:
+        digest = parse_content_digest(descriptor["digest"])
+    except RegistryError:
+        detail = {"digest": str(descriptor["digest"])[:200]}
+        raise _invalid(f"{where}: invalid digest", detail) from None
+    size = descriptor.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise _invalid(f"{where}: a descriptor needs a size", {"digest": digest})
+    return digest, descriptor
+
+
+def _parse_manifest(data: bytes, content_type: str | None, *, sparse: bool) -> ParsedManifest:
+    """The manifest's media type and references, or MANIFEST_INVALID saying what is wrong."""
+    try:
+        body = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise _invalid("the manifest is not JSON") from None
+    if not isinstance(body, dict) or body.get("schemaVersion") != 2:
+        raise _invalid("only schemaVersion 2 manifests (OCI, Docker v2) are accepted")
+    declared = body.get("mediaType")
+    header = (content_type or "").split(";", 1)[0].strip() or None
+    if declared is not None and not isinstance(declared, str):
+        raise _invalid("mediaType must be a string")
+    if header and declared and header != declared:
+        raise _invalid(
+            "the Content-Type and the manifest's mediaType differ",
+            {"content_type": header, "mediaType": declared},
+        )
+    media_type = header or declared
+    if media_type is None:
+        media_type = OCI_INDEX if "manifests" in body else OCI_MANIFEST
+    required: list[str] = []
+    children: list[str] = []
+    if media_type in INDEX_TYPES or "manifests" in body:
+        manifests = body.get("manifests")
+        if not isinstance(manifests, list):
+            raise _invalid("an index needs a manifests list")
+        for n, item in enumerate(manifests):
+            children.append(_descriptor_digest(item, f"manifests[{n}]")[0])
+    else:
+        if "config" not in body:
+            raise _invalid("an image manifest needs a config")
+        digest, _ = _descriptor_digest(body["config"], "config")
+        required.append(digest)
+        children.append(digest)
+        layers = body.get("layers", [])
+        if not isinstance(layers, list):
+            raise _invalid("layers must be a list")
+        for n, layer in enumerate(layers):
+            digest, descriptor = _descriptor_digest(layer, f"layers[{n}]")
+            children.append(digest)
+            if not sparse and not _nondistributable(descriptor):
+                required.append(digest)
+    subject = None
+    if "subject" in body:
+        subject, _ = _descriptor_digest(body["subject"], "subject")
+    return ParsedManifest(media_type, subject, tuple(required), tuple(children))
