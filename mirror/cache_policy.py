@@ -149,6 +149,8 @@ class CachePolicy:
         await sqlite.run(
             self.index.reconcile, self.store.blob_dir, self.mirror.metadata.is_manifest
         )
+        if self.protected is not None:  # hosted content: counted apart, never evicted
+            await sqlite.run(self.index.remove, sorted(await self.protected()))
         async with self._evicting(wait=True):
             if not dry_run:
                 await self._await_other_workers(RECENCY_GRACE)

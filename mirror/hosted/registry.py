@@ -229,7 +229,9 @@ class HostedRegistry:
                     status=416,
                     headers={"Range": _range(offset)},
                 )
-            await self._check_quota(offset + (length or 0))
+            quota = self.config.quota
+            if quota > 0 and offset + (length or 0) > quota:  # could never be committed
+                await self._check_quota(offset + (length or 0))
             hashing = self._hashing.get(upload_id)
             if hashing is not None and hashing.offset != offset:
                 hashing = None  # another worker wrote a chunk: the commit hashes the file
@@ -370,6 +372,7 @@ class HostedRegistry:
         if subject is not None:
             found = referrer_descriptor(data, actual, parsed.media_type)
             descriptor = json.dumps(found) if found is not None else None
+        existed = await asyncio.to_thread(self.content.exists, actual)
         await asyncio.to_thread(self.content.place_bytes, actual, data)
         record = NewManifest(
             name, actual, parsed.media_type, len(data), subject, descriptor,
@@ -377,6 +380,8 @@ class HostedRegistry:
         )  # fmt: skip
         missing = await sqlite.run(self.metadata.put_manifest, record, self.clock())
         if missing:
+            if not existed:  # a refused push leaves nothing behind
+                await asyncio.to_thread(self.content.unlink, actual)
             raise RegistryError(
                 "MANIFEST_BLOB_UNKNOWN",
                 "the manifest references blobs this repository does not have",
