@@ -223,9 +223,12 @@ async def test_push_and_delete_need_a_rule(tmp_path: Path) -> None:
         # Pulls follow the default (allow), anonymous included.
         await pull_image(s, base, "internal/app", "v1")
     config = mirror_config(tmp_path / "d", NOWHERE, settings=settings(**{"access.rules": []}))
-    async with running_app(config) as (base, _), aiohttp.ClientSession() as s:
-        async with s.post(f"{base}/v2/internal/app/blobs/uploads/") as r:
-            assert (r.status, await error_code(r)) == (403, "DENIED")  # no logins: no 401
+    async with (
+        running_app(config) as (base, _),
+        aiohttp.ClientSession() as s,
+        s.post(f"{base}/v2/internal/app/blobs/uploads/") as r,
+    ):
+        assert (r.status, await error_code(r)) == (403, "DENIED")  # no logins: no 401
 
 
 async def test_catalog_lists_only_what_the_client_may_pull(tmp_path: Path) -> None:
