@@ -19,9 +19,9 @@ def test_a_hosted_pattern_that_an_upstream_also_serves_is_refused() -> None:
     assert "hosted.repositories" in str(err.value)
     assert "upstreams.ghcr" in str(err.value)
     assert "never both" in str(err.value)
-    with pytest.raises(ConfigError, match="docker.io"):
+    with pytest.raises(ConfigError, match=r"docker\.io"):
         load_config(None, env={}, overrides={"hosted.repositories": ["docker.io/*"]})
-    with pytest.raises(ConfigError, match="hosted.group"):
+    with pytest.raises(ConfigError, match=r"hosted\.group"):
         load_config(
             None, env={}, overrides={"hosted.repositories": ["a/*"], "hosted.group": ["b/*"]}
         )
