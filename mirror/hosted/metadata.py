@@ -273,14 +273,16 @@ class HostedMetadata:
         return [r[0] for r in rows]
 
     @sqlite.blocking
-    def summary(self) -> list[tuple[str, int, int]]:
-        """(repository, tags, manifests) for every hosted repository, for the page."""
+    def summary(self) -> list[tuple[str, list[str], int]]:
+        """(repository, its tags, how many manifests) of every hosted repository (the page)."""
         db = self._db()
         out = []
         for repo in self.repositories():
-            tags = db.execute("SELECT COUNT(*) FROM tags WHERE repo=?", (repo,)).fetchone()[0]
+            tags = [
+                r[0] for r in db.execute("SELECT tag FROM tags WHERE repo=? ORDER BY 1", (repo,))
+            ]
             mans = db.execute("SELECT COUNT(*) FROM manifests WHERE repo=?", (repo,)).fetchone()
-            out.append((repo, int(tags), int(mans[0])))
+            out.append((repo, tags, int(mans[0])))
         return out
 
     # -- uploads ------------------------------------------------------------------------------

@@ -409,6 +409,18 @@ class HostedRegistry:
         every = await sqlite.run(self.metadata.repositories)
         return [r for r in every if self.may(principal, r, "pull")]
 
+    async def summary(self, principal: Principal) -> list[dict[str, Any]]:
+        """The hosted repositories the client may pull, with their tags (for the page)."""
+        rows = await sqlite.run(self.metadata.summary)
+        return [
+            {"repository": repo, "tags": tags, "manifests": manifests}
+            for repo, tags, manifests in rows
+            if self.may(principal, repo, "pull")
+        ]
+
+    async def used_bytes(self) -> int:
+        return await sqlite.run(self.metadata.total_size)
+
     async def protected(self) -> set[Digest]:
         """Every hosted digest: the cache's eviction must never remove these files."""
         return await sqlite.run(self.metadata.all_content)

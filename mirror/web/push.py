@@ -65,6 +65,19 @@ async def hosted_dispatch(request: web.Request) -> web.StreamResponse | None:
     if not registry.names.is_hosted(name):
         return _refuse_write(request, path) if request.method in WRITE_METHODS else None
     hosted_name = parse_name(name)
+    if request.method in ("GET", "HEAD") and registry.names.is_group(name):
+        try:
+            return await _hosted_route(request, registry, hosted_name, match)
+        except RegistryError as exc:
+            if exc.code not in ("MANIFEST_UNKNOWN", "BLOB_UNKNOWN", "NAME_UNKNOWN"):
+                raise
+            return None  # a group: what the hosted repository lacks comes from the upstream
+    return await _hosted_route(request, registry, hosted_name, match)
+
+
+async def _hosted_route(
+    request: web.Request, registry: HostedRegistry, hosted_name: Name, match: re.Match[str]
+) -> web.StreamResponse:
     if match["ref"] is not None:
         request[ROUTE] = "manifests"
         return await manifests(request, registry, hosted_name, match["ref"])

@@ -15,6 +15,7 @@ import aiohttp
 
 from mirror.hosted import gc as hosted_gc
 from mirror.web.keys import NODE
+from tests.fixtures.fake_upstream import FakeUpstream
 from tests.fixtures.hosted_push import (
     OCI_MANIFEST,
     digest_of,
@@ -340,3 +341,45 @@ def test_gc_command_dry_run_lists_and_removes_nothing(tmp_path: Path) -> None:
     assert real.returncode == 0, real.stderr
     assert f"removed hosted {digest}" in real.stdout
     assert not blob.exists()
+
+
+async def test_the_page_lists_hosted_repositories_marked_as_such(tmp_path: Path) -> None:
+    rules = [
+        {"who": ["anonymous"], "repositories": ["hosted/secret/*"], "action": "deny"},
+        ANYONE_PUSHES,
+        {"who": ["*"], "repositories": ["hosted/secret/*"], "actions": ["push"]},
+    ]
+    config = mirror_config(tmp_path, NOWHERE, settings=settings(**{"access.rules": rules}))
+    async with running_app(config) as (base, _), aiohttp.ClientSession() as s:
+        await push_image(s, base, "internal/web", "v2", make_image("page"))
+        await push_blob(s, base, "secret/x", b"hidden")
+        async with s.get(f"{base}/ui/contents") as r:
+            assert r.status == 200
+            page = await r.text()
+    assert 'id="hosted-heading"' in page
+    row = page[page.index('data-repository="internal/web"') :]
+    row = row[: row.index("</tr>")]
+    assert '<span class="tag">v2</span>' in row
+    assert '<span class="badge hosted">hosted</span>' in row
+    assert "secret/x" not in page  # anonymous may not pull it: not listed
+
+
+async def test_a_group_pulls_hosted_first_then_the_upstream(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    fake.add_image("lib/app", "v1", [b"from the upstream"])
+    more = {
+        "hosted.repositories": ["lib/*"],
+        "hosted.group": ["lib/*"],
+        "access.rules": [{**ANYONE_PUSHES, "repositories": ["hosted/lib/*"]}],
+    }
+    config = mirror_config(tmp_path, fake.url, settings=more)
+    image = make_image("group")
+    async with running_app(config) as (base, _), aiohttp.ClientSession() as s:
+        await push_image(s, base, "lib/own", "v1", image)
+        manifest, _ = await pull_image(s, base, "lib/own", "v1")  # hosted
+        assert manifest == image.manifest
+        async with s.get(f"{base}/v2/lib/app/manifests/v1") as r:  # not hosted: upstream
+            assert r.status == 200
+    assert fake.count("GET", "/lib/app/manifests/v1") == 1
+    assert fake.count("GET", "/lib/own/") == 0
