@@ -43,7 +43,10 @@ from mirror.cache_policy import CachePolicy
 from mirror.config import Config
 from mirror.hosted.content import HostedContent
 from mirror.hosted.metadata import HostedMetadata
+from mirror.hosted.records import HostedRecords, LocalHostedRecords
 from mirror.hosted.registry import HostedRegistry
+from mirror.hosted.shared import NoSharedContent, S3SharedContent, SharedContent
+from mirror.hosted.uploads import LocalUploads, SharedUploads, UploadStore
 from mirror.interfaces import MetadataStore, SharedTier
 from mirror.metrics import Metrics
 from mirror.mirror import Mirror
@@ -96,16 +99,39 @@ async def _shared_tier(
 
 
 async def _hosted(
-    config: Config, store: FilesystemBlobStore, index: CacheIndex, clock: Callable[[], float]
+    config: Config,
+    store: FilesystemBlobStore,
+    index: CacheIndex,
+    shared: SharedTier,
+    clock: Callable[[], float],
 ) -> HostedRegistry:
-    """Hosted repositories: their records beside the cache, their bytes in its store."""
+    """Hosted repositories: their bytes in the cache's store; records, uploads and commits
+    the node's own, or in a cluster with Redis and S3 the cluster's (Redis, the shared store),
+    so every node sees a push at once and an upload's chunks may arrive at any node."""
     content = HostedContent(store, config.cache.dir / "hosted")
     await asyncio.to_thread(content.setup)
-    metadata = await sqlite.run(HostedMetadata, content.root / "hosted.db")
+    records: HostedRecords
+    uploads: UploadStore
+    shared_content: SharedContent
+    redis, s3 = getattr(shared, "redis", None), getattr(shared, "s3", None)
+    if redis is not None and s3 is not None:
+        from mirror.cluster import node_url
+        from mirror.hosted.redis_records import RedisHostedRecords
+
+        owner = node_url(config)
+        records = RedisHostedRecords(redis)
+        uploads = SharedUploads(content, records, s3, redis, owner, clock=clock)
+        shared_content = S3SharedContent(content, s3, redis, owner)
+    else:
+        db = await sqlite.run(HostedMetadata, content.root / "hosted.db")
+        records = LocalHostedRecords(db)
+        uploads = LocalUploads(content)
+        shared_content = NoSharedContent(content)
     logins = config.auth.htpasswd is not None or config.tls.client_ca is not None
     return HostedRegistry(
-        config.hosted, metadata, content, index, build_policy(config), logins=logins, clock=clock
-    )
+        config.hosted, records, content, uploads, shared_content, index, build_policy(config),
+        logins=logins, clock=clock,
+    )  # fmt: skip
 
 
 @asynccontextmanager
@@ -131,7 +157,7 @@ async def open_node(
         policy=build_policy(config), shared=shared,
     )  # fmt: skip
     evictor = Evictor(store, index, config.cache, clock)
-    hosted = await _hosted(config, store, index, clock)
+    hosted = await _hosted(config, store, index, shared, clock)
     policy = CachePolicy(config, mirror, evictor, shared, protected=hosted.protected)
     try:
         if connect:
@@ -141,7 +167,7 @@ async def open_node(
             hosted,
         )  # fmt: skip
     finally:
-        hosted.metadata.close()
+        hosted.records.close()
         await mirror.fills.close()
         await shared.close()
         await router.close()

@@ -17,11 +17,12 @@ All of it runs in threads: nothing here may block the event loop.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,16 +124,25 @@ class HostedContent:
 
     # -- commit and removal -------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def digest_lock(self, digest: Digest) -> Iterator[None]:
-        """A flock per digest (blocking): placing a file and recording it happen under it, and
-        so do gc's forgetting and unlinking it, so neither sees the other halfway."""
+    @contextlib.asynccontextmanager
+    async def locked(self, digest: Digest) -> AsyncIterator[None]:
+        """A flock per digest, taken in a thread: placing a file and recording it happen
+        under it, and so do gc's forgetting and unlinking it, so neither sees the other
+        halfway (among this node's processes; a cluster adds a Redis lease: shared.py)."""
+        fd = await asyncio.to_thread(self._lock, digest)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(os.close, fd)
+
+    def _lock(self, digest: Digest) -> int:
         fd = os.open(self.locks / digest.replace(":", "-"), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        return fd
 
     def place_upload(self, upload_id: str, digest: Digest) -> None:
         """Move a verified upload to its digest's path (fsynced first); if the store already
@@ -141,6 +151,17 @@ class HostedContent:
         target = self.path_for(digest)
         if target.exists():
             source.unlink()
+            return
+        with open(source, "rb") as f:
+            os.fsync(f.fileno())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(source, target)
+        _fsync_dir(target.parent)
+
+    def place_file(self, source: Path, digest: Digest) -> None:
+        """A verified file (fetched from the shared store) to its digest's path."""
+        target = self.path_for(digest)
+        if target.exists():
             return
         with open(source, "rb") as f:
             os.fsync(f.fileno())

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from mirror.cache import sqlite
 from mirror.hosted.registry import HostedRegistry
 from mirror.reference import Digest
 
@@ -49,20 +48,21 @@ async def collect(
 ) -> HostedCollection:
     now = registry.clock()
     out = HostedCollection()
+    records = registry.records
     out.uploads = await _abandoned_uploads(registry, now, dry_run=dry_run)
     if delete_untagged:
-        out.manifests = await sqlite.run(registry.metadata.untagged_manifests)
+        out.manifests = await records.untagged_manifests()
         if not dry_run:
             for repo, digest in out.manifests:
-                await sqlite.run(registry.metadata.delete_manifest, repo, digest)
+                await records.delete_manifest(repo, digest)
     cutoff = now - registry.config.gc_grace
-    candidates = await sqlite.run(registry.metadata.garbage, cutoff)
+    candidates = await records.garbage(cutoff)
     if dry_run:
         out.blobs = candidates
         return out
     sizes = dict(candidates)
     for digest in sizes:
-        if await asyncio.to_thread(_sweep, registry, digest, cutoff):
+        if await _sweep(registry, digest, cutoff):
             out.blobs.append((digest, sizes[digest]))
     if out.blobs or out.uploads or out.manifests:
         log.info(
@@ -75,11 +75,12 @@ async def collect(
     return out
 
 
-def _sweep(registry: HostedRegistry, digest: Digest, cutoff: float) -> bool:
-    with registry.content.digest_lock(digest):
-        if not registry.metadata.remove_garbage([digest], cutoff):
+async def _sweep(registry: HostedRegistry, digest: Digest, cutoff: float) -> bool:
+    async with registry.shared.locked(digest):
+        if not await registry.records.remove_garbage([digest], cutoff):
             return False  # referenced meanwhile
-        registry.content.unlink(digest)
+        await asyncio.to_thread(registry.content.unlink, digest)
+        await registry.shared.delete(digest)
         return True
 
 
@@ -87,18 +88,18 @@ async def _abandoned_uploads(registry: HostedRegistry, now: float, *, dry_run: b
     """Uploads untouched for `hosted.upload_max_age` (and upload files no upload row names,
     left by a crash, as old), unless a request is writing them right now."""
     cutoff = now - registry.config.upload_max_age
-    touched = await sqlite.run(registry.metadata.upload_ids)
+    touched = await registry.records.upload_ids()
     files = await asyncio.to_thread(_upload_files, registry)
     stale = [u for u, t in touched.items() if t < cutoff]
     stale += [name for name, mtime in files.items() if name not in touched and mtime < cutoff]
     removed = []
     for upload_id in stale:
-        if await asyncio.to_thread(registry.content.is_busy, upload_id):
+        if await registry.uploads.busy(upload_id):
             continue
         removed.append(upload_id)
         if not dry_run:
-            await asyncio.to_thread(registry.content.remove_upload, upload_id)
-            await sqlite.run(registry.metadata.drop_upload, upload_id)
+            await registry.uploads.remove(upload_id)
+            await registry.records.drop_upload(upload_id)
     return removed
 
 

@@ -6,7 +6,8 @@
     manifests (repo, digest) -> media type, size, subject, referrer descriptor
     refs      (repo, manifest, child)            what a manifest references (gc's mark)
     tags      (repo, tag) -> digest
-    uploads   id -> repo, started, touched       uploads in progress (their bytes: uploads/)
+    uploads   id -> repo, started, touched, offset   uploads in progress (bytes: uploads/;
+                                                 `offset` kept for shared uploads only)
 
 Every change that must see a consistent picture (a manifest's references all linked; gc
 removing only what nothing references) is one SQLite transaction, so a push and a sweep never
@@ -43,7 +44,7 @@ CREATE TABLE IF NOT EXISTS tags (repo TEXT NOT NULL, tag TEXT NOT NULL, digest T
     PRIMARY KEY (repo, tag));
 CREATE INDEX IF NOT EXISTS tags_digest ON tags (repo, digest);
 CREATE TABLE IF NOT EXISTS uploads (id TEXT PRIMARY KEY, repo TEXT NOT NULL,
-    started REAL NOT NULL, touched REAL NOT NULL);
+    started REAL NOT NULL, touched REAL NOT NULL, offset INTEGER NOT NULL DEFAULT 0);
 """
 
 
@@ -59,6 +60,7 @@ class UploadRecord:
     repo: str
     started: float
     touched: float
+    offset: int = 0  # bytes received, as recorded (shared uploads; local ones ask the file)
 
 
 @dataclass(frozen=True)
@@ -290,16 +292,28 @@ class HostedMetadata:
     @sqlite.blocking
     def new_upload(self, upload_id: str, repo: str, now: float) -> None:
         with self._tx() as db:
-            db.execute("INSERT INTO uploads VALUES (?, ?, ?, ?)", (upload_id, repo, now, now))
+            db.execute("INSERT INTO uploads VALUES (?, ?, ?, ?, 0)", (upload_id, repo, now, now))
 
     @sqlite.blocking
     def upload(self, upload_id: str) -> UploadRecord | None:
         row = (
             self._db()
-            .execute("SELECT repo, started, touched FROM uploads WHERE id=?", (upload_id,))
+            .execute("SELECT repo, started, touched, offset FROM uploads WHERE id=?", (upload_id,))
             .fetchone()
         )
-        return None if row is None else UploadRecord(row[0], float(row[1]), float(row[2]))
+        if row is None:
+            return None
+        return UploadRecord(row[0], float(row[1]), float(row[2]), int(row[3]))
+
+    @sqlite.blocking
+    def advance_upload(self, upload_id: str, expected: int, offset: int, now: float) -> bool:
+        """Move the recorded offset from `expected` to `offset`; False if it was not there."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE uploads SET offset=?, touched=? WHERE id=? AND offset=?",
+                (offset, now, upload_id, expected),
+            )
+            return cur.rowcount > 0
 
     @sqlite.blocking
     def touch_upload(self, upload_id: str, now: float) -> None:

@@ -4,9 +4,9 @@ Who may do what is asked of the access rules with the subject `hosted/<name>`: p
 `access.default` like mirrored names; pushes and deletes need a rule that allows them
 (`actions: [push]`, `[delete]`), so nobody, anonymous or not, writes unless a rule says so.
 
-Uploads are hashed as their bytes stream in (sha256, the usual algorithm; the state lives in
-this process, so a chunk that lands on another worker makes the commit hash the file again),
-and committed only when the whole matches the digest the client names.
+Uploads are hashed as their bytes stream in (uploads.py) and committed only when the whole
+matches the digest the client names. Where records, uploads and committed bytes live is what
+`open_node` wires in: the node's own (SQLite, files) or a cluster's (Redis, the shared store).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import json
-import os
 import re
 import time
 import uuid
@@ -30,7 +29,10 @@ from mirror.cache.index import CacheIndex
 from mirror.config import HostedConfig
 from mirror.errors import RegistryError
 from mirror.hosted.content import Busy, HostedContent, new_hasher
-from mirror.hosted.metadata import HostedMetadata, ManifestRecord, NewManifest
+from mirror.hosted.metadata import ManifestRecord, NewManifest
+from mirror.hosted.records import HostedRecords
+from mirror.hosted.shared import SharedContent
+from mirror.hosted.uploads import UploadStore
 from mirror.mediatypes import OCI_INDEX
 from mirror.reference import Digest, Name, parse_content_digest
 from mirror.referrers_index import referrer_descriptor
@@ -38,7 +40,6 @@ from mirror.referrers_index import referrer_descriptor
 log = structlog.get_logger(__name__)
 
 SUBJECT = "hosted"  # access rules name hosted repositories `hosted/<name>`
-WRITE_BATCH = 1024 * 1024  # bytes gathered before each write to disk
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -71,14 +72,6 @@ class HostedNames:
         return any(p.fullmatch(name) for p in self._group)
 
 
-@dataclass
-class _Hashing:
-    """An upload's running hash, valid while `offset` equals the file's size."""
-
-    offset: int
-    hasher: Any
-
-
 @dataclass(frozen=True)
 class UploadState:
     upload_id: str
@@ -103,8 +96,10 @@ class HostedRegistry:
     def __init__(
         self,
         config: HostedConfig,
-        metadata: HostedMetadata,
+        records: HostedRecords,
         content: HostedContent,
+        uploads: UploadStore,
+        shared: SharedContent,
         index: CacheIndex,
         policy: Policy,
         *,
@@ -113,13 +108,14 @@ class HostedRegistry:
     ) -> None:
         self.config = config
         self.names = HostedNames(config)
-        self.metadata = metadata
+        self.records = records
         self.content = content
+        self.uploads = uploads
+        self.shared = shared
         self.index = index
         self.policy = policy
         self.logins = logins  # whether clients can log in (else a refusal is a plain DENIED)
         self.clock = clock
-        self._hashing: dict[str, _Hashing] = {}
 
     # -- access -------------------------------------------------------------------------------
 
@@ -142,37 +138,40 @@ class HostedRegistry:
     # -- blobs --------------------------------------------------------------------------------
 
     async def blob_size(self, name: Name, digest: Digest) -> int | None:
-        return await sqlite.run(self.metadata.linked, name, digest)
+        """The size of a blob `name` may serve, its bytes on this node; None if none."""
+        size = await self.records.linked(name, digest)
+        if size is None or not await self.shared.fetch(digest):
+            return None
+        return size
 
     def blob_path(self, digest: Digest) -> str:
         return str(self.content.path_for(digest))
 
     async def delete_blob(self, name: Name, digest: Digest) -> bool:
         """Unlinked from the repository; the bytes stay until `gc` finds nothing uses them."""
-        return await sqlite.run(self.metadata.unlink, name, digest)
+        return await self.records.unlink(name, digest)
 
     async def mount(self, name: Name, digest: Digest, source: str | None, p: Principal) -> bool:
         """Link hosted content already held (from `source`, or from any hosted repository
         the client may pull when none is named); False: not mountable, upload it."""
-        repos = await sqlite.run(self.metadata.repos_linking, digest)
+        repos = await self.records.repos_linking(digest)
         if source is not None:
             repos = [r for r in repos if r == source]
         if not any(self.may(p, r, "pull") for r in repos):
             return False
-        return await sqlite.run(self.metadata.link, name, digest) is not None
+        return await self.records.link(name, digest) is not None
 
     # -- uploads ------------------------------------------------------------------------------
 
     async def start_upload(self, name: Name) -> str:
         upload_id = uuid.uuid4().hex
-        await asyncio.to_thread(self.content.create_upload, upload_id)
-        await sqlite.run(self.metadata.new_upload, upload_id, name, self.clock())
-        self._hashing[upload_id] = _Hashing(0, new_hasher("sha256"))
+        await self.uploads.create(upload_id)
+        await self.records.new_upload(upload_id, name, self.clock())
         return upload_id
 
     async def upload_state(self, name: Name, upload_id: str) -> UploadState:
         await self._known_upload(name, upload_id)
-        size = await asyncio.to_thread(self.content.upload_size, upload_id)
+        size = await self.uploads.size(upload_id)
         if size is None:
             raise self._unknown_upload(upload_id)
         return UploadState(upload_id, size)
@@ -180,7 +179,7 @@ class HostedRegistry:
     async def _known_upload(self, name: Name, upload_id: str) -> None:
         record = None
         if _UPLOAD_ID_RE.fullmatch(upload_id):
-            record = await sqlite.run(self.metadata.upload, upload_id)
+            record = await self.records.upload(upload_id)
         if record is None or record.repo != name:
             raise self._unknown_upload(upload_id)
 
@@ -202,9 +201,12 @@ class HostedRegistry:
         taken back: the upload stays as it was."""
         await self._known_upload(name, upload_id)
         try:
-            return await self._append(upload_id, body, start, length)
+            size = await self.uploads.append(upload_id, body, start, length, self.config.quota)
         except KeyError:
             raise self._unknown_upload(upload_id) from None
+        except OverflowError as exc:  # could never be committed within the quota
+            await self._check_quota(int(exc.args[0]))
+            raise
         except Busy:
             raise RegistryError(
                 "BLOB_UPLOAD_INVALID",
@@ -212,68 +214,14 @@ class HostedRegistry:
                 {"upload": upload_id},
                 status=409,
             ) from None
-
-    async def _append(
-        self, upload_id: str, body: AsyncIterator[bytes], start: int | None, length: int | None
-    ) -> UploadState:
-        loop = asyncio.get_running_loop()
-        lock = self.content.writing(upload_id)
-        fd = await loop.run_in_executor(None, lock.__enter__)
-        try:
-            offset = await asyncio.to_thread(_file_size, fd)
-            if start is not None and start != offset:
-                raise RegistryError(
-                    "BLOB_UPLOAD_INVALID",
-                    f"chunk starts at {start}, the upload stands at {offset}",
-                    {"upload": upload_id, "offset": offset},
-                    status=416,
-                    headers={"Range": _range(offset)},
-                )
-            quota = self.config.quota
-            if quota > 0 and offset + (length or 0) > quota:  # could never be committed
-                await self._check_quota(offset + (length or 0))
-            hashing = self._hashing.get(upload_id)
-            if hashing is not None and hashing.offset != offset:
-                hashing = None  # another worker wrote a chunk: the commit hashes the file
-            if hashing is None and offset == 0:
-                hashing = _Hashing(0, new_hasher("sha256"))
-            written = 0
-            try:
-                batch: list[bytes] = []
-                pending = 0
-                async for data in body:
-                    batch.append(data)
-                    pending += len(data)
-                    if pending >= WRITE_BATCH:
-                        written += await asyncio.to_thread(_write_all, fd, batch, hashing)
-                        batch, pending = [], 0
-                if batch:
-                    written += await asyncio.to_thread(_write_all, fd, batch, hashing)
-                if length is not None and written != length:
-                    raise RegistryError(
-                        "SIZE_INVALID",
-                        f"the chunk has {written} bytes, its headers said {length}",
-                        {"upload": upload_id},
-                    )
-            except BaseException:
-                self._hashing.pop(upload_id, None)
-                await asyncio.to_thread(os.ftruncate, fd, offset)
-                raise
-            if hashing is not None:
-                hashing.offset = offset + written
-                self._hashing[upload_id] = hashing
-            else:
-                self._hashing.pop(upload_id, None)
-            await sqlite.run(self.metadata.touch_upload, upload_id, self.clock())
-            return UploadState(upload_id, offset + written)
-        finally:
-            await loop.run_in_executor(None, lock.__exit__, None, None, None)
+        await self.records.touch_upload(upload_id, self.clock())
+        return UploadState(upload_id, size)
 
     async def _check_quota(self, incoming: int) -> None:
         quota = self.config.quota
         if quota <= 0:
             return
-        used = await sqlite.run(self.metadata.total_size)
+        used = await self.records.total_size()
         if used + incoming > quota:
             raise RegistryError(
                 "DENIED",
@@ -287,14 +235,10 @@ class HostedRegistry:
         mismatch ends the upload (DIGEST_INVALID) and keeps nothing."""
         await self._known_upload(name, upload_id)
         algorithm = digest.split(":", 1)[0]
-        size = await asyncio.to_thread(self.content.upload_size, upload_id)
-        if size is None:
-            raise self._unknown_upload(upload_id)
-        hashing = self._hashing.pop(upload_id, None)
-        if hashing is not None and hashing.offset == size and algorithm == "sha256":
-            actual = f"sha256:{hashing.hasher.hexdigest()}"
-        else:
-            actual = await asyncio.to_thread(self.content.hash_file, upload_id, algorithm)
+        try:
+            actual = await self.uploads.gather(upload_id, algorithm)
+        except KeyError:
+            raise self._unknown_upload(upload_id) from None
         if actual != digest:
             await self.cancel(name, upload_id)
             raise RegistryError(
@@ -302,39 +246,43 @@ class HostedRegistry:
                 "the uploaded content does not match the digest",
                 {"expected": digest, "actual": actual},
             )
-        if await sqlite.run(self.metadata.content_size, digest) is None:
-            await self._check_quota(size)
-
-        def place() -> None:
-            with self.content.digest_lock(digest):
-                self.content.place_upload(upload_id, digest)
-                self.metadata.add_blob(name, digest, size, self.clock())
-
-        await asyncio.to_thread(place)
-        await sqlite.run(self.metadata.drop_upload, upload_id)
+        size = await asyncio.to_thread(self.content.upload_size, upload_id)
+        if size is None:
+            raise self._unknown_upload(upload_id)
+        if await self.records.content_size(digest) is None:
+            try:
+                await self._check_quota(size)
+            except RegistryError:
+                await self.cancel(name, upload_id)
+                raise
+        async with self.shared.locked(digest):
+            await asyncio.to_thread(self.content.place_upload, upload_id, digest)
+            await self.shared.publish(digest)
+            await self.records.add_blob(name, digest, size, self.clock())
+        await self.uploads.remove(upload_id)
+        await self.records.drop_upload(upload_id)
         await sqlite.run(self.index.remove, [digest])  # hosted bytes are counted apart
         log.info("hosted_blob_committed", repository=name, digest=digest, size=size)
         return size
 
     async def cancel(self, name: Name, upload_id: str) -> None:
         await self._known_upload(name, upload_id)
-        self._hashing.pop(upload_id, None)
-        await asyncio.to_thread(self.content.remove_upload, upload_id)
-        await sqlite.run(self.metadata.drop_upload, upload_id)
+        await self.uploads.remove(upload_id)
+        await self.records.drop_upload(upload_id)
 
     # -- manifests ----------------------------------------------------------------------------
 
     async def resolve(self, name: Name, reference: str) -> Digest | None:
         if ":" in reference:
             return Digest(reference)
-        return await sqlite.run(self.metadata.tag, name, reference)
+        return await self.records.tag(name, reference)
 
     async def manifest(self, name: Name, reference: str) -> Manifest | None:
         digest = await self.resolve(name, reference)
         if digest is None:
             return None
-        record: ManifestRecord | None = await sqlite.run(self.metadata.manifest, name, digest)
-        if record is None:
+        record: ManifestRecord | None = await self.records.manifest(name, digest)
+        if record is None or not await self.shared.fetch(digest):
             return None
         data = await asyncio.to_thread(self.content.read_bytes, digest)
         if data is None:
@@ -374,11 +322,13 @@ class HostedRegistry:
             descriptor = json.dumps(found) if found is not None else None
         existed = await asyncio.to_thread(self.content.exists, actual)
         await asyncio.to_thread(self.content.place_bytes, actual, data)
+        if not existed:
+            await self.shared.publish(actual)
         record = NewManifest(
             name, actual, parsed.media_type, len(data), subject, descriptor,
             parsed.required, parsed.children, tags,
         )  # fmt: skip
-        missing = await sqlite.run(self.metadata.put_manifest, record, self.clock())
+        missing = await self.records.put_manifest(record, self.clock())
         if missing:
             if not existed:  # a refused push leaves nothing behind
                 await asyncio.to_thread(self.content.unlink, actual)
@@ -394,24 +344,24 @@ class HostedRegistry:
     async def delete_manifest(self, name: Name, reference: str) -> bool:
         """By digest: the manifest and the tags naming it; by tag: only the tag."""
         if ":" in reference:
-            return await sqlite.run(self.metadata.delete_manifest, name, reference)
-        return await sqlite.run(self.metadata.delete_tag, name, reference)
+            return await self.records.delete_manifest(name, reference)
+        return await self.records.delete_tag(name, reference)
 
     async def tags(self, name: Name) -> list[str] | None:
-        return await sqlite.run(self.metadata.tags, name)
+        return await self.records.tags(name)
 
     async def referrers(self, name: Name, subject: Digest) -> list[dict[str, Any]]:
-        found = await sqlite.run(self.metadata.referrers, name, subject)
+        found = await self.records.referrers(name, subject)
         return [json.loads(d) for d in found]
 
     async def repositories(self, principal: Principal) -> list[str]:
         """Hosted repositories the client may pull (the catalog shows nothing else)."""
-        every = await sqlite.run(self.metadata.repositories)
+        every = await self.records.repositories()
         return [r for r in every if self.may(principal, r, "pull")]
 
     async def summary(self, principal: Principal) -> list[dict[str, Any]]:
         """The hosted repositories the client may pull, with their tags (for the page)."""
-        rows = await sqlite.run(self.metadata.summary)
+        rows = await self.records.summary()
         return [
             {"repository": repo, "tags": tags, "manifests": manifests}
             for repo, tags, manifests in rows
@@ -419,33 +369,11 @@ class HostedRegistry:
         ]
 
     async def used_bytes(self) -> int:
-        return await sqlite.run(self.metadata.total_size)
+        return await self.records.total_size()
 
     async def protected(self) -> set[Digest]:
         """Every hosted digest: the cache's eviction must never remove these files."""
-        return await sqlite.run(self.metadata.all_content)
-
-
-def _file_size(fd: int) -> int:
-    return os.fstat(fd).st_size
-
-
-def _range(offset: int) -> str:
-    """The `Range` header of an upload holding `offset` bytes (`0-0` when empty)."""
-    return f"0-{max(offset - 1, 0)}"
-
-
-def _write_all(fd: int, chunks: list[bytes], hashing: _Hashing | None) -> int:
-    written = 0
-    for data in chunks:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        if hashing is not None:
-            hashing.hasher.update(data)
-        written += len(data)
-    return written
+        return await self.records.all_content()
 
 
 @dataclass(frozen=True)
