@@ -972,5 +972,12 @@ def _validate_hosted(config: Config) -> None:
             raise ConfigError("hosted.group", f"{pattern!r} is not covered by hosted.repositories")
     if "hosted" in config.upstreams:
         raise ConfigError("upstreams.hosted", "the name 'hosted' is kept for hosted rules")
+    shared = config.metadata.kind == "redis" and config.storage.kind == "s3"
+    if hosted.repositories and config.clustered and not shared:
+        raise ConfigError(
+            "hosted.repositories",
+            "hosted repositories in a cluster need both metadata.kind: redis and"
+            " storage.kind: s3 (pushes must be visible from every node)",
+        )
     if hosted.manifest_max_size <= 0:
         raise ConfigError("hosted.manifest_max_size", "expected a size above zero")

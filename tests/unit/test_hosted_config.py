@@ -21,6 +21,17 @@ def test_a_hosted_pattern_that_an_upstream_also_serves_is_refused() -> None:
     assert "never both" in str(err.value)
     with pytest.raises(ConfigError, match=r"docker\.io"):
         load_config(None, env={}, overrides={"hosted.repositories": ["docker.io/*"]})
+    with pytest.raises(ConfigError, match="need both"):
+        load_config(
+            None,
+            env={},
+            overrides={
+                "hosted.repositories": ["a/*"],
+                "metadata.kind": "redis",
+                "metadata.redis_url": "redis://127.0.0.1:1/0",
+                "cluster.secret": "s",
+            },
+        )
     with pytest.raises(ConfigError, match=r"hosted\.group"):
         load_config(
             None, env={}, overrides={"hosted.repositories": ["a/*"], "hosted.group": ["b/*"]}
