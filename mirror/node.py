@@ -42,7 +42,6 @@ from mirror.cache.metadata import LocalMetadataStore
 from mirror.cache_policy import CachePolicy
 from mirror.config import Config
 from mirror.hosted.content import HostedContent
-from mirror.hosted.metadata import HostedMetadata
 from mirror.hosted.records import HostedRecords, LocalHostedRecords
 from mirror.hosted.registry import HostedRegistry
 from mirror.hosted.shared import NoSharedContent, S3SharedContent, SharedContent
@@ -123,8 +122,7 @@ async def _hosted(
         uploads = SharedUploads(content, records, s3, redis, owner, clock=clock)
         shared_content = S3SharedContent(content, s3, redis, owner)
     else:
-        db = await sqlite.run(HostedMetadata, content.root / "hosted.db")
-        records = LocalHostedRecords(db)
+        records = LocalHostedRecords(content.root / "hosted.db")
         uploads = LocalUploads(content)
         shared_content = NoSharedContent(content)
     logins = config.auth.htpasswd is not None or config.tls.client_ca is not None

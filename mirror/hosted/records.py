@@ -15,11 +15,16 @@ offset only from the offset the caller saw.
 
 from __future__ import annotations
 
-from typing import Protocol
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 from mirror.cache import sqlite
 from mirror.hosted.metadata import HostedMetadata, ManifestRecord, NewManifest, UploadRecord
 from mirror.reference import Digest
+
+T = TypeVar("T")
 
 
 class HostedRecords(Protocol):
@@ -107,88 +112,110 @@ class HostedRecords(Protocol):
 
 
 class LocalHostedRecords:
-    """`HostedRecords` on the node's SQLite database, every call on a SQLite thread."""
+    """`HostedRecords` on the node's SQLite database, every call on a SQLite thread.
 
-    def __init__(self, db: HostedMetadata) -> None:
-        self.db = db
+    The database is opened on first use, and reads before it exists answer "nothing" without
+    creating it: a mirror that hosts nothing keeps no hosted.db open (each SQLite connection
+    costs a worker three descriptors per thread)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: HostedMetadata | None = None
+
+    def _open(self) -> HostedMetadata:
+        if self._db is None:
+            self._db = HostedMetadata(self.path)
+        return self._db
+
+    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        db = self._db or await sqlite.run(self._open)
+        return await sqlite.run(fn, db, *args)
+
+    async def _read(self, fn: Callable[..., T], default: T, *args: Any) -> T:
+        if self._db is None and not await asyncio.to_thread(self.path.exists):
+            return default
+        return await self._write(fn, *args)
 
     async def content_size(self, digest: str) -> int | None:
-        return await sqlite.run(self.db.content_size, digest)
+        return await self._read(HostedMetadata.content_size, None, digest)
 
     async def add_blob(self, repo: str, digest: str, size: int, now: float) -> None:
-        await sqlite.run(self.db.add_blob, repo, digest, size, now)
+        await self._write(HostedMetadata.add_blob, repo, digest, size, now)
 
     async def link(self, repo: str, digest: str) -> int | None:
-        return await sqlite.run(self.db.link, repo, digest)
+        return await self._read(HostedMetadata.link, None, repo, digest)
 
     async def linked(self, repo: str, digest: str) -> int | None:
-        return await sqlite.run(self.db.linked, repo, digest)
+        return await self._read(HostedMetadata.linked, None, repo, digest)
 
     async def repos_linking(self, digest: str) -> list[str]:
-        return await sqlite.run(self.db.repos_linking, digest)
+        return await self._read(HostedMetadata.repos_linking, [], digest)
 
     async def unlink(self, repo: str, digest: str) -> bool:
-        return await sqlite.run(self.db.unlink, repo, digest)
+        return await self._read(HostedMetadata.unlink, False, repo, digest)
 
     async def total_size(self) -> int:
-        return await sqlite.run(self.db.total_size)
+        return await self._read(HostedMetadata.total_size, 0)
 
     async def all_content(self) -> set[Digest]:
-        return await sqlite.run(self.db.all_content)
+        return await self._read(HostedMetadata.all_content, set())
 
     async def put_manifest(self, m: NewManifest, now: float) -> list[str]:
-        return await sqlite.run(self.db.put_manifest, m, now)
+        return await self._write(HostedMetadata.put_manifest, m, now)
 
     async def manifest(self, repo: str, digest: str) -> ManifestRecord | None:
-        return await sqlite.run(self.db.manifest, repo, digest)
+        return await self._read(HostedMetadata.manifest, None, repo, digest)
 
     async def tag(self, repo: str, tag: str) -> Digest | None:
-        return await sqlite.run(self.db.tag, repo, tag)
+        return await self._read(HostedMetadata.tag, None, repo, tag)
 
     async def delete_manifest(self, repo: str, digest: str) -> bool:
-        return await sqlite.run(self.db.delete_manifest, repo, digest)
+        return await self._read(HostedMetadata.delete_manifest, False, repo, digest)
 
     async def delete_tag(self, repo: str, tag: str) -> bool:
-        return await sqlite.run(self.db.delete_tag, repo, tag)
+        return await self._read(HostedMetadata.delete_tag, False, repo, tag)
 
     async def tags(self, repo: str) -> list[str] | None:
-        return await sqlite.run(self.db.tags, repo)
+        return await self._read(HostedMetadata.tags, None, repo)
 
     async def repositories(self) -> list[str]:
-        return await sqlite.run(self.db.repositories)
+        return await self._read(HostedMetadata.repositories, [])
 
     async def referrers(self, repo: str, subject: str) -> list[str]:
-        return await sqlite.run(self.db.referrers, repo, subject)
+        return await self._read(HostedMetadata.referrers, [], repo, subject)
 
     async def summary(self) -> list[tuple[str, list[str], int]]:
-        return await sqlite.run(self.db.summary)
+        return await self._read(HostedMetadata.summary, [])
 
     async def new_upload(self, upload_id: str, repo: str, now: float) -> None:
-        await sqlite.run(self.db.new_upload, upload_id, repo, now)
+        await self._write(HostedMetadata.new_upload, upload_id, repo, now)
 
     async def upload(self, upload_id: str) -> UploadRecord | None:
-        return await sqlite.run(self.db.upload, upload_id)
+        return await self._read(HostedMetadata.upload, None, upload_id)
 
     async def advance_upload(self, upload_id: str, expected: int, offset: int, now: float) -> bool:
-        return await sqlite.run(self.db.advance_upload, upload_id, expected, offset, now)
+        return await self._read(
+            HostedMetadata.advance_upload, False, upload_id, expected, offset, now
+        )
 
     async def touch_upload(self, upload_id: str, now: float) -> None:
-        await sqlite.run(self.db.touch_upload, upload_id, now)
+        await self._read(HostedMetadata.touch_upload, None, upload_id, now)
 
     async def drop_upload(self, upload_id: str) -> bool:
-        return await sqlite.run(self.db.drop_upload, upload_id)
+        return await self._read(HostedMetadata.drop_upload, False, upload_id)
 
     async def upload_ids(self) -> dict[str, float]:
-        return await sqlite.run(self.db.upload_ids)
+        return await self._read(HostedMetadata.upload_ids, {})
 
     async def untagged_manifests(self) -> list[tuple[str, str]]:
-        return await sqlite.run(self.db.untagged_manifests)
+        return await self._read(HostedMetadata.untagged_manifests, [])
 
     async def garbage(self, committed_before: float) -> list[tuple[Digest, int]]:
-        return await sqlite.run(self.db.garbage, committed_before)
+        return await self._read(HostedMetadata.garbage, [], committed_before)
 
     async def remove_garbage(self, digests: list[str], committed_before: float) -> list[str]:
-        return await sqlite.run(self.db.remove_garbage, digests, committed_before)
+        return await self._read(HostedMetadata.remove_garbage, [], digests, committed_before)
 
     def close(self) -> None:
-        self.db.close()
+        if self._db is not None:
+            self._db.close()

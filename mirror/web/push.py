@@ -4,6 +4,8 @@ referrers API and `/v2/_catalog`.
 `hosted_dispatch` runs before the mirror's routes: a hosted name never reaches the `Mirror`,
 and a write to a mirrored name is refused here with `DENIED` naming the setting. Paths are
 parsed from the raw target as routes.py does (nothing percent-decoded reaches the grammar).
+Their metrics' `route` labels are `hosted_*`, so hosted requests never count as cache hits or
+misses.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ async def hosted_dispatch(request: web.Request) -> web.StreamResponse | None:
         return None
     registry = _registry(request)
     if path == "/v2/_catalog" and request.method in ("GET", "HEAD") and registry.names:
-        request[ROUTE] = "catalog"
+        request[ROUTE] = "hosted_catalog"
         return await catalog(request, registry)
     match = _HOSTED_RE.fullmatch(path)
     if match is None:
@@ -79,18 +81,18 @@ async def _hosted_route(
     request: web.Request, registry: HostedRegistry, hosted_name: Name, match: re.Match[str]
 ) -> web.StreamResponse:
     if match["ref"] is not None:
-        request[ROUTE] = "manifests"
+        request[ROUTE] = "hosted_manifests"
         return await manifests(request, registry, hosted_name, match["ref"])
     if match["upload"] is not None:
-        request[ROUTE] = "uploads"
+        request[ROUTE] = "hosted_uploads"
         return await uploads(request, registry, hosted_name, match["upload"])
     if match["digest"] is not None:
-        request[ROUTE] = "blobs"
+        request[ROUTE] = "hosted_blobs"
         return await blobs(request, registry, hosted_name, match["digest"])
     if match["subject"] is not None:
-        request[ROUTE] = "referrers"
+        request[ROUTE] = "hosted_referrers"
         return await referrers(request, registry, hosted_name, match["subject"])
-    request[ROUTE] = "tags"
+    request[ROUTE] = "hosted_tags"
     return await tags(request, registry, hosted_name)
 
 

@@ -13,13 +13,12 @@ from typing import Any
 
 import pytest
 
-from mirror.cache import sqlite
 from mirror.cache.blobs import FilesystemBlobStore
 from mirror.cache.redis_store import RedisStore
 from mirror.cache.s3 import S3BlobStore
 from mirror.errors import RegistryError
 from mirror.hosted.content import Busy, HostedContent
-from mirror.hosted.metadata import HostedMetadata, NewManifest
+from mirror.hosted.metadata import NewManifest
 from mirror.hosted.records import HostedRecords, LocalHostedRecords
 from mirror.hosted.redis_records import RedisHostedRecords
 from mirror.hosted.uploads import LocalUploads, SharedUploads, UploadStore
@@ -35,7 +34,7 @@ def d(n: int) -> str:
 @pytest.fixture(params=["local", "redis"])
 async def records(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
     if request.param == "local":
-        store = LocalHostedRecords(await sqlite.run(HostedMetadata, tmp_path / "hosted.db"))
+        store = LocalHostedRecords(tmp_path / "hosted.db")
         try:
             yield store
         finally:
@@ -171,7 +170,7 @@ async def uploads(
     content = HostedContent(store, tmp_path / "cache" / "hosted")
     content.setup()
     if request.param == "local":
-        db = LocalHostedRecords(await sqlite.run(HostedMetadata, tmp_path / "hosted.db"))
+        db = LocalHostedRecords(tmp_path / "hosted.db")
         yield LocalUploads(content), db, content
         db.close()
         return
