@@ -137,10 +137,11 @@ class HostedRegistry:
 
     # -- blobs --------------------------------------------------------------------------------
 
-    async def blob_size(self, name: Name, digest: Digest) -> int | None:
-        """The size of a blob `name` may serve, its bytes on this node; None if none."""
+    async def blob_size(self, name: Name, digest: Digest, *, fetch: bool = True) -> int | None:
+        """The size of a blob `name` may serve, and with `fetch` its bytes on this node (a
+        HEAD needs only the record); None if none."""
         size = await self.records.linked(name, digest)
-        if size is None or not await self.shared.fetch(digest):
+        if size is None or (fetch and not await self.shared.fetch(digest)):
             return None
         return size
 

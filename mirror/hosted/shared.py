@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from mirror.hosted.content import HostedContent, new_hasher
-from mirror.hosted.uploads import WRITE_BATCH, put_file
+from mirror.hosted.uploads import WRITE_BATCH, put_file, shared_io
 from mirror.reference import Digest
 
 LOCK_LEASE = 60.0  # seconds a node may hold a digest's lock (a commit or a sweep)
@@ -79,12 +79,17 @@ class S3SharedContent:
         return True
 
     async def publish(self, digest: Digest) -> None:
-        if not await self._exists(digest):
-            await put_file(self.s3, self.key(digest), self.content.path_for(digest))
+        with shared_io("publish"):
+            if not await self._exists(digest):
+                await put_file(self.s3, self.key(digest), self.content.path_for(digest))
 
     async def fetch(self, digest: Digest) -> bool:
         if await asyncio.to_thread(self.content.exists, digest):
             return True
+        with shared_io("fetch"):
+            return await self._fetch(digest)
+
+    async def _fetch(self, digest: Digest) -> bool:
         if not await self._exists(digest):
             return False
         tmp = self.content.uploads / f".fetch-{digest.split(':', 1)[1][:32]}-{os.getpid()}"

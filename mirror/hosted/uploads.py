@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,8 +27,21 @@ from typing import Any, Protocol
 from mirror.errors import RegistryError
 from mirror.hosted.content import Busy, HostedContent, new_hasher
 from mirror.hosted.records import HostedRecords
+from mirror.interfaces import Unavailable
 
 WRITE_BATCH = 1024 * 1024  # bytes gathered before each write to disk
+
+
+@contextlib.contextmanager
+def shared_io(what: str) -> Iterator[None]:
+    """A failure of the shared store (or its client) as `Unavailable`: the web layer answers
+    503 for it, whatever the client library raised. The API's own answers pass through."""
+    try:
+        yield
+    except (RegistryError, Busy, KeyError, OverflowError, Unavailable):
+        raise
+    except Exception as exc:
+        raise Unavailable(f"shared store {what}: {type(exc).__name__}: {exc}") from exc
 
 
 def range_header(offset: int) -> str:
@@ -213,6 +226,17 @@ class SharedUploads:
         length: int | None,
         limit: int,
     ) -> int:
+        with shared_io("append"):
+            return await self._append(upload_id, body, start, length, limit)
+
+    async def _append(
+        self,
+        upload_id: str,
+        body: AsyncIterator[bytes],
+        start: int | None,
+        length: int | None,
+        limit: int,
+    ) -> int:
         async with self._writing(upload_id):
             record = await self.records.upload(upload_id)
             if record is None:
@@ -255,6 +279,10 @@ class SharedUploads:
         return sorted(out)
 
     async def gather(self, upload_id: str, algorithm: str) -> str:
+        with shared_io("gather"):
+            return await self._gather(upload_id, algorithm)
+
+    async def _gather(self, upload_id: str, algorithm: str) -> str:
         size = await self.size(upload_id)
         if size is None:
             raise KeyError(upload_id)
@@ -282,8 +310,9 @@ class SharedUploads:
         return f"{algorithm}:{hasher.hexdigest()}"
 
     async def remove(self, upload_id: str) -> None:
-        for _, key, _ in await self._parts(upload_id):
-            await self.s3.client.delete_object(Bucket=self.s3.bucket, Key=key)
+        with shared_io("remove"):
+            for _, key, _ in await self._parts(upload_id):
+                await self.s3.client.delete_object(Bucket=self.s3.bucket, Key=key)
         await asyncio.to_thread(self.content.remove_upload, upload_id)
 
     async def busy(self, upload_id: str) -> bool:

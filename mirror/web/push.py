@@ -16,11 +16,13 @@ import os
 import re
 from collections.abc import AsyncIterator
 
+import structlog
 from aiohttp import web
 
 from mirror.cache.blobs import OpenBlob
 from mirror.errors import RegistryError
 from mirror.hosted.registry import HostedRegistry
+from mirror.interfaces import Unavailable
 from mirror.ranges import ByteRange, Unsatisfiable, parse_range
 from mirror.reference import (
     Digest,
@@ -35,6 +37,7 @@ from mirror.tag_pages import tag_page
 from mirror.web.keys import CACHE_RESULT, DEADLINE, NODE, PRINCIPAL, ROUTE
 from mirror.web.responses import FileBody, send_blob
 
+log = structlog.get_logger(__name__)
 _HOSTED_RE = re.compile(
     r"/v2/(?P<name>.+)/(?:manifests/(?P<ref>[^/]+)|blobs/uploads/(?P<upload>[^/]*)"
     r"|blobs/(?P<digest>[^/]+)|tags/list|referrers/(?P<subject>[^/]+))"
@@ -53,6 +56,19 @@ def _registry(request: web.Request) -> HostedRegistry:
 
 async def hosted_dispatch(request: web.Request) -> web.StreamResponse | None:
     """The answer for a hosted name (or the catalog, or a refused write); None: not ours."""
+    try:
+        return await _dispatch(request)
+    except Unavailable as exc:  # a cluster's Redis or shared store: nothing was changed
+        log.warning("hosted_unavailable", path=request.path[:512], error=str(exc))
+        raise RegistryError(
+            "UNAVAILABLE",
+            "the cluster's shared store or Redis cannot be reached: try again shortly",
+            status=503,
+            headers={"Retry-After": "5"},
+        ) from None
+
+
+async def _dispatch(request: web.Request) -> web.StreamResponse | None:
     path = request.raw_path.split("?", 1)[0]
     if not path.startswith("/v2/"):
         return None
@@ -217,16 +233,22 @@ async def blobs(
         raise _method_not_allowed(request)
     registry.require(principal, name, "pull")
     request[CACHE_RESULT] = "hosted"
-    size = await registry.blob_size(name, digest)
-    blob = None if size is None else await asyncio.to_thread(_open, registry, digest)
-    if blob is None:
-        raise RegistryError("BLOB_UNKNOWN", "blob unknown", {"digest": digest})
     headers = {
         "Content-Type": "application/octet-stream",
         "Accept-Ranges": "bytes",
         "Cache-Control": "max-age=31536000, immutable",
         **_digest_headers(digest),
     }
+    head = request.method == "HEAD"
+    size = await registry.blob_size(name, digest, fetch=not head)
+    if head and size is not None:
+        answer = web.StreamResponse(headers={**headers, "Content-Length": str(size)})
+        await answer.prepare(request)
+        await answer.write_eof()
+        return answer
+    blob = None if size is None else await asyncio.to_thread(_open, registry, digest)
+    if blob is None:
+        raise RegistryError("BLOB_UNKNOWN", "blob unknown", {"digest": digest})
     try:
         ranges = _ranges(request.headers.get("Range"), blob.size)
     except RegistryError:

@@ -5,6 +5,7 @@ different nodes (as behind a load balancer) and are committed by a third."""
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import yaml
 
 from tests.fixtures.hosted_push import OCI_MANIFEST, digest_of, make_image
 from tests.fixtures.mirror_server import MirrorProcess
+from tests.fixtures.redis_server import RedisServer
 
 NOWHERE = "http://127.0.0.1:9"
 
@@ -114,3 +116,27 @@ def test_a_push_through_one_node_is_served_by_every_node(nodes: list[MirrorProce
     ]
     # The mirror's own log: the chunked upload was committed once, by the node that got its PUT.
     assert [e["digest"] for e in committed].count(digest_of(big)) == 1
+
+
+def test_without_redis_a_push_is_refused_cleanly_and_works_again_after(
+    nodes: list[MirrorProcess], redis_server: RedisServer
+) -> None:
+    """Redis hung: a push gets 503 UNAVAILABLE (not a 500) within a bounded time, changes
+    nothing, and the same push succeeds once Redis answers again."""
+    url = f"{nodes[0].url}/v2/internal/app/blobs/uploads/"
+    data = b"pushed while redis was away"
+    with httpx.Client(timeout=60) as s:
+        redis_server.pause()
+        try:
+            started = time.monotonic()
+            r = s.post(url, params={"digest": digest_of(data)}, content=data)
+            assert time.monotonic() - started < 20
+        finally:
+            redis_server.resume()
+        assert r.status_code == 503, r.text
+        assert r.json()["errors"][0]["code"] == "UNAVAILABLE"
+        assert s.head(f"{nodes[1].url}/v2/internal/app/blobs/{digest_of(data)}").status_code == 404
+        r = s.post(url, params={"digest": digest_of(data)}, content=data)
+        assert r.status_code == 201, r.text
+        got = s.get(f"{nodes[2].url}/v2/internal/app/blobs/{digest_of(data)}")
+        assert got.status_code == 200 and digest_of(got.content) == digest_of(data)
