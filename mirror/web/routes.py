@@ -2,7 +2,8 @@
 
 Paths are parsed from the raw request target, before any decoding, so a percent-encoded dot or
 slash can never reach the grammar as a path separator: anything that is not the plain OCI
-grammar is refused. Only GET and HEAD exist; the mirror is read-only.
+grammar is refused. Only GET and HEAD exist for mirrored names; hosted names (and refused
+writes to mirrored ones) are answered by push.py before these routes.
 """
 
 from __future__ import annotations
