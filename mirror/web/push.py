@@ -73,6 +73,8 @@ async def _dispatch(request: web.Request) -> web.StreamResponse | None:
     if not path.startswith("/v2/"):
         return None
     registry = _registry(request)
+    if not registry.names and request.method not in WRITE_METHODS:
+        return None  # nothing hosted: pulls go straight to the mirror's routes
     if path == "/v2/_catalog" and request.method in ("GET", "HEAD") and registry.names:
         request[ROUTE] = "hosted_catalog"
         return await catalog(request, registry)
