@@ -42,6 +42,7 @@ class Rule:
     who: tuple[str, ...]
     repositories: tuple[str, ...]
     allow: bool
+    actions: tuple[str, ...] = ("pull",)  # pull / push / delete: what the rule decides
     _patterns: tuple[re.Pattern[str], ...] = field(default=(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -80,17 +81,25 @@ class Policy:
         self.default = default  # when no rule matches
 
     def allows(
-        self, principal: Principal, upstream: str, repository: str, *, private: bool = False
+        self,
+        principal: Principal,
+        upstream: str,
+        repository: str,
+        *,
+        private: bool = False,
+        action: str = "pull",
     ) -> bool:
+        """`action` pull follows the default when no rule matches; push and delete (hosted
+        repositories only) need a rule that allows them, for anyone, anonymous or not."""
         if principal is OPERATOR:
             return True
         if not principal.authenticated and (private or not self.anonymous):
             return False
         subject = f"{upstream}/{repository}"
         for rule in self.rules:
-            if rule.applies_to(principal) and rule.covers(subject):
+            if action in rule.actions and rule.applies_to(principal) and rule.covers(subject):
                 return rule.allow
-        return self.default
+        return self.default if action == "pull" else False
 
     def allows_all_private(self, principal: Principal) -> bool:
         """Whether no rule can refuse `principal` anything (admins, the operator, and users
@@ -99,11 +108,14 @@ class Policy:
             return True
         if not principal.authenticated or not self.default:
             return False
-        return not any(r.applies_to(principal) and not r.allow for r in self.rules)
+        return not any(
+            "pull" in r.actions and r.applies_to(principal) and not r.allow for r in self.rules
+        )
 
 
 def build_policy(config: Config) -> Policy:
     rules = [
-        Rule(rule.who, rule.repositories, rule.action == "allow") for rule in config.access.rules
+        Rule(rule.who, rule.repositories, rule.action == "allow", rule.actions)
+        for rule in config.access.rules
     ]
     return Policy(rules, anonymous=config.auth.anonymous, default=config.access.default == "allow")

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import structlog
@@ -67,6 +67,7 @@ class CachePolicy:
         shared: SharedTier,
         *,
         recency_grace: float | None = None,
+        protected: Callable[[], Awaitable[set[Digest]]] | None = None,
     ) -> None:
         """`recency_grace`: how long a pass waits for other workers' serves to be written
         (default: `RECENCY_GRACE` among workers, none in a single process)."""
@@ -80,6 +81,7 @@ class CachePolicy:
         self.store = evictor.store
         self.shared = shared
         self.resolver = PinResolver(mirror.router, mirror.metadata, mirror.manifest_bytes)
+        self.protected = protected  # digests never evicted whatever the pins (hosted content)
 
     # -- pins -------------------------------------------------------------------------------
 
@@ -103,8 +105,11 @@ class CachePolicy:
         return await self.own_pins()
 
     async def pinned(self) -> set[Digest]:
-        """Every digest the pins reach that the cache knows of."""
-        return await self.resolver.pinned_digests(await self.pins())
+        """Every digest the pins reach that the cache knows of, and protected ones."""
+        pinned = await self.resolver.pinned_digests(await self.pins())
+        if self.protected is not None:
+            pinned |= await self.protected()
+        return pinned
 
     async def references(self, digest: Digest) -> set[Digest]:
         """`digest` and everything it references that the cache knows of (an image whole)."""
@@ -144,6 +149,8 @@ class CachePolicy:
         await sqlite.run(
             self.index.reconcile, self.store.blob_dir, self.mirror.metadata.is_manifest
         )
+        if self.protected is not None:  # hosted content: counted apart, never evicted
+            await sqlite.run(self.index.remove, sorted(await self.protected()))
         async with self._evicting(wait=True):
             if not dry_run:
                 await self._await_other_workers(RECENCY_GRACE)

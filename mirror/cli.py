@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # argparse names no public type for it; generic only to the c
     from aiohttp import web
 
     from mirror import maintenance
+    from mirror.hosted import gc as hosted_gc
 # The commands import what they use when they run: `serve`'s supervisor never loads the web,
 # cache or bundle code its workers run, and stays small (issue 20: memory of the service).
 
@@ -260,11 +261,15 @@ def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
-async def _gc(config: Config, dry_run: bool) -> int:
+async def _gc(config: Config, dry_run: bool, delete_untagged: bool = False) -> int:
     from mirror import maintenance
+    from mirror.hosted import gc as hosted_gc
 
     async with maintenance.open_cache(config) as cache:
         plan, shared = await maintenance.gc(cache, dry_run=dry_run)
+        hosted = await hosted_gc.collect(
+            cache.hosted, dry_run=dry_run, delete_untagged=delete_untagged
+        )
     verb = "would remove" if dry_run else "removed"
     for digest, entry, reason in plan.victims:
         served = _when(entry.last_served)
@@ -282,7 +287,22 @@ async def _gc(config: Config, dry_run: bool) -> int:
             f"shared store: {verb} {len(shared.victims)} objects, {human(shared.freed)}; "
             f"it held {human(shared.size_before)}, budget {budget}"
         )
+    if config.hosted.repositories:
+        _print_hosted_gc(hosted, verb)
     return 0
+
+
+def _print_hosted_gc(hosted: hosted_gc.HostedCollection, verb: str) -> None:
+    for repo, digest in hosted.manifests:
+        print(f"{verb} hosted manifest {repo}@{digest} (untagged)")
+    for digest, size in hosted.blobs:
+        print(f"{verb} hosted {digest} {human(size)} (no hosted manifest references it)")
+    for upload_id in hosted.uploads:
+        print(f"{verb} abandoned upload {upload_id}")
+    print(
+        f"hosted: {verb} {len(hosted.blobs)} blobs, {human(hosted.freed)}; "
+        f"{len(hosted.uploads)} abandoned uploads"
+    )
 
 
 async def _ls(config: Config) -> int:
@@ -422,8 +442,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
-    gc = _cache_parser(sub, "gc", "apply the eviction policy now")
+    gc = _cache_parser(
+        sub, "gc", "apply the eviction policy now; collect unreferenced hosted blobs"
+    )
     gc.add_argument("--dry-run", action="store_true", help="only list what would go")
+    gc.add_argument(
+        "--delete-untagged",
+        action="store_true",
+        help="also delete hosted manifests no tag reaches (and so their blobs)",
+    )
     _cache_parser(sub, "ls", "list cached repositories and tags")
     verify = _cache_parser(sub, "verify", "re-hash every blob; remove any that does not match")
     verify.add_argument("--repair", action="store_true", help="also rebuild the index")
@@ -470,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         _not_a_directory(config.cache.dir)
         if args.command == "gc":
-            return asyncio.run(_gc(config, args.dry_run))
+            return asyncio.run(_gc(config, args.dry_run, args.delete_untagged))
         if args.command == "ls":
             return asyncio.run(_ls(config))
         if args.command == "verify":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import fnmatch
 import importlib.util
 import os
 import re
@@ -52,6 +53,8 @@ _SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 # The choices, as types: mypy then rejects a comparison with a value that cannot occur.
 LibraryPrefix = Literal["auto", "true", "false"]
 Action = Literal["allow", "deny"]
+RuleVerb = Literal["pull", "push", "delete"]
+RULE_VERBS: tuple[RuleVerb, ...] = ("pull", "push", "delete")
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "console"]
 StorageKind = Literal["filesystem", "s3"]
@@ -170,6 +173,15 @@ class AccessRule:
     who: tuple[str, ...]
     repositories: tuple[str, ...]
     action: Action
+    # What the rule is about: pull (default), push, delete (hosted repositories).
+    actions: tuple[RuleVerb, ...] = ("pull",)
+
+
+def _parse_verbs(value: object) -> tuple[RuleVerb, ...]:
+    verbs = _parse_list(value)
+    if not verbs or any(v not in RULE_VERBS for v in verbs):
+        raise ValueError
+    return tuple(v for v in RULE_VERBS if v in verbs)
 
 
 def _parse_rules(value: object) -> tuple[AccessRule, ...]:
@@ -178,14 +190,17 @@ def _parse_rules(value: object) -> tuple[AccessRule, ...]:
         raise ValueError
     rules = []
     for item in value:
-        if not isinstance(item, Mapping) or set(item) - {"who", "repositories", "action"}:
+        if not isinstance(item, Mapping) or set(item) - {
+            "who", "repositories", "action", "actions"
+        }:  # fmt: skip
             raise ValueError
         action = _parse_action(item.get("action", "allow"))
+        verbs = _parse_verbs(item.get("actions", ["pull"]))
         who = _parse_list(item.get("who", ["*"]))
         repositories = _parse_list(item.get("repositories", ["*"]))
         if not who or not repositories:
             raise ValueError
-        rules.append(AccessRule(who, repositories, action))
+        rules.append(AccessRule(who, repositories, action, verbs))
     return tuple(rules)
 
 
@@ -308,7 +323,9 @@ BUDGET = Kind(_parse_budget, "a size such as 50GiB, or a share of the disk such 
 LIST = Kind(_parse_list, "a list of strings (comma-separated in the environment)")
 GROUPS = Kind(_parse_groups, "a mapping of group names to lists of user names")
 RULES = Kind(
-    _parse_rules, "a list of rules, each {who: [...], repositories: [...], action: allow | deny}"
+    _parse_rules,
+    "a list of rules, each {who: [...], repositories: [...], action: allow | deny,"
+    " actions: [pull, push, delete]}",
 )
 VERIFY = Kind(
     _parse_verify,
@@ -475,6 +492,30 @@ class AccessConfig:
     default: Action = opt("allow", choice(Action))
     # Tried in order, the first matching rule decides; default none.
     rules: tuple[AccessRule, ...] = opt((), RULES)
+
+
+@dataclass(frozen=True)
+class HostedConfig:
+    """Repositories the mirror hosts itself (pushed to it) beside the ones it mirrors."""
+
+    # Name globs of hosted repositories (`internal/*`: `*` spans `/`); default none. Such a
+    # name is never mirrored; every other name is, and pushes to those are refused.
+    repositories: tuple[str, ...] = opt((), LIST)
+    # Name globs, each also hosted, whose pulls fall back to the upstream when the hosted
+    # repository lacks the tag or digest (a "group"); default none.
+    group: tuple[str, ...] = opt((), LIST)
+    # Most bytes hosted content may take; 0 (default): no limit. Pushes past it are refused.
+    quota: int = opt(0, SIZE)
+    # Uploads untouched this long are abandoned and removed by `gc` (default 24h).
+    upload_max_age: float = opt(86400.0, DURATION)
+    # Blobs committed less than this long ago are never collected by `gc`: a push in progress
+    # uploads its blobs before the manifest that references them (default 1h).
+    gc_grace: float = opt(3600.0, DURATION)
+    # Accept image manifests whose layers were not pushed ("sparse" manifests, OCI 1.1; the
+    # config must still be there); default false: every distributable layer must be.
+    sparse: bool = opt(False, BOOL)
+    # Largest manifest accepted by a push (default 4MiB).
+    manifest_max_size: int = opt(4 * 1024 * 1024, SIZE)
 
 
 @dataclass(frozen=True)
@@ -652,6 +693,7 @@ class Config:
     upstreams: Mapping[str, UpstreamConfig] = opt(_NO_MAPPING, UPSTREAMS)
     auth: AuthConfig = field(default_factory=AuthConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
+    hosted: HostedConfig = field(default_factory=HostedConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -1045,6 +1087,7 @@ def validate(config: Config) -> None:
     _validate_front_door(config)
     _validate_cluster(config)
     _validate_verify(config.verify)
+    _validate_hosted(config)
 
 
 def _validate_verify(rules: tuple[VerifyRule, ...]) -> None:
@@ -1072,3 +1115,37 @@ def read_key(text: str) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise OSError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _validate_hosted(config: Config) -> None:
+    """A name is hosted or mirrored, never both: no hosted pattern may start with a path
+    prefix that routes to an upstream (its host or alias)."""
+    hosted = config.hosted
+    prefixes = {host: "upstream" for host in config.upstream.registry_names()}
+    for name, upstream in config.upstreams.items():
+        for host in [*upstream.registry_names(), *upstream.aliases]:
+            prefixes[host] = f"upstreams.{name}"
+    for pattern in hosted.repositories:
+        if not pattern or pattern.startswith("/") or " " in pattern:
+            raise ConfigError("hosted.repositories", f"expected a name glob, got {pattern!r}")
+        first = pattern.split("/", 1)[0]
+        if first in prefixes:
+            raise ConfigError(
+                "hosted.repositories",
+                f"{pattern!r} names are mirrored from {prefixes[first]} ({first!r}); "
+                "a name is either hosted or mirrored, never both",
+            )
+    for pattern in hosted.group:
+        if not any(fnmatch.fnmatchcase(pattern, p) for p in hosted.repositories):
+            raise ConfigError("hosted.group", f"{pattern!r} is not covered by hosted.repositories")
+    if "hosted" in config.upstreams:
+        raise ConfigError("upstreams.hosted", "the name 'hosted' is kept for hosted rules")
+    shared = config.metadata.kind == "redis" and config.storage.kind == "s3"
+    if hosted.repositories and config.clustered and not shared:
+        raise ConfigError(
+            "hosted.repositories",
+            "hosted repositories in a cluster need both metadata.kind: redis and"
+            " storage.kind: s3 (pushes must be visible from every node)",
+        )
+    if hosted.manifest_max_size <= 0:
+        raise ConfigError("hosted.manifest_max_size", "expected a size above zero")

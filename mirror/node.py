@@ -11,6 +11,7 @@ The cache directory (`cache.dir`), as the node lays it out (each part's owner in
     ├── index/entries/, index/meta/    LRU/TTL index, totals and pins (diskcache) [cache/index.py]
     ├── meta/                          tags, media types, provenance, privacy
     │                                  (diskcache)                            [cache/metadata.py]
+    ├── hosted/                        hosted repositories: records, uploads  [hosted/content.py]
     ├── token.key                      the key signing client tokens, 0600        [web/auth.py]
     └── metrics/                       per-worker Prometheus files (workers > 1)  [workers.py]
 
@@ -40,6 +41,11 @@ from mirror.cache.index import CacheIndex
 from mirror.cache.metadata import LocalMetadataStore
 from mirror.cache_policy import CachePolicy
 from mirror.config import Config
+from mirror.hosted.content import HostedContent
+from mirror.hosted.records import HostedRecords, LocalHostedRecords
+from mirror.hosted.registry import HostedRegistry
+from mirror.hosted.shared import NoSharedContent, S3SharedContent, SharedContent
+from mirror.hosted.uploads import LocalUploads, SharedUploads, UploadStore
 from mirror.interfaces import MetadataStore, SharedTier
 from mirror.metrics import Metrics
 from mirror.mirror import Mirror
@@ -65,6 +71,7 @@ class Node:
     evictor: Evictor
     policy: CachePolicy
     metrics: Metrics
+    hosted: HostedRegistry
 
 
 async def _shared_tier(
@@ -91,6 +98,41 @@ async def _shared_tier(
     return cluster, tiered
 
 
+async def _hosted(
+    config: Config,
+    store: FilesystemBlobStore,
+    index: CacheIndex,
+    shared: SharedTier,
+    clock: Callable[[], float],
+) -> HostedRegistry:
+    """Hosted repositories: their bytes in the cache's store; records, uploads and commits
+    the node's own, or in a cluster with Redis and S3 the cluster's (Redis, the shared store),
+    so every node sees a push at once and an upload's chunks may arrive at any node."""
+    content = HostedContent(store, config.cache.dir / "hosted")
+    await asyncio.to_thread(content.setup)
+    records: HostedRecords
+    uploads: UploadStore
+    shared_content: SharedContent
+    redis, s3 = getattr(shared, "redis", None), getattr(shared, "s3", None)
+    if redis is not None and s3 is not None:
+        from mirror.cluster import node_url
+        from mirror.hosted.redis_records import RedisHostedRecords
+
+        owner = node_url(config)
+        records = RedisHostedRecords(redis)
+        uploads = SharedUploads(content, records, s3, redis, owner, clock=clock)
+        shared_content = S3SharedContent(content, s3, redis, owner)
+    else:
+        records = LocalHostedRecords(content.root / "hosted.db")
+        uploads = LocalUploads(content)
+        shared_content = NoSharedContent(content)
+    logins = config.auth.htpasswd is not None or config.tls.client_ca is not None
+    return HostedRegistry(
+        config.hosted, records, content, uploads, shared_content, index, build_policy(config),
+        logins=logins, clock=clock,
+    )  # fmt: skip
+
+
 @asynccontextmanager
 async def open_node(
     config: Config,
@@ -114,13 +156,18 @@ async def open_node(
         policy=build_policy(config), shared=shared, verify=config.verify,
     )  # fmt: skip
     evictor = Evictor(store, index, config.cache, clock)
-    policy = CachePolicy(config, mirror, evictor, shared)
+    hosted = await _hosted(config, store, index, shared, clock)
+    policy = CachePolicy(config, mirror, evictor, shared, protected=hosted.protected)
     try:
         if connect:
             await router.start()
-        yield Node(config, store, metadata, index, router, shared, mirror, evictor, policy, metrics)
+        yield Node(
+            config, store, metadata, index, router, shared, mirror, evictor, policy, metrics,
+            hosted,
+        )  # fmt: skip
     finally:
         await mirror.prefetcher.close()
+        hosted.records.close()
         await mirror.fills.close()
         await shared.close()
         await router.close()

@@ -1,7 +1,8 @@
 """The OCI distribution grammar for repository names, tags and digests.
 
 Everything a client sends is checked here, at the edge; inside the mirror a `Name`, `Tag` or
-`Digest` is trusted. Only sha256 digests are accepted: they are the cache's content addresses.
+`Digest` is trusted. Only sha256 digests are accepted for mirrored names (the cache's content
+addresses); hosted repositories take sha512 too (`parse_content_digest`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ NAME_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 TAG_RE = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
 DIGEST_RE = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+")
 SHA256_RE = re.compile(r"sha256:[a-f0-9]{64}")
+SHA512_RE = re.compile(r"sha512:[a-f0-9]{128}")
 MAX_NAME_LENGTH = 255
 
 
@@ -47,6 +49,14 @@ def parse_digest(value: str) -> Digest:
             "DIGEST_INVALID", "unsupported digest algorithm or length", {"digest": value[:256]}
         )
     raise RegistryError("DIGEST_INVALID", "invalid digest", {"digest": value[:256]})
+
+
+def parse_content_digest(value: str) -> Digest:
+    """A sha256 or sha512 digest: what hosted repositories accept (pushed content may use
+    either); the cache's own fills stay sha256 (`parse_digest`)."""
+    if SHA512_RE.fullmatch(value):
+        return Digest(value)
+    return parse_digest(value)
 
 
 def is_digest(reference: str) -> bool:

@@ -304,6 +304,8 @@ async def _housekeeping(node: Node) -> None:
         )
         if added or dropped:
             log.info("index_reconciled", added=added, dropped=dropped)
+        # Hosted content is counted apart (and never evicted): not the cache's entries.
+        await sqlite.run(index.remove, sorted(await node.hosted.protected()))
     except Exception:
         log.exception("index_reconcile_failed")  # serving never depended on the index
     last_pass = float("-inf")

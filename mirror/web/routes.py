@@ -2,7 +2,8 @@
 
 Paths are parsed from the raw request target, before any decoding, so a percent-encoded dot or
 slash can never reach the grammar as a path separator: anything that is not the plain OCI
-grammar is refused. Only GET and HEAD exist; the mirror is read-only.
+grammar is refused. Only GET and HEAD exist for mirrored names; hosted names (and refused
+writes to mirrored ones) are answered by push.py before these routes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from mirror.mirror import BlobAnswer
 from mirror.ranges import ByteRange, Unsatisfiable, if_range_holds, parse_range
 from mirror.reference import Name, parse_digest, parse_name, parse_reference, parse_tag
 from mirror.web.keys import CACHE_RESULT, MIRROR, PRINCIPAL, ROUTE
+from mirror.web.push import hosted_dispatch
 from mirror.web.responses import BlobBody, FileBody, FillBody, StreamBody, send_blob
 
 API_VERSION_HEADERS = {"Docker-Distribution-API-Version": "registry/2.0"}
@@ -218,6 +220,9 @@ async def referrers(request: web.Request, route: Route) -> web.Response:
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
+    hosted = await hosted_dispatch(request)  # hosted names never reach the Mirror
+    if hosted is not None:
+        return hosted
     route = parse_route(request)
     request[ROUTE] = route.kind
     if route.kind == "base":

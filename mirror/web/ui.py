@@ -390,9 +390,19 @@ async def contents(request: web.Request) -> web.Response:
         "page_size": PAGE_SIZE,
         "snapshot": snapshot,
         "select_ms": (time.perf_counter() - started) * 1000,
+        **await _hosted(request),
         "link": lambda **kw: "?" + urlencode({"q": query, "sort": sort, **kw}),
     }
     return _render(request, "contents.html", context)
+
+
+async def _hosted(request: web.Request) -> dict[str, Any]:
+    """Hosted repositories the viewer may pull, listed apart from the cache's (issue 18)."""
+    hosted = request.app[NODE].hosted
+    if not hosted.names:
+        return {"hosted": None}
+    rows = await hosted.summary(principal_of(request))
+    return {"hosted": rows, "hosted_bytes": await hosted.used_bytes()}
 
 
 async def repository(request: web.Request) -> web.Response:

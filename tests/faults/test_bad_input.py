@@ -65,12 +65,14 @@ CASES = [
     ("GET", "/v2/library/alpine/tags/list?n=%D9%A3", 400, "PAGINATION_NUMBER_INVALID"),
     ("GET", "/v2/library/alpine/tags/list?n=%201", 400, "PAGINATION_NUMBER_INVALID"),
     ("GET", "/v2/library/alpine/tags/list?n=1&last=%C2%B2", 400, "TAG_INVALID"),
-    ("PUT", "/v2/library/alpine/manifests/latest", 405, "UNSUPPORTED"),
-    ("DELETE", "/v2/library/alpine/manifests/" + GOOD, 405, "UNSUPPORTED"),
-    ("DELETE", "/v2/library/alpine/blobs/" + GOOD, 405, "UNSUPPORTED"),
-    ("POST", "/v2/library/alpine/blobs/uploads/", 405, "UNSUPPORTED"),
-    ("PATCH", "/v2/library/alpine/blobs/uploads/abc", 405, "UNSUPPORTED"),
-    ("PUT", "/v2/library/alpine/blobs/uploads/abc?digest=" + GOOD, 405, "UNSUPPORTED"),
+    # Writes to a mirrored name: refused, naming the setting that would host it (issue 18).
+    ("PUT", "/v2/library/alpine/manifests/latest", 403, "DENIED"),
+    ("DELETE", "/v2/library/alpine/manifests/" + GOOD, 403, "DENIED"),
+    ("DELETE", "/v2/library/alpine/blobs/" + GOOD, 403, "DENIED"),
+    ("POST", "/v2/library/alpine/blobs/uploads/", 403, "DENIED"),
+    ("PATCH", "/v2/library/alpine/blobs/uploads/abc", 403, "DENIED"),
+    ("PUT", "/v2/library/alpine/blobs/uploads/abc?digest=" + GOOD, 403, "DENIED"),
+    ("PUT", "/v2/library/alpine", 405, "UNSUPPORTED"),
     ("GET", "/v2/library/alpine/blobs/uploads/abc", 405, "UNSUPPORTED"),
     ("GET", "/v2/_catalog", 405, "UNSUPPORTED"),
     ("GET", "/admin", 405, "UNSUPPORTED"),
@@ -98,9 +100,10 @@ async def test_base_endpoint_and_api_version_header(fake: FakeUpstream, tmp_path
             assert resp.status == 200
             assert resp.headers["Docker-Distribution-API-Version"] == "registry/2.0"
         async with s.put(f"{base}/v2/library/x/manifests/latest", data=b"{}") as resp:
-            assert resp.status == 405
+            assert resp.status == 403
             assert resp.headers["Docker-Distribution-API-Version"] == "registry/2.0"
             assert resp.headers["Content-Type"].startswith("application/json")
+            assert "hosted.repositories" in (await resp.json())["errors"][0]["message"]
 
 
 async def test_ns_for_another_registry_is_refused(fake: FakeUpstream, tmp_path: Path) -> None:
