@@ -366,17 +366,13 @@ class FileBlobWriter:
         return self._rehash
 
     def _hash_prefix(self) -> None:
-        fd = os.open(self.tmp_path, os.O_RDONLY)
-        try:
-            offset = 0
-            while offset < self.resumed_from:
-                data = os.pread(fd, min(STREAM_CHUNK, self.resumed_from - offset), offset)
-                if not data:
-                    raise OSError(errno.EIO, f"partial of {self.digest} shorter than claimed")
-                self._hash.update(data)
-                offset += len(data)
-        finally:
-            os.close(fd)
+        offset = 0
+        while offset < self.resumed_from:
+            data = os.pread(self._fd, min(STREAM_CHUNK, self.resumed_from - offset), offset)
+            if not data:
+                raise OSError(errno.EIO, f"partial of {self.digest} shorter than claimed")
+            self._hash.update(data)
+            offset += len(data)
 
     async def write_chunks(self, chunks: list[bytes]) -> None:
         if self._rehash is not None:
@@ -459,6 +455,10 @@ class FileBlobWriter:
         self._close()
 
     async def abort(self) -> None:
+        if self._rehash is not None:  # its thread reads our descriptor: let it finish first
+            await asyncio.wait([self._rehash])
+            if not self._rehash.cancelled():
+                self._rehash.exception()  # retrieved: the abort is the answer to it
         await asyncio.to_thread(self._abort)
 
     def _abort(self) -> None:
