@@ -72,6 +72,19 @@ class PartName:
         return cls(Digest(f"sha256:{parts[0]}"), declared, parts[2])
 
 
+def _flock_soon(fd: int, tries: int = 10) -> None:
+    """Take `fd`'s flock, waiting out the moment another process spends testing whether the
+    file's writer lives (`_writer_alive`); a live writer's lock raises `BlockingIOError`."""
+    for _ in range(tries - 1):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            time.sleep(0.005)
+        else:
+            return
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def _writer_alive(path: Path) -> bool:
     """Whether a live writer holds `path`'s flock (blocking); False if it is gone."""
     try:
@@ -249,7 +262,7 @@ class FilesystemBlobStore:
             except OSError:
                 continue
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails: a live writer's
+                _flock_soon(fd)  # fails: a live writer's
                 mine = self.tmp_dir / temp_name(digest, part.declared, source)
                 os.rename(path, mine)  # fails: another process claimed it first
             except OSError:
