@@ -420,10 +420,12 @@ class Cluster:
         digest: Digest,
         upstream: Callable[[int], Awaitable[Stream]],
         fill: Callable[[], FillBase],
+        offset: int = 0,
     ) -> UpstreamBody:
-        """The bytes for this node's fill of `digest`; `upstream(offset)` opens the upstream,
-        `fill()` is the fill they feed (for the shared-store upload when this node owns it)."""
-        body = _ClusterBody(self, digest, upstream, fill)
+        """The bytes for this node's fill of `digest` from `offset`; `upstream(offset)` opens
+        the upstream, `fill()` is the fill they feed (for the shared-store upload when this
+        node owns it)."""
+        body = _ClusterBody(self, digest, upstream, fill, offset)
         await body.open()
         return UpstreamBody(body.size, body.chunks(), body.close)
 
@@ -559,9 +561,11 @@ class _ClusterBody:
         digest: Digest,
         upstream: Callable[[int], Awaitable[Stream]],
         fill: Callable[[], FillBase],
+        start: int = 0,
     ) -> None:
         self.cluster = cluster
         self.digest = digest
+        self.start = start  # where this node's fill begins (a resumed partial's end)
         self._upstream = upstream
         self._fill = fill
         self.size: int | None = None
@@ -569,7 +573,7 @@ class _ClusterBody:
         self._source: Stream | None = None
 
     async def open(self) -> None:
-        self._source = await self._next(0)
+        self._source = await self._next(self.start)
         self.size = self._source.size
 
     async def _next(self, offset: int) -> Stream:
@@ -584,7 +588,7 @@ class _ClusterBody:
             claim = await cluster._claim(self.digest)
             owner = claim.owner
             if claim.mine:
-                if offset:
+                if offset > self.start:
                     cluster.metrics.fill_takeovers.inc()
                     log.warning("fill_taken_over", digest=self.digest, offset=offset)
                 self.kind = "upstream"
@@ -608,7 +612,7 @@ class _ClusterBody:
             await asyncio.sleep(FOLLOW_POLL)
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        offset = 0
+        offset = self.start
         while True:
             assert self._source is not None
             try:

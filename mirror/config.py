@@ -369,6 +369,11 @@ class CacheConfig:
     gc_interval: float = opt(60.0, DURATION)
     # Images never evicted (repo:tag or repo@digest); default none.
     pins: tuple[str, ...] = opt((), LIST)
+    # A fill cut short by a crash leaves a partial blob that the next pull of it resumes
+    # (asking the upstream only for the rest); kept this long since its last write (default
+    # 1d) and up to this many bytes in all (default 4GiB), newest first. 0 = none kept.
+    partial_max_age: float = opt(86400.0, DURATION)
+    partial_max_size: int = opt(4 * 1024**3, SIZE)
 
     def budget_bytes(self, filesystem_size: int) -> int:
         """The size limit in bytes (0: none); a percentage is of the cache's file system."""

@@ -88,7 +88,13 @@ class BlobWriter(Protocol):
     """Receives one blob's bytes; nothing is visible to readers of the store until `commit`."""
 
     digest: Digest
-    written: int
+    written: int  # bytes in the file, a resumed partial's included
+    expected_size: int | None  # the declared size, None if the upstream did not say
+    resumed_from: int  # bytes a claimed partial held before this writer (0: a new file)
+
+    def rehash(self) -> Awaitable[None]:
+        """Hash a claimed partial's bytes (in a thread); writes and `verify` wait for it.
+        Unreadable or short: raises `OSError` (the fill then discards the partial)."""
 
     async def write(self, data: bytes) -> None:
         """Append `data` (hashing it). Disk failure: raises `OSError`."""
@@ -116,8 +122,16 @@ class FillTarget(Protocol):
     async def stat(self, digest: Digest) -> int | None:
         """The committed blob's size; None if absent. Disk failure: raises `OSError`."""
 
-    async def begin_write(self, digest: Digest, size: int | None) -> BlobWriter:
-        """A writer for `digest` (`size` if declared). Disk full or failing: raises `OSError`."""
+    async def begin_write(
+        self, digest: Digest, size: int | None, source: str | None = None
+    ) -> BlobWriter:
+        """A writer for `digest` (`size` if declared) of bytes from `source` (an
+        `<upstream>/<repository>`; None: not resumable). Disk full or failing: `OSError`."""
+
+    async def resume_write(self, digest: Digest, source: str) -> BlobWriter | None:
+        """A writer continuing an abandoned partial of `digest` from that same `source`,
+        claimed so that no other process can (None: nothing to resume). Its bytes are not
+        trusted: they are re-hashed and the commit checks the whole. Disk failing: OSError."""
 
 
 # -- metadata --------------------------------------------------------------------------------
@@ -261,9 +275,11 @@ class SharedTier(Protocol):
         digest: Digest,
         upstream: Callable[[int], Awaitable[ByteSource]],
         fill: Callable[[], FillBase],
+        offset: int = 0,
     ) -> UpstreamBody:
-        """The bytes for this node's fill: from the shared store, the node holding the fill's
-        lease, or `upstream(offset)`. The upstream's failures propagate."""
+        """The bytes from `offset` (a resumed partial's end) for this node's fill: from the
+        shared store, the node holding the fill's lease, or `upstream(offset)`. The
+        upstream's failures propagate."""
 
     async def claim_fetch(self, key: Digest) -> bool:
         """Whether this node makes the fetch named `key` (a manifest by tag) for every node;

@@ -11,8 +11,21 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import TextIO, cast
 
 import structlog
+
+
+class _Stderr:
+    """Whatever `sys.stderr` is when a line is written, not when logging was set up: a
+    command run in-process (tests, `main([...])`) may set up logging with a stream that is
+    closed later, and every module's cached logger would then raise on its next line."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 def setup_logging(level: str = "info", fmt: str = "auto") -> None:
@@ -40,7 +53,7 @@ def setup_logging(level: str = "info", fmt: str = "auto") -> None:
     ]
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, renderer],
-        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.WriteLoggerFactory(file=cast(TextIO, _Stderr())),
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         cache_logger_on_first_use=True,
     )

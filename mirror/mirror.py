@@ -99,7 +99,7 @@ class BlobAnswer:
             await self.stream.aclose()
 
 
-async def _never_fetch() -> UpstreamBody:
+async def _never_fetch(_offset: int) -> UpstreamBody:
     raise RegistryError("BLOB_UNKNOWN", "this node is not fetching that blob")
 
 
@@ -544,11 +544,11 @@ class Mirror:
         async def from_upstream(offset: int = 0) -> ByteSource:
             return await _open_upstream(upstream, name, digest, offset)
 
-        async def open_body() -> UpstreamBody:
+        async def open_body(offset: int) -> UpstreamBody:
             # The shared store, the node filling it, or the upstream (one node: the upstream).
-            return await self.shared.open_body(digest, from_upstream, lambda: fill)
+            return await self.shared.open_body(digest, from_upstream, lambda: fill, offset)
 
-        fill, started = self.fills.join(digest, open_body)
+        fill, started = self.fills.join(digest, open_body, _source(target))
         if started and fill.task is not None:
             fill.task.add_done_callback(lambda _t: self._fill_ended(fill))
         # Joining a fill whose bytes all verified already costs no upstream traffic: a hit.
@@ -594,9 +594,9 @@ class Mirror:
         upstream, name = target.upstream, target.name
         opened = False
 
-        async def open_body() -> UpstreamBody:
+        async def open_body(offset: int) -> UpstreamBody:
             nonlocal opened
-            stream = await _open_upstream(upstream, name, digest)
+            stream = await _open_upstream(upstream, name, digest, offset)
             opened = True
             return UpstreamBody(stream.size, stream.chunks(), stream.close)
 
@@ -611,7 +611,8 @@ class Mirror:
 
         free = not self.offline and not self.disk.bypassing
         if free and await self.store.stat(digest) is None:
-            fill, started = self.fills.join(digest, open_body)
+            # A partial resumed here came from this same target: all the bytes are its own.
+            fill, started = self.fills.join(digest, open_body, _source(target))
             if started and fill.task is not None:
                 fill.task.add_done_callback(lambda _t: self._fill_ended(fill))
                 fill.task.add_done_callback(committed)
@@ -711,10 +712,10 @@ class Mirror:
         async def from_upstream(offset: int = 0) -> ByteSource:
             return await _open_upstream(upstream, name, digest, offset)
 
-        async def open_body() -> UpstreamBody:
-            return await self.shared.open_body(digest, from_upstream, lambda: fill)
+        async def open_body(offset: int) -> UpstreamBody:
+            return await self.shared.open_body(digest, from_upstream, lambda: fill, offset)
 
-        fill, started = self.fills.join(digest, open_body)
+        fill, started = self.fills.join(digest, open_body, _source(target))
         if started and fill.task is not None:
             fill.task.add_done_callback(lambda _t: self._fill_ended(fill))
         await fill.wait_done()
@@ -797,6 +798,13 @@ def _tag_list(name: Name, repository: str, tags: list[str], params: dict[str, st
     page = tag_page(name, tags, n, params.get("last"))
     body = json.dumps({"name": repository, "tags": page.tags}).encode()
     return TagList(body, "application/json", page.link)
+
+
+def _source(target: Target) -> str:
+    """Where a fill's bytes come from, for resuming its partial only from the same place:
+    the provenance key, and the upstream's URL (an upstream renamed or re-pointed between
+    runs is another source)."""
+    return f"{target.key} {target.upstream.base_url}"
 
 
 async def _open_upstream(

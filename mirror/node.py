@@ -5,8 +5,10 @@ The cache directory (`cache.dir`), as the node lays it out (each part's owner in
     <cache.dir>/
     ├── blobs/sha256/<2 hex>/<64 hex>  blobs and manifests by digest, only ever renamed in
     │                                  after verification                      [cache/blobs.py]
-    ├── tmp/<digest>.<random>          fills being written (flocked while their writer lives;
-    │                                  swept once it died), `.verified` marks: all bytes matched
+    ├── tmp/<hex>.<size>.<source>.<random>.part
+    │                                  fills being written (flocked while their writer lives);
+    │                                  a dead writer's is kept to be resumed, within
+    │                                  cache.partial_max_age/_size; `.ok`: all bytes matched
     ├── locks/<64 hex>                 a flock per digest: which worker fetches it [cache/locks.py]
     ├── index/entries/, index/meta/    LRU/TTL index, totals and pins (diskcache) [cache/index.py]
     ├── meta/                          tags, media types, provenance, privacy
@@ -16,7 +18,8 @@ The cache directory (`cache.dir`), as the node lays it out (each part's owner in
     └── metrics/                       per-worker Prometheus files (workers > 1)  [workers.py]
 
 Everything but `blobs/` can be lost: `index/` is rebuilt from the files at start; `meta/` holds
-tags (fetched again) and provenance (asked again of the upstream); `tmp/` is swept.
+tags (fetched again) and provenance (asked again of the upstream); `tmp/` holds only bytes
+that are fetched again if lost.
 
 A single node and a cluster's node differ only in what is wired in here: the shared tier
 (`NoSharedTier`, or a `Cluster` of the object store, Redis and peers) and the metadata store
@@ -146,7 +149,9 @@ async def open_node(
     maintenance commands that never fetch leave closed. Closed in reverse order on exit."""
     metrics = metrics or Metrics()
     store = FilesystemBlobStore(config.cache.dir)
-    await asyncio.to_thread(store.setup)
+    await asyncio.to_thread(
+        store.setup, config.cache.partial_max_age, config.cache.partial_max_size
+    )
     local = await sqlite.run(LocalMetadataStore, config.cache.dir / "meta")
     index = await sqlite.run(CacheIndex, config.cache.dir / "index", clock)
     shared, metadata = await _shared_tier(config, metrics, local, store, index)

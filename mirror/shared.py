@@ -49,8 +49,9 @@ class NoSharedTier:
         digest: Digest,
         upstream: Callable[[int], Awaitable[ByteSource]],
         fill: Callable[[], FillBase],
+        offset: int = 0,
     ) -> UpstreamBody:
-        source = await upstream(0)
+        source = await upstream(offset)
         return UpstreamBody(source.size, source.chunks(), source.close)
 
     async def shared_pins(self) -> list[str]:

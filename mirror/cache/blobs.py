@@ -5,7 +5,16 @@ Layout: `<root>/blobs/sha256/<first two hex>/<hex>`. A blob appears at its final
 an atomic rename after its bytes hashed to its digest and were fsynced, so whatever a crash
 leaves behind is either complete and verified or a temp file under `<root>/tmp/` that is never
 served. Temp files carry an exclusive `flock` while their writer lives; one whose lock can be
-taken belongs to a dead process and is swept.
+taken belongs to a dead process (abandoned).
+
+A temp file's name says what it is part of: `<hex>.<declared size>.<source>.<random>.part`,
+where `<source>` is a hash of the `<upstream>/<repository>` its bytes came from. An abandoned
+one with a declared size is kept (within `partial_max_age` / `partial_max_size`, see
+`sweep_partials`) for the next fill of the same digest from the same source, which claims it
+(`resume_write`: flock, then rename, so no two processes can both claim it), re-hashes its
+bytes and asks the upstream only for the rest. The claim proves nothing about the bytes: the
+commit still requires the stitched whole to match the digest, so a wrong or truncated partial
+is discarded there, never served as complete.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import hashlib
 import os
 import secrets
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +45,59 @@ from mirror.reference import SHA256_RE, Digest
 
 log = structlog.get_logger(__name__)
 
-STREAM_CHUNK = 1024 * 1024  # bytes per read of `open_stream`
+STREAM_CHUNK = 1024 * 1024  # bytes per read of `open_stream` and of a partial's re-hash
+
+
+def source_tag(source: str | None) -> str:
+    """The temp-file name part for where a fill's bytes come from ("-": not resumable)."""
+    if source is None:
+        return "-"
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class PartName:
+    """What a temp file's name says (see the module docstring)."""
+
+    digest: Digest
+    declared: int | None
+    source: str
+
+    @classmethod
+    def parse(cls, name: str) -> PartName | None:
+        parts = name.split(".")
+        if len(parts) != 5 or parts[4] != "part" or not SHA256_RE.fullmatch(f"sha256:{parts[0]}"):
+            return None
+        declared = int(parts[1]) if parts[1].isdigit() else None
+        return cls(Digest(f"sha256:{parts[0]}"), declared, parts[2])
+
+
+def _flock_soon(fd: int, tries: int = 10) -> None:
+    """Take `fd`'s flock, waiting out the moment another process spends testing whether the
+    file's writer lives (`_writer_alive`); a live writer's lock raises `BlockingIOError`."""
+    for _ in range(tries - 1):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            time.sleep(0.005)
+        else:
+            return
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _writer_alive(path: Path) -> bool:
+    """Whether a live writer holds `path`'s flock (blocking); False if it is gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 @dataclass(frozen=True)
@@ -65,11 +127,25 @@ class FilesystemBlobStore:
         self.blob_dir = root / "blobs" / "sha256"
         self.tmp_dir = root / "tmp"
 
-    def setup(self) -> None:
+    def setup(self, max_age: float = 0.0, max_bytes: int = 0) -> None:
         """Create the layout and sweep temp files of writers that died (blocking; at start)."""
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.sweep_partials(max_age, max_bytes)
+
+    def sweep_partials(self, max_age: float, max_bytes: int, now: float | None = None) -> int:
+        """Delete abandoned temp files except resumable partials younger than `max_age`
+        whose total, newest first, stays within `max_bytes` (either 0: keep none); the bytes
+        freed (blocking). A live writer's file is never touched: its flock is held."""
+        now = time.time() if now is None else now
+        kept, freed = 0, 0
+        entries = []
         for entry in self.tmp_dir.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                entries.append((entry.stat().st_mtime, entry))
+        for mtime, entry in sorted(entries, reverse=True):  # newest first
+            if entry.suffix == ".ok" and entry.with_suffix("").exists():
+                continue  # its fill's marker: goes with the fill
             try:
                 fd = os.open(entry, os.O_RDONLY)
             except OSError:
@@ -79,11 +155,19 @@ class FilesystemBlobStore:
             except OSError:
                 continue  # a live writer holds it
             else:
+                size = os.fstat(fd).st_size
+                part = PartName.parse(entry.name)
+                declared = -1 if part is None or part.source == "-" else part.declared or -1
+                if now - mtime < max_age and kept + size <= max_bytes and size <= declared:
+                    kept += size  # resumable, young, within the total
+                    continue
                 with contextlib.suppress(FileNotFoundError):
                     entry.unlink()
-                log.info("stale_temp_removed", file=entry.name)
+                freed += size
+                log.info("stale_temp_removed", file=entry.name, size=size)
             finally:
                 os.close(fd)
+        return freed
 
     def path_for(self, digest: Digest) -> Path:
         hexpart = digest.split(":", 1)[1]
@@ -125,10 +209,12 @@ class FilesystemBlobStore:
         return BlobStream(max(0, blob.size - offset), chunks(), close)
 
     def find_partial(self, digest: Digest) -> tuple[Path, int | None] | None:
-        """Another writer's temp file for `digest` and its declared size (blocking)."""
+        """A live writer's temp file for `digest` and its declared size (blocking); abandoned
+        partials kept for resuming are not fills in progress."""
         for path in self.tmp_dir.glob(f"{digest.split(':', 1)[1]}.*.part"):
-            declared = path.name.split(".")[1]
-            return path, int(declared) if declared.isdigit() else None
+            part = PartName.parse(path.name)
+            if part is not None and _writer_alive(path):
+                return path, part.declared
         return None
 
     async def read_bytes(self, digest: Digest, max_size: int) -> bytes | None:
@@ -154,8 +240,43 @@ class FilesystemBlobStore:
             await writer.abort()
             raise
 
-    async def begin_write(self, digest: Digest, size: int | None) -> FileBlobWriter:
-        return await asyncio.to_thread(FileBlobWriter, self, digest, size)
+    async def begin_write(
+        self, digest: Digest, size: int | None, source: str | None = None
+    ) -> FileBlobWriter:
+        return await asyncio.to_thread(FileBlobWriter, self, digest, size, source)
+
+    async def resume_write(self, digest: Digest, source: str) -> FileBlobWriter | None:
+        """A writer continuing an abandoned partial of `digest` from `source`, claimed for
+        this process (None if there is none to claim). Its `written` bytes are re-hashed by
+        `rehash`, which callers start at once (writes wait for it)."""
+        return await asyncio.to_thread(self._claim_partial, digest, source)
+
+    def _claim_partial(self, digest: Digest, source: str) -> FileBlobWriter | None:
+        tag = source_tag(source)
+        for path in self.tmp_dir.glob(f"{digest.split(':', 1)[1]}.*.{tag}.*.part"):
+            part = PartName.parse(path.name)
+            if part is None or part.declared is None:
+                continue
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except OSError:
+                continue
+            try:
+                _flock_soon(fd)  # fails: a live writer's
+                mine = self.tmp_dir / temp_name(digest, part.declared, source)
+                os.rename(path, mine)  # fails: another process claimed it first
+            except OSError:
+                os.close(fd)
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(verified_marker(path))
+            writer = FileBlobWriter(self, digest, part.declared, source, claim=(mine, fd))
+            if writer.written > part.declared:
+                log.warning("partial_discarded", digest=digest, reason="longer than the blob")
+                writer._abort()
+                continue
+            return writer
+        return None
 
     async def delete(self, digest: Digest) -> bool:
         try:
@@ -169,15 +290,14 @@ class FilesystemBlobStore:
         far) from the temp files' names and lengths (blocking)."""
         out = []
         for path in self.tmp_dir.glob("*.part"):
-            hexa, declared = [*path.name.split("."), "", ""][:2]
-            digest = f"sha256:{hexa}"
-            if not SHA256_RE.fullmatch(digest):
-                continue
+            part = PartName.parse(path.name)
+            if part is None or not _writer_alive(path):
+                continue  # abandoned: kept for resuming, not in progress
             try:
                 written = path.stat().st_size
             except FileNotFoundError:
                 continue  # committed or aborted meanwhile
-            out.append((Digest(digest), int(declared) if declared.isdigit() else None, written))
+            out.append((part.digest, part.declared, written))
         return out
 
     def iter_all(self) -> Iterator[Digest]:
@@ -209,21 +329,34 @@ class FilesystemBlobStore:
 
 
 class FileBlobWriter:
-    """Hashes and writes into a locked temp file; `commit` renames it into place if it verifies."""
+    """Hashes and writes into a locked temp file; `commit` renames it into place if it verifies.
 
-    def __init__(self, store: FilesystemBlobStore, digest: Digest, size: int | None) -> None:
+    `claim`: a claimed partial's (new) path and the descriptor holding its flock; appended to."""
+
+    def __init__(
+        self,
+        store: FilesystemBlobStore,
+        digest: Digest,
+        size: int | None,
+        source: str | None = None,
+        *,
+        claim: tuple[Path, int] | None = None,
+    ) -> None:
         self.store = store
         self.digest = digest
         self.expected_size = size
         self.written = 0
         self._hash = hashlib.sha256()
-        # The size in the name lets other processes tail this file (see cache/fill.py).
-        declared = size if size is not None else "x"
-        name = f"{digest.split(':', 1)[1]}.{declared}.{secrets.token_hex(6)}.part"
-        self.tmp_path = store.tmp_dir / name
-        self._fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._rehash: asyncio.Future[None] | None = None
         self._done = False
         self._verified = False
+        if claim is None:
+            self.tmp_path = store.tmp_dir / temp_name(digest, size, source)
+            self._fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        else:  # ours now: flocked and renamed by the claim
+            self.tmp_path, self._fd = claim
+            self.written = os.lseek(self._fd, 0, os.SEEK_END)
+        self.resumed_from = self.written  # bytes a claimed partial already held
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
             if size:
@@ -237,7 +370,26 @@ class FileBlobWriter:
     async def write(self, data: bytes) -> None:
         await self.write_chunks([data])
 
+    def rehash(self) -> asyncio.Future[None]:
+        """Hash a claimed partial's bytes already in the file, in a worker thread (started
+        once; later writes and `verify` wait for it). Unreadable or short: it fails, and
+        with it the fill, which then discards the partial."""
+        if self._rehash is None:
+            self._rehash = asyncio.ensure_future(asyncio.to_thread(self._hash_prefix))
+        return self._rehash
+
+    def _hash_prefix(self) -> None:
+        offset = 0
+        while offset < self.resumed_from:
+            data = os.pread(self._fd, min(STREAM_CHUNK, self.resumed_from - offset), offset)
+            if not data:
+                raise OSError(errno.EIO, f"partial of {self.digest} shorter than claimed")
+            self._hash.update(data)
+            offset += len(data)
+
     async def write_chunks(self, chunks: list[bytes]) -> None:
+        if self._rehash is not None:
+            await self._rehash
         # Hash and write in two worker threads at once: hashlib and os.writev both release the
         # GIL on large buffers, so they overlap each other and the event loop's network reads.
         await asyncio.gather(
@@ -272,6 +424,8 @@ class FileBlobWriter:
 
     async def verify(self) -> None:
         try:
+            if self._rehash is not None:
+                await self._rehash
             await asyncio.to_thread(self._verify, True)
         except BaseException:
             await self.abort()
@@ -295,6 +449,8 @@ class FileBlobWriter:
 
     async def commit(self) -> None:
         try:
+            if self._rehash is not None:
+                await self._rehash
             await asyncio.to_thread(self._commit)
         except BaseException:
             await self.abort()
@@ -312,6 +468,10 @@ class FileBlobWriter:
         self._close()
 
     async def abort(self) -> None:
+        if self._rehash is not None:  # its thread reads our descriptor: let it finish first
+            await asyncio.wait([self._rehash])
+            if not self._rehash.cancelled():
+                self._rehash.exception()  # retrieved: the abort is the answer to it
         await asyncio.to_thread(self._abort)
 
     def _abort(self) -> None:
@@ -326,6 +486,14 @@ class FileBlobWriter:
         if not self._done:
             self._done = True
             os.close(self._fd)
+
+
+def temp_name(digest: Digest, size: int | None, source: str | None) -> str:
+    """A fresh temp file name; the size in it lets other processes tail the file (see
+    cache/fill.py), the source tag lets a later fill resume it (see the module docstring)."""
+    declared = size if size is not None else "x"
+    hexa = digest.split(":", 1)[1]
+    return f"{hexa}.{declared}.{source_tag(source)}.{secrets.token_hex(6)}.part"
 
 
 def verified_marker(tmp_path: Path) -> Path:

@@ -111,6 +111,13 @@ class Evictor:
         self.index.remove([digest for digest, _, _ in plan.victims])
 
     async def run_once(self, pinned: set[Digest], *, dry_run: bool = False) -> EvictionPlan:
+        if not dry_run:  # abandoned partials past their age or the total go too
+            await asyncio.to_thread(
+                self.store.sweep_partials,
+                self.config.partial_max_age,
+                self.config.partial_max_size,
+                self.clock(),
+            )
         await self.index.flush()
         plan = await sqlite.run(self.plan, pinned)
         if plan.victims and not dry_run:

@@ -101,6 +101,11 @@ class Window:
         out.reverse()
         return out
 
+    def start_at(self, offset: int) -> None:
+        """The body's first chunk lands at `offset` (a resumed partial holds the bytes before)."""
+        assert not self._chunks
+        self.start = self.end = offset
+
     def clear(self) -> None:
         self._chunks.clear()
         self._held = 0
@@ -186,14 +191,38 @@ class FillBase:
         return TailReader(self, os.dup(self._tail_fd))
 
 
+OpenBody = Callable[[int], Awaitable[UpstreamBody]]  # the upstream's bytes from an offset
+
+
+async def _no_bytes() -> AsyncIterator[bytes]:
+    nothing: tuple[bytes, ...] = ()
+    for chunk in nothing:
+        yield chunk
+
+
+async def _nothing() -> None:
+    return None
+
+
 class Fill(FillBase):
-    """This process fetches the blob from the upstream into the store."""
+    """This process fetches the blob from the upstream into the store.
+
+    With a `source` (the `<upstream>/<repository>` its bytes come from), an abandoned partial
+    of the same digest from the same source is claimed and continued: its bytes are re-hashed
+    in a thread while the upstream is asked only for the rest, and readers see them as soon
+    as the upstream answered. The digest check at the end covers the stitched whole.
+    """
 
     def __init__(
-        self, digest: Digest, store: FillTarget, budget: WindowBudget | None = None
+        self,
+        digest: Digest,
+        store: FillTarget,
+        source: str | None = None,
+        budget: WindowBudget | None = None,
     ) -> None:
         super().__init__(digest)
         self.store = store
+        self.source = source
         self._writer: BlobWriter | None = None
         self._budget = budget or WindowBudget()
         self._window = Window(self._budget)
@@ -205,7 +234,7 @@ class Fill(FillBase):
     def window_views(self, pos: int, stop: int) -> list[memoryview]:
         return self._window.views(pos, stop)
 
-    async def run(self, open_body: Callable[[], Awaitable[UpstreamBody]]) -> None:
+    async def run(self, open_body: OpenBody) -> None:
         body: UpstreamBody | None = None
         self._budget.fills += 1
         try:
@@ -213,9 +242,10 @@ class Fill(FillBase):
                 # Committed by a fill that ended between our caller's miss and its join.
                 self.state = FillState.COMMITTED
                 return
-            body = await open_body()
-            self.size = body.size
-            self._writer = await self.store.begin_write(self.digest, body.size)
+            body, self._writer = await self._open(open_body)
+            self.size = self._writer.expected_size
+            self.written = self._writer.written
+            self._window.start_at(self.written)
             self._tail_fd = self._writer.open_tail()
             self.state = FillState.STREAMING
             self._notify()
@@ -236,8 +266,11 @@ class Fill(FillBase):
                 await self._writer.abort()  # before anyone can see the failure
             self.error = exc
             self.state = FillState.FAILED
+            resumed = 0 if self._writer is None else self._writer.resumed_from
             if isinstance(exc, DigestMismatch):
-                log.warning("digest_mismatch", digest=self.digest, actual=exc.actual)
+                log.warning(
+                    "digest_mismatch", digest=self.digest, actual=exc.actual, resumed=resumed
+                )
             elif not isinstance(exc, asyncio.CancelledError):
                 log.warning("blob_fill_failed", digest=self.digest, error=str(exc))
             if not isinstance(exc, Exception):
@@ -249,6 +282,37 @@ class Fill(FillBase):
             self._notify()
             if body is not None:
                 await body.close()
+
+    async def _open(self, open_body: OpenBody) -> tuple[UpstreamBody, BlobWriter]:
+        """The upstream's body and the writer it goes to: a claimed partial's rest, or all."""
+        writer = None
+        if self.source is not None:
+            writer = await self.store.resume_write(self.digest, self.source)
+        if writer is not None:
+            offset, size = writer.written, writer.expected_size
+            writer.rehash()  # meanwhile the upstream is asked for the rest
+            log.info("partial_resumed", digest=self.digest, offset=offset, size=size)
+            try:
+                if offset == size:  # killed after the last byte: nothing left to fetch
+                    return UpstreamBody(0, _no_bytes(), _nothing), writer
+                body = await open_body(offset)
+            except BaseException:
+                await writer.abort()
+                raise
+            if body.size is None or size is None or offset + body.size == size:
+                return body, writer
+            log.warning(
+                "partial_discarded", digest=self.digest, reason="the upstream's size differs",
+                partial=size, upstream=offset + body.size,
+            )  # fmt: skip
+            await writer.abort()
+            await body.close()
+        body = await open_body(0)
+        try:
+            return body, await self.store.begin_write(self.digest, body.size, self.source)
+        except BaseException:
+            await body.close()
+            raise
 
     async def _pump(self, chunks: AsyncIterator[bytes], writer: BlobWriter) -> None:
         """Overlap network reads with hashing+writing in a worker thread.
@@ -470,10 +534,11 @@ class FillManager:
         return self._fills.get(digest)
 
     def join(
-        self, digest: Digest, open_body: Callable[[], Awaitable[UpstreamBody]]
+        self, digest: Digest, open_body: OpenBody, source: str | None = None
     ) -> tuple[FillBase, bool]:
-        """The running fill for `digest`, or a new one started with `open_body`; and if new
-        (False also when another process is fetching it and we follow)."""
+        """The running fill for `digest`, or a new one started with `open_body` (resuming an
+        abandoned partial from `source` if there is one); and if new (False also when another
+        process is fetching it and we follow)."""
         fill = self._fills.get(digest)
         if fill is not None:
             return fill, False
@@ -483,7 +548,7 @@ class FillManager:
             remote.task = asyncio.ensure_future(remote.run())
             fill = remote
         else:
-            local = Fill(digest, self.store, self.windows)
+            local = Fill(digest, self.store, source, self.windows)
             local.task = asyncio.ensure_future(self._run_locked(local, open_body, lock))
             fill = local
         self._fills[digest] = fill
@@ -491,9 +556,7 @@ class FillManager:
         fill.task.add_done_callback(lambda _t: self._finished(fill))
         return fill, lock is not None
 
-    async def _run_locked(
-        self, fill: Fill, open_body: Callable[[], Awaitable[UpstreamBody]], lock: int
-    ) -> None:
+    async def _run_locked(self, fill: Fill, open_body: OpenBody, lock: int) -> None:
         try:
             await fill.run(open_body)
         finally:

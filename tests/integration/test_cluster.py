@@ -539,3 +539,47 @@ async def test_warm_fills_the_shared_store_for_every_node(
     finally:
         await asyncio.to_thread(cluster.stop)
     assert {b.digest: upstream.registry.blob_gets(b.digest) for b in image.all_blobs()} == gets
+
+
+async def test_ranges_on_blobs_the_shared_store_holds(
+    upstream: Upstream, redis_url: str, seaweed: Any, tmp_path: Path
+) -> None:
+    """Every range form on a node streaming from the store (no local tier), checked against
+    the blob's own bytes (which hash to its digest)."""
+    image = upstream.images["team"]
+    blob = max(image.blobs, key=lambda b: b.size)
+    data = blob.path.read_bytes()
+    assert "sha256:" + hashlib.sha256(data).hexdigest() == blob.digest
+    size = len(data)
+    cluster = Cluster(tmp_path, upstream.url, redis_url, seaweed, n=2, local_tier=False)
+    await asyncio.to_thread(cluster.start)
+    try:
+        first, second = cluster.nodes
+        path = f"/v2/{image.repo}/blobs/{blob.digest}"
+        async with httpx.AsyncClient(timeout=30) as client:
+            r = await client.get(first.url + path)
+            assert r.status_code == 200 and r.content == data
+            await wait_stored(cluster, blob.digest)
+            url = second.url + path
+            for asked, want in [
+                ("bytes=10-99", (10, 99)),
+                ("bytes=100-", (100, size - 1)),
+                ("bytes=-64", (size - 64, size - 1)),
+            ]:
+                r = await client.get(url, headers={"Range": asked})
+                assert r.status_code == 206, asked
+                assert r.headers["Content-Range"] == f"bytes {want[0]}-{want[1]}/{size}"
+                assert r.content == data[want[0] : want[1] + 1]
+            r = await client.get(url, headers={"Range": f"bytes={size}-"})
+            assert r.status_code == 416 and r.headers["Content-Range"] == f"bytes */{size}"
+            r = await client.get(url, headers={"Range": "bytes=0-9,20-29"})
+            assert r.status_code == 206
+            assert r.headers["Content-Type"].startswith("multipart/byteranges")
+            assert data[:10] in r.content and data[20:30] in r.content
+            r = await client.head(url)
+            assert r.headers["Accept-Ranges"] == "bytes"
+            assert int(r.headers["Content-Length"]) == size
+    finally:
+        await asyncio.to_thread(cluster.stop)
+    served = [e for e in events(second, "request") if blob.digest in str(e["path"])]
+    assert served and all(e["cache"] == "hit" for e in served if e["method"] == "GET")

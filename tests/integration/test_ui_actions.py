@@ -202,7 +202,7 @@ async def test_overview_shows_fills_backoff_and_pull_budget(tmp_path: Path) -> N
     async def nothing() -> None:
         return None
 
-    async def open_body() -> UpstreamBody:
+    async def open_body(_offset: int) -> UpstreamBody:
         return UpstreamBody(10_000, body(), nothing)
 
     async with (

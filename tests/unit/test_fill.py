@@ -28,7 +28,7 @@ class ControlledBody:
         self.size = size
         self.opened = 0
 
-    async def open(self) -> UpstreamBody:
+    async def open(self, offset: int = 0) -> UpstreamBody:
         self.opened += 1
         return UpstreamBody(self.size, self._chunks(), self._close)
 
