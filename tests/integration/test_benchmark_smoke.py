@@ -69,13 +69,15 @@ def test_benchmark_runner_smoke(tmp_path: Path) -> None:
         assert row["baseline"] > 0 and row["met"] is None, row  # shown for context, not judged
     # The soak (scenario 8): its rows for both caches, every pull verified, none failed.
     soak = {r["scenario"].split(": ", 1)[1]: r for r in rows if r["scenario"].startswith("8.")}
-    for name in ("pulls/s", "manifest p50", "manifest p99", "PSS peak", "open fds after"):
+    names = ("pulls/s", "manifest p50, prober", "manifest p99, prober", "manifest p99 in the pulls")
+    for name in (*names, "PSS peak", "open fds after", "service CPU"):
         assert soak[name]["mirror"] > 0 and soak[name]["reference"] > 0, soak[name]
     assert soak["errors"]["mirror"] == 0 and soak["errors"]["reference"] == 0, soak["errors"]
     details = json.loads((out / "soak.json").read_text())
     assert details["same_sequence"], "both caches saw the same request sequence"
     for result in details["results"].values():
         assert result["pulls"] > 0 and result["error_samples"] == [], result
+        assert result["probes"] > 0, "the prober measured manifests from a process of its own"
         assert len(result["pss_samples"]) >= 3, "PSS sampled every 0.5 s"
     assert (out / "results.png").stat().st_size > 10_000
     assert "scenario" in run.stdout
