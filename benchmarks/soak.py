@@ -40,7 +40,7 @@ import sys
 import threading
 import time
 from bisect import bisect
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -336,7 +336,7 @@ async def get_blob(session: aiohttp.ClientSession, url: str, digest: str, size: 
     return n
 
 
-async def pull(session: aiohttp.ClientSession, base: str, image: Image, tally: Tally) -> None:
+async def pull(session: aiohttp.ClientSession, base: str, image: Pullable, tally: Tally) -> None:
     """One whole-image pull: manifest by tag, config, layers (LAYER_DOWNLOADS at a time)."""
     url = f"{base}/v2/{image.repo}/manifests/{image.tag}"
     start = time.perf_counter()
@@ -368,8 +368,20 @@ def _want(descriptor: dict[str, Any]) -> dict[str, Any]:
     return {"digest": descriptor["digest"], "size": descriptor["size"]}
 
 
+class Pullable(Protocol):
+    repo: str
+    tag: str
+    digest: str
+    ref: str
+
+
 async def client(
-    i: int, base: str, images: list[Image], cumulative: list[float], deadline: float, tally: Tally
+    i: int,
+    base: str,
+    images: Sequence[Pullable],
+    cumulative: list[float],
+    deadline: float,
+    tally: Tally,
 ) -> None:
     rng = random.Random(f"soak:{tally.seed}:{i}")
     picks = tally.picks[i]
@@ -436,6 +448,94 @@ async def loop_lag(stop: asyncio.Event, lags: list[float]) -> None:
         before = time.perf_counter()
         await asyncio.sleep(0.02)
         lags.append((time.perf_counter() - before - 0.02) * 1000)
+
+
+CLIENT_PROCESSES = 4  # the clients run in this many processes: one Python loop hashing every
+# byte of 32 clients' pulls saturates its core before the mirror does (measured: 0.85 CPU s/s)
+
+
+@dataclass(frozen=True)
+class PulledImage:
+    """What a client needs of an image (the clients' processes get these as JSON)."""
+
+    repo: str
+    tag: str
+    digest: str
+    ref: str
+
+
+async def client_process_main(spec: dict[str, Any]) -> dict[str, Any]:
+    """One clients' process: clients `spec["indexes"]` until the deadline; its tally as JSON."""
+    images = [PulledImage(**i) for i in spec["images"]]
+    tally = Tally(seed=spec["seed"], picks=[[] for _ in range(spec["clients"])])
+    stop, lags = asyncio.Event(), list[float]()
+    lagger = asyncio.create_task(loop_lag(stop, lags))
+    deadline = time.monotonic() + spec["seconds"]
+    cpu = time.process_time()
+    tasks = [
+        asyncio.create_task(client(i, spec["base"], images, spec["cumulative"], deadline, tally))
+        for i in spec["indexes"]
+    ]
+    _, pending = await asyncio.wait(tasks, timeout=spec["seconds"] + GRACE)
+    for task in pending:
+        task.cancel()
+        tally.error(f"a pull still running {GRACE:.0f} s after the end, cancelled")
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            tally.error(f"client crashed: {task.exception()!r}")
+    stop.set()
+    await lagger
+    return {
+        **asdict(tally),
+        "picks": {str(i): tally.picks[i] for i in spec["indexes"]},
+        "lag_p99": percentile(lags, 0.99),
+        "cpu": time.process_time() - cpu,
+    }
+
+
+async def run_client_processes(
+    base: str, images: list[Image], cumulative: list[float], settings: Settings, tally: Tally
+) -> tuple[float, float]:
+    """The soak's clients, spread over CLIENT_PROCESSES processes (client i in process
+    i mod P, with the same per-client random sequence as ever); their tallies merged into
+    `tally`. Returns the worst process's loop lag p99 and the processes' CPU seconds."""
+    processes = min(CLIENT_PROCESSES, settings.clients)
+    shared = {
+        "base": base, "seed": settings.seed, "clients": settings.clients,
+        "seconds": settings.seconds, "cumulative": cumulative,
+        "images": [asdict(PulledImage(i.repo, i.tag, i.digest, i.ref)) for i in images],
+    }  # fmt: skip
+    procs = []
+    for k in range(processes):
+        spec = {**shared, "indexes": list(range(k, settings.clients, processes))}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--client-process",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps(spec).encode())
+        await proc.stdin.drain()
+        proc.stdin.close()
+        procs.append(proc)
+    lag, cpu = 0.0, 0.0
+    for proc in procs:
+        out, err = await proc.communicate()
+        if proc.returncode != 0:
+            tally.error(f"a clients' process failed: {err.decode(errors='replace')[-300:]}")
+            continue
+        part = json.loads(out)
+        tally.pulls += part["pulls"]
+        tally.blob_bytes += part["blob_bytes"]
+        tally.manifest_ms += part["manifest_ms"]
+        for message in part["error_samples"]:
+            tally.error(message)
+        tally.errors += part["errors"] - len(part["error_samples"])
+        for i, picks in part["picks"].items():
+            tally.picks[int(i)] = picks
+        lag, cpu = max(lag, part["lag_p99"]), cpu + part["cpu"]
+    return lag, cpu
 
 
 # -- the profile hook -----------------------------------------------------------------------
@@ -527,7 +627,7 @@ class Result:
     upstream_blob_gets: int
     upstream_manifest_requests: int
     client_loop_lag_p99_ms: float
-    client_cpu: float  # CPU seconds per second of this (the clients') process
+    client_cpu: float  # CPU seconds per second of the clients' processes
     service_cpu: float  # CPU seconds per second of the service's processes
     picks: list[list[int]]
     pss_samples: list[tuple[float, int, int]]
@@ -561,39 +661,22 @@ async def soak(
     profiler, profile = None, None
     if settings.profile and name == "mirror":
         profiler, profile = await start_profile(root, settings.seconds, settings)
-    stop, lags = asyncio.Event(), list[float]()
-    lagger = asyncio.create_task(loop_lag(stop, lags))
     with MemorySampler(root) as sampler:
         await asyncio.sleep(SAMPLE_EVERY * 1.5)  # a sample or two before the load
         prober = await start_probe(base, images[0], settings.seconds)
         service = descendants(root)
         service_cpu = cpu_seconds(service)
-        start, cpu = time.monotonic(), time.process_time()
-        deadline = start + settings.seconds
-        tasks = [
-            asyncio.create_task(client(i, base, images, cumulative, deadline, tally))
-            for i in range(settings.clients)
-        ]
-        _, pending = await asyncio.wait(tasks, timeout=settings.seconds + GRACE)
-        for task in pending:
-            task.cancel()
-            tally.error(f"a pull still running {GRACE:.0f} s after the end, cancelled")
-        await asyncio.gather(*tasks, return_exceptions=True)
+        start = time.monotonic()
+        lag_p99, cpu = await run_client_processes(base, images, cumulative, settings, tally)
         probed = await probe_result(prober, tally)
         elapsed = time.monotonic() - start
-        cpu = time.process_time() - cpu
         service_cpu = cpu_seconds(service) - service_cpu
         load_end = time.monotonic() - sampler.started
         await asyncio.sleep(SAMPLE_EVERY * 1.5)
-    stop.set()
-    await lagger
     await end_profile(profiler, profile or {})
     await asyncio.sleep(1.0)  # let the service close what the clients' ends left open
     fds_after = open_fds(descendants(root))
     up_after = await asyncio.to_thread(_upstream_counts, upstream)
-    for task in tasks:
-        if not task.cancelled() and task.exception() is not None:
-            tally.error(f"client crashed: {task.exception()!r}")
     samples = sampler.samples
     during = [s for s in samples if s[0] <= load_end + SAMPLE_EVERY] or samples
     loaded_at = samples[0][0] + SAMPLE_EVERY * 1.5
@@ -622,7 +705,7 @@ async def soak(
         fds_after=fds_after,
         upstream_blob_gets=up_after[0] - up_before[0],
         upstream_manifest_requests=up_after[1] - up_before[1],
-        client_loop_lag_p99_ms=percentile(lags, 0.99),
+        client_loop_lag_p99_ms=lag_p99,
         client_cpu=round(cpu / elapsed, 2),
         service_cpu=round(service_cpu / elapsed, 2),
         picks=tally.picks,
@@ -656,6 +739,10 @@ def rows(ref: Result, mir: Result) -> list[dict[str, Any]]:
         }  # fmt: skip
 
     flat = mir.pss_end <= FLAT * mir.pss_mid
+
+    def per_pull(r: Result) -> float:
+        return r.service_cpu / r.pulls_per_s * 1000 if r.pulls_per_s else float("nan")
+
     ratio = mir.pulls_per_s / ref.pulls_per_s if ref.pulls_per_s else None
     return [
         row("pulls/s", "pulls/s", ref.pulls_per_s, mir.pulls_per_s,
@@ -683,9 +770,12 @@ def rows(ref: Result, mir: Result) -> list[dict[str, Any]]:
             "context: WAN fetches", None),
         row("upstream manifest requests", "reqs", ref.upstream_manifest_requests,
             mir.upstream_manifest_requests, "context", None),
+        row("service CPU per pull", "ms", per_pull(ref), per_pull(mir),
+            "context: what each pull costs the service; the clients' verification takes the"
+            " rest of the machine", None),
         row("service CPU", "CPU s/s", ref.service_cpu, mir.service_cpu,
-            f"context: clients' process {ref.client_cpu} / {mir.client_cpu} CPU s/s, "
-            f"{os.cpu_count()} cores", None),
+            f"context: clients' {CLIENT_PROCESSES} processes {ref.client_cpu} / "
+            f"{mir.client_cpu} CPU s/s, {os.cpu_count()} cores", None),
         row("client loop lag p99", "ms", ref.client_loop_lag_p99_ms,
             mir.client_loop_lag_p99_ms, "context: in the latencies", None),
         row("errors", "errors", ref.errors, mir.errors, "== 0 (both)",
@@ -818,6 +908,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--client-process"]:  # one clients' process (run_client_processes)
+        print(json.dumps(asyncio.run(client_process_main(json.load(sys.stdin)))))
+        raise SystemExit(0)
     if sys.argv[1:2] == ["--probe"]:  # the prober's own process (start_probe)
         print(json.dumps(probe(sys.argv[2], float(sys.argv[3]))))
         raise SystemExit(0)
