@@ -4,7 +4,9 @@ Blob chunks (64 KiB to 2 MiB `bytes`) are allocated by many threads (the event l
 writing, SQLite). By default glibc gives each thread its own arena (up to 8 per core) and raises
 its mmap threshold to the largest block freed so far, after which such chunks come from arenas
 that fragment and are never returned: a worker's memory climbs with every big fill. Two arenas
-and a fixed 128 KiB threshold keep big chunks in mmap (given back to the system on free)."""
+and a fixed 512 KiB threshold keep big chunks in mmap (given back to the system on free), while
+the event loop's 256 KiB socket reads reuse heap memory (at 128 KiB each read was a fresh mmap,
+faulted in page by page: a cold fill cost its event loop 40 % more CPU)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
 ARENAS = 2
-MMAP_THRESHOLD = 128 * 1024  # glibc's initial value, held fixed
+MMAP_THRESHOLD = 512 * 1024  # above asyncio's 256 KiB reads (reused from the heap), below joined chunks
 TRIM_THRESHOLD = 4 * 1024 * 1024
 
 
