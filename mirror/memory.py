@@ -17,7 +17,8 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
 ARENAS = 2
-MMAP_THRESHOLD = 512 * 1024  # above asyncio's 256 KiB reads (reused from the heap), below joined chunks
+# Above asyncio's 256 KiB socket reads (reused from the heap), below joined chunks.
+MMAP_THRESHOLD = 512 * 1024
 TRIM_THRESHOLD = 4 * 1024 * 1024
 
 
