@@ -19,7 +19,7 @@ def work():
     for r in range(30):
         big = bytes(8 << 20)  # freeing it raises glibc's dynamic mmap threshold
         del big
-        chunks = [bytes(600_000 + (r * 7919 + k * 104729) % 500_000) for k in range(40)]
+        chunks = [bytes(300_000 + (r * 7919 + k * 104729) % 400_000) for k in range(40)]
         keep.append(bytes(200))  # small survivors pin the arenas' tops
         del chunks
 threads = [threading.Thread(target=work) for _ in range(6)]
