@@ -537,20 +537,9 @@ class Mirror:
             if stream is not None:
                 chunks = verified(stream.chunks(), digest, stream.close)
                 return BlobAnswer(stream.size, "hit", stream=chunks)
-        upstream, name = target.upstream, target.name
         if self.disk.bypassing or self.shared.store_down:
-            return await self._pass_through(upstream, name, digest)
-
-        async def from_upstream(offset: int = 0) -> ByteSource:
-            return await _open_upstream(upstream, name, digest, offset)
-
-        async def open_body(offset: int) -> UpstreamBody:
-            # The shared store, the node filling it, or the upstream (one node: the upstream).
-            return await self.shared.open_body(digest, from_upstream, lambda: fill, offset)
-
-        fill, started = self.fills.join(digest, open_body, _source(target))
-        if started and fill.task is not None:
-            fill.task.add_done_callback(lambda _t: self._fill_ended(fill))
+            return await self._pass_through(target.upstream, target.name, digest)
+        fill, started = self._join_fill(target, digest)
         # Joining a fill whose bytes all verified already costs no upstream traffic: a hit.
         result: CacheResult = "miss" if started else "hit" if fill.verified else "joined"
         try:
@@ -558,7 +547,7 @@ class Mirror:
         except Exception as exc:
             if not is_disk_full(exc):
                 raise
-            return await self._pass_through(upstream, name, digest)
+            return await self._pass_through(target.upstream, target.name, digest)
         if answer is not None:
             return answer
         cached = await self.store.open_for_serving(digest)
@@ -707,6 +696,14 @@ class Mirror:
         )
         if verdict is not Verdict.SERVE:
             return "skipped"  # only a client's own fetch may prove it (see provenance)
+        fill, started = self._join_fill(target, digest)
+        await fill.wait_done()
+        return "fetched" if started and fill.fetched else "cached"
+
+    def _join_fill(self, target: Target, digest: Digest) -> tuple[FillBase, bool]:
+        """The digest's fill (a client's GET, a prefetch), started here if none runs: its
+        bytes from the shared store, the node filling it, or the target's upstream (one node:
+        the upstream), resumable from any offset; and whether this call started it."""
         upstream, name = target.upstream, target.name
 
         async def from_upstream(offset: int = 0) -> ByteSource:
@@ -718,8 +715,7 @@ class Mirror:
         fill, started = self.fills.join(digest, open_body, _source(target))
         if started and fill.task is not None:
             fill.task.add_done_callback(lambda _t: self._fill_ended(fill))
-        await fill.wait_done()
-        return "fetched" if started and fill.fetched else "cached"
+        return fill, started
 
     def _blob_committed(self, digest: Digest, size: int) -> None:
         self.index.add(digest, size, "blob")

@@ -111,7 +111,8 @@ class OpenBlob:
         self.file.close()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -462,7 +463,7 @@ class FileBlobWriter:
         final = self.store.path_for(self.digest)
         final.parent.mkdir(exist_ok=True)
         os.replace(self.tmp_path, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.verified_marker)
         self._close()

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-from mirror.cache.blobs import FilesystemBlobStore
+from mirror.cache.blobs import FilesystemBlobStore, fsync_dir
 from mirror.reference import Digest
 
 HASH_CHUNK = 1024 * 1024
@@ -35,14 +35,6 @@ HASH_CHUNK = 1024 * 1024
 def new_hasher(algorithm: str) -> Any:
     """A hashlib object for a digest algorithm the hosted API accepts (sha256, sha512)."""
     return hashlib.sha512() if algorithm == "sha512" else hashlib.sha256()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Busy(Exception):
@@ -148,26 +140,21 @@ class HostedContent:
         """Move a verified upload to its digest's path (fsynced first); if the store already
         has those bytes (pulled, or pushed before), the upload is simply dropped."""
         source = self.upload_path(upload_id)
-        target = self.path_for(digest)
-        if target.exists():
+        if not self.place_file(source, digest):
             source.unlink()
-            return
-        with open(source, "rb") as f:
-            os.fsync(f.fileno())
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(source, target)
-        _fsync_dir(target.parent)
 
-    def place_file(self, source: Path, digest: Digest) -> None:
-        """A verified file (fetched from the shared store) to its digest's path."""
+    def place_file(self, source: Path, digest: Digest) -> bool:
+        """A verified file (an upload, or fetched from the shared store) to its digest's path:
+        fsync, rename, fsync the directory. False (nothing moved) if the digest is there."""
         target = self.path_for(digest)
         if target.exists():
-            return
+            return False
         with open(source, "rb") as f:
             os.fsync(f.fileno())
         target.parent.mkdir(parents=True, exist_ok=True)
         os.rename(source, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
+        return True
 
     def place_bytes(self, digest: Digest, data: bytes) -> None:
         """Write verified bytes (a manifest) to their digest's path: temp file, fsync, rename."""
@@ -181,7 +168,7 @@ class HostedContent:
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
 
     def read_bytes(self, digest: Digest) -> bytes | None:
         try:
