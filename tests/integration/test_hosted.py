@@ -357,6 +357,8 @@ async def test_the_page_lists_hosted_repositories_marked_as_such(tmp_path: Path)
             assert r.status == 200
             page = await r.text()
     assert 'id="hosted-heading"' in page
+    assert page.count('id="hosted-heading"') == 1  # listed once, in the page's body
+    assert "<title>Contents · registry-mirror</title>" in page
     row = page[page.index('data-repository="internal/web"') :]
     row = row[: row.index("</tr>")]
     assert '<span class="tag">v2</span>' in row
