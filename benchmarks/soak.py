@@ -825,7 +825,7 @@ async def scenario(
     """Build and push the image set, soak each cache in `services` ("reference" and "mirror":
     functions (work dir, upstream URL) -> (Service, URL), as the runner's) started cold, write
     soak.json, and return the rows."""
-    pusher = Pusher(upstream.url, _NoTokens())  # type: ignore[arg-type]
+    pusher = Pusher(upstream.url, _NoTokens())  # type: ignore[arg-type]  # a token source that never logs in
     try:
         images = await asyncio.to_thread(
             build_images, Builder(work / "soak-images"), pusher, settings.images

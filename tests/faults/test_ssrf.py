@@ -229,7 +229,7 @@ async def test_a_dynamic_registry_cannot_redirect_the_mirror_inside(
     fake.faults[digest] = Fault(redirect=True)
     hosts = {"evil.test": "127.0.0.1", "intranet.test": "127.0.0.1", "localhost": "127.0.0.1"}
     network = named_network(hosts, public=frozenset({"evil.test"}))
-    ns = f"evil.test:{fake.server.port}"  # type: ignore[union-attr]
+    ns = f"evil.test:{fake.server.port}"  # type: ignore[union-attr]  # the fixture has started it
     config = mirror_config(tmp_path, fake.url, retries=0, settings={"allow_any_upstream": True})
     async with serving(config, network) as base:
         status, _ = await fetch(base, f"/v2/lib/app/manifests/v1?ns={ns}")
@@ -249,7 +249,7 @@ async def test_a_dynamic_registry_cannot_send_the_token_fetch_inside(
     fake.token_realm = f"http://127.0.0.1:{internal.port}/token"
     fake.add_image("lib/app", "v1", [b"layer"])
     network = named_network({"evil.test": "127.0.0.1"}, public=frozenset({"evil.test"}))
-    ns = f"evil.test:{fake.server.port}"  # type: ignore[union-attr]
+    ns = f"evil.test:{fake.server.port}"  # type: ignore[union-attr]  # the fixture has started it
     config = mirror_config(tmp_path, fake.url, retries=0, settings={"allow_any_upstream": True})
     async with serving(config, network) as base:
         status, body = await fetch(base, f"/v2/lib/app/manifests/v1?ns={ns}")
@@ -262,7 +262,7 @@ async def test_a_dynamic_registry_that_is_itself_internal_is_refused(
 ) -> None:
     fake.add_image("lib/app", "v1", [b"layer"])
     network = named_network({"intranet.test": "127.0.0.1"})
-    ns = f"intranet.test:{fake.server.port}"  # type: ignore[union-attr]
+    ns = f"intranet.test:{fake.server.port}"  # type: ignore[union-attr]  # the fixture has started it
     config = mirror_config(tmp_path, fake.url, retries=0, settings={"allow_any_upstream": True})
     async with serving(config, network) as base:
         status, body = await fetch(base, f"/v2/lib/app/manifests/v1?ns={ns}")
@@ -296,7 +296,7 @@ async def test_a_configured_registry_redirects_only_within_its_class(
         public=frozenset({"registry.test"} if own == "public" else ()),
         private=frozenset({"registry.test"} if own == "private" else ()),
     )
-    url = f"http://registry.test:{fake.server.port}"  # type: ignore[union-attr]
+    url = f"http://registry.test:{fake.server.port}"  # type: ignore[union-attr]  # the fixture has started it
     config = mirror_config(tmp_path, url, retries=0, redirect_to_internal=internal_ok)
     async with serving(config, network) as base:
         status, body = await fetch(base, f"/v2/lib/app/blobs/{digest}")

@@ -300,7 +300,7 @@ async def test_gc_after_deleting_a_tag_removes_exactly_the_unreferenced(tmp_path
         done = await hosted_gc.collect(registry, dry_run=False, delete_untagged=True)
         assert {d for d, _ in done.blobs} == gone
         for digest in gone:
-            assert not registry.content.path_for(digest).exists()  # type: ignore[arg-type]
+            assert not registry.content.path_for(digest).exists()  # type: ignore[arg-type]  # a str digest
         await pull_image(s, base, "internal/app", "keep")  # everything it needs is there
         async with s.get(f"{base}/v2/internal/app/blobs/{digest_of(drop.layers[1])}") as r:
             assert r.status == 404

@@ -19,6 +19,7 @@ import aiohttp
 import httpx
 import pytest
 
+from mirror.config import Config
 from mirror.web import auth
 from tests.fixtures.fake_upstream import FakeUpstream
 from tests.fixtures.htpasswd import basic, write_htpasswd
@@ -49,7 +50,7 @@ async def _get(
         return r
 
 
-def _config(tmp_path: Path, *, cost: int = 4) -> object:
+def _config(tmp_path: Path, *, cost: int = 4) -> Config:
     users = write_htpasswd(tmp_path / "htpasswd", USERS, cost=cost)
     cache = tmp_path / "cache"
     cache.mkdir(exist_ok=True)
@@ -60,7 +61,7 @@ async def test_unknown_and_known_users_take_the_same_time(tmp_path: Path) -> Non
     """A wrong password and an unknown user cost the same bcrypt check (medians of 25)."""
     known: list[float] = []
     unknown: list[float] = []
-    async with running_mirror(_config(tmp_path, cost=8)) as base:  # type: ignore[arg-type]
+    async with running_mirror(_config(tmp_path, cost=8)) as base:
         for i in range(25):
             address = f"127.0.1.{1 + i // 4}"  # within each address's failed-login budget
             for times, user in ((known, "alice"), (unknown, f"nobody{i}")):
@@ -73,7 +74,7 @@ async def test_unknown_and_known_users_take_the_same_time(tmp_path: Path) -> Non
 
 
 async def test_failed_logins_are_limited_per_address_and_per_user(tmp_path: Path) -> None:
-    async with running_mirror(_config(tmp_path)) as base:  # type: ignore[arg-type]
+    async with running_mirror(_config(tmp_path)) as base:
         # carol logs in before anyone guesses at her password.
         assert (await _get(base, "127.0.2.1", basic("carol", USERS["carol"]))).status == 200
 
@@ -195,7 +196,7 @@ async def test_a_removed_users_token_stops_working(
     keep pulling on one until it expires."""
     monkeypatch.setattr(auth, "RELOAD_CHECK_SECONDS", 0.1)
     config = _config(tmp_path)
-    async with running_mirror(config) as base, aiohttp.ClientSession() as s:  # type: ignore[arg-type]
+    async with running_mirror(config) as base, aiohttp.ClientSession() as s:
         tokens = {}
         for user in ("alice", "bob", "carol"):
             async with s.get(f"{base}/token", headers=basic(user, USERS[user])) as r:

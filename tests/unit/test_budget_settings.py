@@ -98,15 +98,15 @@ def test_docker_hub_headers() -> None:
 def test_accounts_by_budget_left_and_resting_after_a_refusal() -> None:
     clock = Clock()
     a, b, c = (Account(n, clock) for n in "abc")
-    a.observe(parse_ratelimit({"ratelimit-limit": "10;w=3600", "ratelimit-remaining": "2"}))  # type: ignore[arg-type]
-    b.observe(parse_ratelimit({"ratelimit-limit": "10;w=3600", "ratelimit-remaining": "7"}))  # type: ignore[arg-type]
+    a.observe(parse_ratelimit({"ratelimit-limit": "10;w=3600", "ratelimit-remaining": "2"}))  # type: ignore[arg-type]  # a dict for the headers
+    b.observe(parse_ratelimit({"ratelimit-limit": "10;w=3600", "ratelimit-remaining": "7"}))  # type: ignore[arg-type]  # a dict for the headers
     c.rest(30)
     budget = Budget([a, b, c])
     assert budget.order(manifest=True, spend=True) == [b, a]
     assert budget.order(manifest=False, spend=False)[-1] is c  # blobs: anyone, resting last
     assert budget.low(8) and not budget.low(7)
-    b.observe(parse_ratelimit({"ratelimit-remaining": "0"}))  # type: ignore[arg-type]
-    a.observe(parse_ratelimit({"ratelimit-remaining": "0"}))  # type: ignore[arg-type]
+    b.observe(parse_ratelimit({"ratelimit-remaining": "0"}))  # type: ignore[arg-type]  # a dict for the headers
+    a.observe(parse_ratelimit({"ratelimit-remaining": "0"}))  # type: ignore[arg-type]  # a dict for the headers
     assert budget.order(manifest=True, spend=True) == []
     assert budget.order(manifest=True, spend=False) == [a, b]  # a HEAD is free
     assert budget.retry_after() == 30  # c rests 30s; a, b regain one pull in 360s
@@ -168,11 +168,11 @@ async def test_evicting_an_image_cancels_its_prefetch() -> None:
         upstream = Up()
 
     metrics = Metrics()
-    prefetcher = Prefetcher(fetch, metrics)  # type: ignore[arg-type]
+    prefetcher = Prefetcher(fetch, metrics)  # type: ignore[arg-type]  # a stand-in fetch
     manifest = Digest("sha256:" + "f" * 64)
     data = b'{"config": {"digest": "sha256:%s", "size": 1}, "layers": []}' % (b"a" * 64)
     media_type = "application/vnd.oci.image.manifest.v1+json"
-    prefetcher.offer(Target(), manifest, media_type, data, False)  # type: ignore[arg-type]
+    prefetcher.offer(Target(), manifest, media_type, data, False)  # type: ignore[arg-type]  # a bare stand-in target
     await asyncio.wait_for(started.wait(), 5)
     prefetcher.cancel([manifest])
     await asyncio.wait_for(stopped.wait(), 5)

@@ -192,7 +192,7 @@ async def test_sweep_keeps_young_resumable_partials_within_the_total(
     newest = await abandoned(store, DATA[:HALF])
     too_many = await abandoned(store, DATA[:HALF])
     os.utime(too_many, (time.time() - 60, time.time() - 60))
-    unresumable = await abandoned(store, DATA[:100], source=None)  # type: ignore[arg-type]
+    unresumable = await abandoned(store, DATA[:100], source=None)  # type: ignore[arg-type]  # no source: never resumable
     live = await store.begin_write(DIGEST, len(DATA), SOURCE)
     freed = await asyncio.to_thread(store.sweep_partials, 3600, HALF + 10)
     left = {p.name for p in store.tmp_dir.iterdir()}
