@@ -8,6 +8,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -308,6 +309,39 @@ async def test_gc_after_deleting_a_tag_removes_exactly_the_unreferenced(tmp_path
             assert r.status == 202  # the upload in progress was left alone
         again = await hosted_gc.collect(registry, dry_run=False, delete_untagged=True)
         assert (again.blobs, again.manifests) == ([], [])
+
+
+async def test_manifest_size_and_upload_age_settings_take_effect(tmp_path: Path) -> None:
+    """`hosted.manifest_max_size` refuses a bigger manifest (the 4 MiB default takes it);
+    `hosted.upload_max_age` lets gc remove an upload untouched that long (the 24 h default
+    keeps it: see the gc test above)."""
+    more = {"hosted.manifest_max_size": "1KiB", "hosted.upload_max_age": "0s"}
+    config = mirror_config(tmp_path, NOWHERE, settings=settings(**more))
+    small = make_image("small")
+    big = replace(make_image("big"), extra={"annotations": {"pad": "x" * 2048}})
+    assert len(small.manifest) < 1024 < len(big.manifest)
+    async with running_app(config) as (base, app), aiohttp.ClientSession() as s:
+        await push_image(s, base, "internal/app", "small", small)
+        for data in big.blobs.values():
+            await push_blob(s, base, "internal/app", data)
+        async with s.put(
+            f"{base}/v2/internal/app/manifests/big",
+            data=big.manifest,
+            headers={"Content-Type": OCI_MANIFEST},
+        ) as r:
+            assert r.status == 413 and await error_code(r) == "SIZE_INVALID"
+        async with s.get(f"{base}/v2/internal/app/manifests/big") as r:
+            assert r.status == 404
+        async with s.post(f"{base}/v2/internal/app/blobs/uploads/") as r:
+            upload = base + r.headers["Location"]
+            upload_id = upload.rsplit("/", 1)[1].split("?", 1)[0]
+        async with s.patch(upload, data=b"abandoned") as r:
+            assert r.status == 202
+        await asyncio.sleep(0.01)
+        done = await hosted_gc.collect(app[NODE].hosted, dry_run=False)
+        assert done.uploads == [upload_id]
+        async with s.patch(upload, data=b" and more") as r:
+            assert r.status == 404 and await error_code(r) == "BLOB_UPLOAD_UNKNOWN"
 
 
 def test_gc_command_dry_run_lists_and_removes_nothing(tmp_path: Path) -> None:

@@ -15,7 +15,9 @@ import pytest
 from mirror.cache.blobs import FileBlobWriter, FilesystemBlobStore
 from mirror.cache.fill import FillManager, TailReader, UpstreamBody
 from mirror.cache.locks import FileLocks
+from mirror.config import load_config
 from mirror.errors import DigestMismatch
+from mirror.node import open_node
 from mirror.reference import Digest
 
 DATA = os.urandom(3 * 1024 * 1024 + 5)
@@ -202,3 +204,20 @@ async def test_sweep_keeps_young_resumable_partials_within_the_total(
     store.sweep_partials(0, 0)  # none kept
     assert {p.name for p in store.tmp_dir.iterdir()} == {live.tmp_path.name}
     await live.abort()
+
+
+@pytest.mark.parametrize(
+    ("settings", "kept"),
+    [
+        ({}, True),  # the defaults (a day, 4 GiB) keep a fresh partial
+        ({"cache.partial_max_age": "0"}, False),
+        ({"cache.partial_max_size": "1KiB"}, False),  # the partial is bigger than the bound
+    ],
+)
+async def test_partial_settings_take_effect_at_start(
+    store: FilesystemBlobStore, tmp_path: Path, settings: dict[str, str], kept: bool
+) -> None:
+    partial = await abandoned(store, DATA[:HALF])
+    config = load_config(None, env={}, overrides={"cache.dir": str(tmp_path), **settings})
+    async with open_node(config):
+        assert partial.exists() is kept
