@@ -318,8 +318,9 @@ class Fill(FillBase):
         """Overlap network reads with hashing+writing in a worker thread.
 
         A drain task hands the thread whatever has arrived whenever it is free, so slow bodies
-        reach tail readers at once and fast ones go in large batches; past 2 x BATCH_SIZE
-        buffered, reading waits for the drain (memory stays flat).
+        reach tail readers at once and fast ones go in large batches; past the fill's share of
+        the bytes waiting for the disk (`WindowBudget.pending_limit`), reading waits for the
+        drain (memory stays flat).
         """
         pending: list[bytes] = []  # the body's own chunks, never copied on the event loop
         pending_bytes = 0
