@@ -377,6 +377,39 @@ def test_gc_command_dry_run_lists_and_removes_nothing(tmp_path: Path) -> None:
     assert not blob.exists()
 
 
+async def test_a_blob_the_client_may_not_pull_cannot_be_mounted(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """Mounting is reading: a client that may push to internal/* but not pull secret/*
+    cannot link a secret blob into its repository, naming the source or not; nor a blob the
+    cache holds from an upstream (only hosted repositories are mount sources)."""
+    rules = [
+        {"who": ["anonymous"], "repositories": ["hosted/secret/*"], "action": "deny"},
+        ANYONE_PUSHES,
+        {"who": ["*"], "repositories": ["hosted/secret/*"], "actions": ["push"]},
+    ]
+    cached = b"a layer pulled through the mirror"
+    cached_digest = fake.add_blob(cached)
+    config = mirror_config(tmp_path, fake.url, settings=settings(**{"access.rules": rules}))
+    secret = b"not for anonymous eyes" * 100
+    async with running_app(config) as (base, _), aiohttp.ClientSession() as s:
+        await push_blob(s, base, "secret/x", secret)
+        async with s.get(f"{base}/v2/lib/app/blobs/{cached_digest}") as r:
+            assert r.status == 200 and digest_of(await r.read()) == cached_digest
+        for digest, params in [
+            (digest_of(secret), {"from": "secret/x"}),
+            (digest_of(secret), {}),
+            (cached_digest, {}),
+            (cached_digest, {"from": "lib/app"}),
+        ]:
+            async with s.post(
+                f"{base}/v2/internal/app/blobs/uploads/", params={"mount": digest, **params}
+            ) as r:
+                assert r.status == 202, (digest, params)  # an upload instead, nothing linked
+            async with s.head(f"{base}/v2/internal/app/blobs/{digest}") as r:
+                assert r.status == 404, (digest, params)
+
+
 async def test_the_page_lists_hosted_repositories_marked_as_such(tmp_path: Path) -> None:
     rules = [
         {"who": ["anonymous"], "repositories": ["hosted/secret/*"], "action": "deny"},
