@@ -414,7 +414,7 @@ async def run(sizes: Sizes, out: Path, work: Path, soaking: soak.Settings) -> li
             ("reference", ref_url), ("mirror", mir_url),
             ("nginx proxy_cache", cache_url), ("nginx proxy", plain_url),
         ]  # fmt: skip
-        copies: dict[str, int] = {}  # upstream GETs of a cold blob through each cache
+        copies: dict[str, float] = {}  # upstream bytes of a cold blob / its size, per cache
         await settled()
         for turn, image in enumerate(bigs):
             digest = image.layers()[0].digest
@@ -424,17 +424,21 @@ async def run(sizes: Sizes, out: Path, work: Path, soaking: soak.Settings) -> li
                 cold["direct"], direct_cpu = speed, cpu
             for name, base in caches[turn:] + caches[:turn]:  # each goes first once
                 cold[name] = max(cold.get(name, 0.0), await curl_speed(base + path, runs=1))
-                await settled()  # no fill's storing or writeback in the next one's time
-            await upstream_quiet(upstream, digest)
-            by_agent = upstream.blob_gets_by(digest)
+                # No fill's storing (the reference's second copy, the mirror's rest of a file
+                # its client outran) or writeback in the next one's time.
+                await upstream_quiet(upstream, digest)
+                await settled()
+            by_agent = upstream.blob_bytes_by(digest)
             # nginx passes curl's User-Agent on: curl's GETs are the direct one, the plain
             # proxy's one and the caching proxy's.
             for name, fetched in (
                 ("reference", by_agent.get("Go-http-client/1.1", 0)),
                 ("mirror", by_agent.get("registry-mirror", 0)),
-                ("nginx proxy_cache", sum(n for a, n in by_agent.items() if "curl" in a) - 2),
+                ("nginx proxy_cache", sum(n for a, n in by_agent.items() if "curl" in a)),
             ):
-                copies[name] = max(copies.get(name, 0), fetched)
+                if name == "nginx proxy_cache":
+                    fetched -= 2 * sizes.big
+                copies[name] = max(copies.get(name, 0.0), round(fetched / sizes.big, 2))
         ceiling = cold_ceiling(direct_cpu)
         page_cache = await asyncio.to_thread(page_cache_write_speed, work / "written", sizes.big)
         direct, ref_cold, mir_cold = cold["direct"], cold["reference"], cold["mirror"]

@@ -38,7 +38,7 @@ from mirror.config import Config
 from mirror.coordination import Claim, LocalCoordinator, RedisCoordinator
 from mirror.errors import UpstreamError
 from mirror.health import PROBE_SECONDS, ServiceHealth
-from mirror.interfaces import ByteSource, FillCoordinator
+from mirror.interfaces import ByteSource, Chunk, FillCoordinator
 from mirror.metrics import Metrics
 from mirror.reference import Digest
 from mirror.upstream.peer import PeerClient
@@ -611,7 +611,7 @@ class _ClusterBody:
                     return stream
             await asyncio.sleep(FOLLOW_POLL)
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncIterator[Chunk]:
         offset = self.start
         while True:
             assert self._source is not None

@@ -374,6 +374,10 @@ class CacheConfig:
     # 1d) and up to this many bytes in all (default 4GiB), newest first. 0 = none kept.
     partial_max_age: float = opt(86400.0, DURATION)
     partial_max_size: int = opt(4 * 1024**3, SIZE)
+    # When a client reads a cold blob faster than this disk writes it, keep sending at the
+    # client's pace and fetch the part the disk missed again afterwards (true, default), or
+    # make the client wait for the disk so every byte crosses the network once (false).
+    outrun_disk: bool = opt(True, BOOL)
 
     def budget_bytes(self, filesystem_size: int) -> int:
         """The size limit in bytes (0: none); a percentage is of the cache's file system."""

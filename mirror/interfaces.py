@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 if TYPE_CHECKING:  # data types only: cache modules import this one at run time
     from mirror.cache.eviction import SharedEviction
@@ -35,6 +35,20 @@ if TYPE_CHECKING:  # data types only: cache modules import this one at run time
     from mirror.cache.metadata import Origins, Privacy, RepoKey, TagKey, TagRecord
     from mirror.coordination import Claim
     from mirror.reference import Digest
+
+
+# A piece of a blob body: `bytes`, or a read-only view of a reused buffer (an upstream body read
+# off the loop, mirror/upstream/socket_body.py). Hold a view only while using it: its buffer is
+# refilled once no view of it is alive.
+Chunk: TypeAlias = bytes | memoryview
+
+
+class Hasher(Protocol):
+    """A running digest (hashlib's objects)."""
+
+    def update(self, data: Chunk, /) -> None: ...
+
+    def hexdigest(self) -> str: ...
 
 
 class Unavailable(Exception):
@@ -48,7 +62,7 @@ class BlobStream:
     call it, also after a partial read)."""
 
     size: int  # bytes from the offset to the end
-    chunks: AsyncIterator[bytes]
+    chunks: AsyncIterator[Chunk]
     close: Callable[[], Awaitable[None]]
 
 
@@ -99,8 +113,13 @@ class BlobWriter(Protocol):
     async def write(self, data: bytes) -> None:
         """Append `data` (hashing it). Disk failure: raises `OSError`."""
 
-    async def write_chunks(self, chunks: list[bytes]) -> None:
+    async def write_chunks(self, chunks: list[Chunk]) -> None:
         """Several pieces in order, without joining them first (one copy fewer)."""
+
+    async def hash_copy(self) -> Hasher:
+        """The running hash over the bytes written so far (a claimed partial's included),
+        as an independent copy: a fill that leaves its disk behind hashes the rest of the
+        stream on it."""
 
     async def verify(self) -> None:
         """Check size and digest (raises `DigestMismatch`, after aborting): from then on the
@@ -235,7 +254,7 @@ class ByteSource(Protocol):
 
     size: int | None  # declared length from the offset it was opened at; None: not said
 
-    def chunks(self) -> AsyncIterator[bytes]:
+    def chunks(self) -> AsyncIterator[Chunk]:
         """The bytes as they arrive; a broken source raises (`UpstreamError`, `Unavailable`)."""
 
     async def close(self) -> None:

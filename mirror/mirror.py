@@ -30,7 +30,7 @@ from mirror.cache.locks import FileLocks
 from mirror.cache.metadata import MetadataStore, TagKey, TagRecord
 from mirror.config import VerifyRule
 from mirror.errors import DigestMismatch, RegistryError
-from mirror.interfaces import ByteSource, SharedTier
+from mirror.interfaces import ByteSource, Chunk, SharedTier
 from mirror.manifest_flight import ManifestFlight
 from mirror.mediatypes import ALL_MANIFESTS, accepts, sniff_media_type
 from mirror.metrics import Metrics
@@ -86,7 +86,7 @@ class BlobAnswer:
     cache: CacheResult
     file: OpenBlob | None = None
     reader: TailReader | None = None
-    stream: AsyncGenerator[bytes, None] | None = None
+    stream: AsyncGenerator[Chunk, None] | None = None
     redirect: str | None = None  # a presigned URL of the shared store (cluster option)
 
     async def release(self) -> None:
@@ -126,6 +126,7 @@ class Mirror:
         policy: Policy | None = None,
         shared: SharedTier | None = None,
         verify: tuple[VerifyRule, ...] = (),
+        outrun_disk: bool = True,
     ) -> None:
         self.metrics = metrics or Metrics()
         # What this node shares with others: nothing (one node), or a cluster's store and Redis.
@@ -137,7 +138,9 @@ class Mirror:
         self.store = store
         self.metadata = metadata
         self.index = index
-        self.fills = FillManager(store, locks, on_commit=self._blob_committed)
+        self.fills = FillManager(
+            store, locks, on_commit=self._blob_committed, outrun_disk=outrun_disk
+        )
         self.router = router
         self.clock = clock
         self.disk = DiskFullBreaker(clock)  # while tripped, blob misses bypass the cache
@@ -816,15 +819,15 @@ async def _open_upstream(
 
 
 async def verified(
-    chunks: AsyncIterator[bytes],
+    chunks: AsyncIterator[Chunk],
     digest: Digest,
     close: Callable[[], Awaitable[None]],
     on_match: Callable[[], Awaitable[None]] | None = None,
-) -> AsyncGenerator[bytes, None]:
+) -> AsyncGenerator[Chunk, None]:
     """Pass bytes on as they come, but release the last one only once the digest matched
     (and `on_match` ran)."""
     sha = hashlib.sha256()
-    held = b""
+    held: Chunk = b""
     try:
         async for chunk in chunks:
             if held:

@@ -159,6 +159,7 @@ async def open_node(
     mirror = Mirror(
         store, metadata, index, router, metrics=metrics, offline=config.offline, clock=clock,
         policy=build_policy(config), shared=shared, verify=config.verify,
+        outrun_disk=config.cache.outrun_disk,
     )  # fmt: skip
     evictor = Evictor(store, index, config.cache, clock)
     hosted = await _hosted(config, store, index, shared, clock)

@@ -23,6 +23,7 @@ from typing import Protocol
 import structlog
 
 from mirror.errors import UpstreamError
+from mirror.interfaces import Chunk
 from mirror.reference import Digest
 
 log = structlog.get_logger(__name__)
@@ -38,7 +39,7 @@ class ResumableSource(Protocol):
     size: int | None  # declared length from the offset it was opened at
     validator: str | None  # the answer's strong ETag, if it sent one
 
-    def chunks(self) -> AsyncIterator[bytes]: ...
+    def chunks(self) -> AsyncIterator[Chunk]: ...
 
     async def close(self) -> None: ...
 
@@ -84,7 +85,7 @@ class ResumingSource:
         self.size = self._source.size
         return self
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncIterator[Chunk]:
         assert self._source is not None
         received = self._start
         total = None if self.size is None else self._start + self.size

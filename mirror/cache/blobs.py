@@ -39,7 +39,7 @@ import structlog
 
 from mirror.errors import DigestMismatch, UpstreamError
 from mirror.interfaces import BlobStore as BlobStore  # re-exported
-from mirror.interfaces import BlobStream
+from mirror.interfaces import BlobStream, Chunk, Hasher
 from mirror.interfaces import BlobWriter as BlobWriter  # re-exported
 from mirror.reference import SHA256_RE, Digest
 
@@ -388,7 +388,7 @@ class FileBlobWriter:
             self._hash.update(data)
             offset += len(data)
 
-    async def write_chunks(self, chunks: list[bytes]) -> None:
+    async def write_chunks(self, chunks: list[Chunk]) -> None:
         if self._rehash is not None:
             await self._rehash
         # Hash and write in two worker threads at once: hashlib and os.writev both release the
@@ -398,11 +398,16 @@ class FileBlobWriter:
         )
         self.written += sum(map(len, chunks))
 
-    def _hash_all(self, chunks: list[bytes]) -> None:
+    async def hash_copy(self) -> Hasher:
+        if self._rehash is not None:
+            await self._rehash
+        return self._hash.copy()
+
+    def _hash_all(self, chunks: list[Chunk]) -> None:
         for chunk in chunks:
             self._hash.update(chunk)
 
-    def _write_all(self, chunks: list[bytes]) -> None:
+    def _write_all(self, chunks: list[Chunk]) -> None:
         views = [memoryview(c) for c in chunks if c]
         first = 0
         while first < len(views):

@@ -3,18 +3,20 @@
 One `Fill` per missing digest pulls the upstream body (an async byte iterator, so this module
 never imports `upstream/`), writes it through a `BlobWriter` that hashes it, and lets any number
 of readers follow it. A reader near the head is sent the fill's newest bytes from memory (its
-`Window`) as they arrive, so delivery never waits for the disk write; a reader further behind
-reads the temp file. A reader never receives the last byte before the digest verified: until
-then it stays at least one byte behind what arrived, and if the fill fails it raises, so the
-web layer aborts the client's connection short of a complete-looking body. The fill runs in its
-own task: a reader that goes away cancels nothing.
+`Window`) as they arrive, so delivery never waits for the disk write, and the fill reads no
+faster than its most advanced reader takes them; a reader further behind reads the temp file.
+A disk slower than such a reader is left behind (see `Fill`). A reader never receives the last
+byte before the digest verified: until then it stays at least one byte behind what arrived, and
+if the fill fails it raises, so the web layer aborts the client's connection short of a
+complete-looking body. The fill runs in its own task: a reader that goes away cancels nothing.
 
-Memory: fills share two budgets. Bytes waiting for the disk: a fill reads no more of its
-upstream once it holds its share of `PENDING_TOTAL` (at least `PENDING_MIN`, at most
-`2 x BATCH_SIZE`); windows: each keeps at most its share of `WINDOW_TOTAL` (at most
-`WINDOW_MAX`) of chunks, the newest always. So a process holds at most 32 MiB of blob bytes plus,
-per fill, one chunk (at most the upstream client's read buffer) and `PENDING_MIN` — and fills
-are at most `max_concurrent_fetches` per upstream — whatever the number of readers.
+Memory: fills share two budgets. Bytes waiting for the disk (or, past a disk left behind, for
+the hash): a fill reads no more of its upstream once it holds its share of `PENDING_TOTAL` (at
+least `PENDING_MIN`, at most `PENDING_MAX`); windows: each keeps at most its share of
+`WINDOW_TOTAL` (at most `WINDOW_MAX`) of chunks, the newest always. So a process holds at most
+32 MiB of blob bytes plus, per fill, its upstream reader's buffers (at most 8 MiB idle for
+reuse, mirror/upstream/socket_body.py, or aiohttp's 1 MiB read buffer) and `PENDING_MIN`, and
+fills are at most `max_concurrent_fetches` per upstream, whatever the number of readers.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import asyncio
 import contextlib
 import enum
 import os
+import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -33,16 +36,18 @@ import structlog
 from mirror.cache.blobs import FilesystemBlobStore, verified_marker
 from mirror.cache.locks import FileLocks
 from mirror.errors import DigestMismatch, UpstreamError
-from mirror.interfaces import BlobWriter, FillTarget
+from mirror.interfaces import BlobWriter, Chunk, FillTarget, Hasher
 from mirror.reference import Digest
 
 log = structlog.get_logger(__name__)
 
-BATCH_SIZE = 1024 * 1024  # bytes gathered for the hashing/writing thread while it is busy
+PENDING_MAX = 8 * 1024 * 1024  # one fill's bytes waiting for the disk: rides out its stalls
 WINDOW_MAX = 4 * 1024 * 1024  # newest bytes of one fill kept in memory for readers near its head
 WINDOW_TOTAL = 16 * 1024 * 1024  # the same, for every fill of the process together
 PENDING_TOTAL = 16 * 1024 * 1024  # bytes waiting for the disk, for every fill together
 PENDING_MIN = 256 * 1024  # a fill's share never drops below this (it would crawl)
+DETACH_MIN = 16 * 1024 * 1024  # a fill leaves a lagging disk behind only with this much to come
+PACE_STALL = 1.0  # seconds without progress after which a fill no longer waits for a reader
 
 
 class WindowBudget:
@@ -58,7 +63,7 @@ class WindowBudget:
 
     def pending_limit(self) -> int:
         """Bytes one fill may hold for the disk before reading more of its upstream."""
-        return max(PENDING_MIN, min(2 * BATCH_SIZE, PENDING_TOTAL // max(1, self.fills)))
+        return max(PENDING_MIN, min(PENDING_MAX, PENDING_TOTAL // max(1, self.fills)))
 
 
 class Window:
@@ -68,14 +73,72 @@ class Window:
 
     def __init__(self, budget: WindowBudget) -> None:
         self.budget = budget
-        self._chunks: deque[tuple[int, bytes]] = deque()
+        self._chunks: deque[tuple[int, Chunk]] = deque()
         self.start = 0  # offset of the oldest byte held
         self.end = 0  # offset after the newest byte held (= bytes received)
         self._held = 0
+        # Readers sent from here: the next offset each needs, and when it last moved.
+        self._readers: dict[object, tuple[int, float]] = {}
+        self._moved = asyncio.Event()
 
-    def append(self, chunk: bytes) -> None:
+    def track(self, reader: object, pos: int) -> None:
+        """`reader` was sent everything before `pos` (stalled: not moved for a while though
+        it had bytes to take)."""
+        self._readers[reader] = (pos, time.monotonic())
+        self._moved.set()
+
+    def untrack(self, reader: object) -> None:
+        self._readers.pop(reader, None)
+        self._moved.set()
+
+    def _head(self, disk: int, stall: float) -> int | None:
+        """The offset the most advanced reader needs next, among readers still in the window,
+        ahead of the disk (`disk`: bytes in the temp file; one behind it loses nothing by
+        reading the file) and moving within `stall` seconds (None: no such reader)."""
+        moving = time.monotonic() - stall
+        return max(
+            (
+                p
+                for p, at in self._readers.values()
+                if p >= self.start and p > disk and at >= moving
+            ),
+            default=None,
+        )
+
+    def has_readers(self, disk: int, stall: float = PACE_STALL) -> bool:
+        """A reader would have to wait for the disk if the window dropped it."""
+        return self._head(disk, stall) is not None
+
+    def _start_after(self, incoming: int) -> int:
+        """Where the window would start after appending `incoming` bytes."""
+        held, limit, start = self._held + incoming, self.budget.limit(), self.start
+        for offset, chunk in self._chunks:
+            if held <= limit:
+                break
+            held -= len(chunk)
+            start = offset + len(chunk)
+        return start
+
+    async def room(self, incoming: int, disk: int, stall: float = PACE_STALL) -> None:
+        """Wait until appending `incoming` bytes drops nothing the most advanced reader ahead of
+        the disk still needs, so a client faster than the disk is sent everything from memory.
+        A reader that stalls for `stall` seconds is not waited for (it reads the temp file)."""
+        while True:
+            head = self._head(disk, stall)
+            if head is None or head >= self._start_after(incoming):
+                return
+            self._moved.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._moved.wait(), stall)
+
+    def append(self, chunk: Chunk) -> None:
         if not chunk:
             return
+        if self._readers:  # a reader that had all it could get is not stalled: it waited
+            now, caught_up = time.monotonic(), self.end - 1
+            for reader, (pos, _at) in self._readers.items():
+                if pos >= caught_up:
+                    self._readers[reader] = (pos, now)
         self._chunks.append((self.end, chunk))
         self.end += len(chunk)
         self._held += len(chunk)
@@ -110,6 +173,8 @@ class Window:
         self._chunks.clear()
         self._held = 0
         self.start = self.end
+        self._readers.clear()
+        self._moved.set()
 
 
 @dataclass
@@ -117,7 +182,7 @@ class UpstreamBody:
     """What a fill consumes: the upstream's declared size (if any) and its byte stream."""
 
     size: int | None
-    chunks: AsyncIterator[bytes]
+    chunks: AsyncIterator[Chunk]
     close: Callable[[], Awaitable[None]]
 
 
@@ -152,6 +217,12 @@ class FillBase:
     def window_views(self, pos: int, stop: int) -> list[memoryview]:
         """Bytes `[pos, stop)` from memory, for a fill that keeps a window (else empty)."""
         return []
+
+    def track(self, reader: object, pos: int) -> None:
+        """A reader was sent everything before `pos` (a fill with a window paces by it)."""
+
+    def untrack(self, reader: object) -> None:
+        """The reader is gone."""
 
     def _notify(self) -> None:
         self._changed.set()
@@ -194,7 +265,7 @@ class FillBase:
 OpenBody = Callable[[int], Awaitable[UpstreamBody]]  # the upstream's bytes from an offset
 
 
-async def _no_bytes() -> AsyncIterator[bytes]:
+async def _no_bytes() -> AsyncIterator[Chunk]:
     nothing: tuple[bytes, ...] = ()
     for chunk in nothing:
         yield chunk
@@ -211,6 +282,16 @@ class Fill(FillBase):
     of the same digest from the same source is claimed and continued: its bytes are re-hashed
     in a thread while the upstream is asked only for the rest, and readers see them as soon
     as the upstream answered. The digest check at the end covers the stitched whole.
+
+    The disk need not set the pace. Reading waits for the most advanced reader (`Window.room`),
+    so a client as fast as the upstream gets every byte from memory. If the disk falls behind
+    such a reader by the fill's share of `PENDING_TOTAL`, with `DETACH_MIN` or more still to
+    come, the fill leaves the disk behind: from that offset on, the stream is only hashed (on a
+    copy of the file's running hash) and sent, and the clients' last byte is released when that
+    hash matches. Then the rest of the file is fetched again, from that offset, and written and
+    verified on its own before the commit. A reader behind the window waits for the file
+    meanwhile. What this costs: the lagging part crosses the network twice (the reference
+    registry fetches every cold blob twice), and it is hashed twice.
     """
 
     def __init__(
@@ -219,13 +300,20 @@ class Fill(FillBase):
         store: FillTarget,
         source: str | None = None,
         budget: WindowBudget | None = None,
+        *,
+        outrun_disk: bool = True,
     ) -> None:
         super().__init__(digest)
         self.store = store
         self.source = source
+        self.outrun_disk = outrun_disk
         self._writer: BlobWriter | None = None
         self._budget = budget or WindowBudget()
         self._window = Window(self._budget)
+        self._stream_hash: Hasher | None = None  # set once the disk was left behind
+        self._leave_disk = False  # asked by the reading side, done by the drain
+        self.detached_at: int | None = None  # the file's length when the disk was left behind
+        self.storing = False  # clients have every byte; the file's rest is being fetched
 
     @property
     def received(self) -> int:
@@ -233,6 +321,12 @@ class Fill(FillBase):
 
     def window_views(self, pos: int, stop: int) -> list[memoryview]:
         return self._window.views(pos, stop)
+
+    def track(self, reader: object, pos: int) -> None:
+        self._window.track(reader, pos)
+
+    def untrack(self, reader: object) -> None:
+        self._window.untrack(reader)
 
     async def run(self, open_body: OpenBody) -> None:
         body: UpstreamBody | None = None
@@ -250,17 +344,25 @@ class Fill(FillBase):
             self.state = FillState.STREAMING
             self._notify()
             await self._pump(body.chunks, self._writer)
-            # Verified bytes go to readers at once; fsync + rename (slow for big blobs on
-            # slow disks) happen while the clients already have everything.
-            await self._writer.verify()
-            self.verified = True
-            self.state = FillState.VERIFIED
-            self._notify()
+            if self._stream_hash is not None:
+                self._verify_stream(self._stream_hash)
+                self._release()
+                await body.close()
+                body = None
+                await self._store_rest(open_body, self._writer)
+            else:
+                # Verified bytes go to readers at once; fsync + rename (slow for big blobs on
+                # slow disks) happen while the clients already have everything.
+                await self._writer.verify()
+                self._release()
             await self._writer.commit()
             self.size = self.written
             self.fetched = True
             self.state = FillState.COMMITTED
-            log.info("blob_fill_committed", digest=self.digest, size=self.written)
+            log.info(
+                "blob_fill_committed", digest=self.digest, size=self.written,
+                detached_at=self.detached_at,
+            )  # fmt: skip
         except BaseException as exc:
             if self._writer is not None:
                 await self._writer.abort()  # before anyone can see the failure
@@ -282,6 +384,49 @@ class Fill(FillBase):
             self._notify()
             if body is not None:
                 await body.close()
+
+    def _release(self) -> None:
+        """Every byte is in and matched the digest: readers may have the last one."""
+        self.verified = True
+        self.state = FillState.VERIFIED
+        self._notify()
+
+    def _verify_stream(self, stream_hash: Hasher) -> None:
+        """The stream, hashed past the disk, is the blob (else nothing is released)."""
+        if self.size is not None and self._window.end != self.size:
+            raise UpstreamError(
+                "upstream sent a body of the wrong length",
+                {"digest": self.digest, "expected": self.size, "got": self._window.end},
+            )
+        actual = "sha256:" + stream_hash.hexdigest()
+        if actual != self.digest:
+            raise DigestMismatch(self.digest, actual)
+
+    async def _store_rest(self, open_body: OpenBody, writer: BlobWriter) -> None:
+        """Fetch the rest of the file from where the disk was left behind, write and verify it
+        (clients already have it; readers behind the window follow the file)."""
+        self.storing = True
+        log.info("blob_fill_storing_rest", digest=self.digest, offset=writer.written)
+        rest = await open_body(writer.written)
+        try:
+            got = None if rest.size is None else writer.written + rest.size
+            if got is not None and self.size is not None and got != self.size:
+                raise UpstreamError(
+                    "upstream blob changed length",
+                    {"digest": self.digest, "expected": self.size, "got": got},
+                )
+            await self._pump(rest.chunks, writer, stream=False)
+        finally:
+            await rest.close()
+        await writer.verify()
+
+    def _may_leave_disk(self) -> bool:
+        return (
+            self.outrun_disk
+            and self.size is not None
+            and self.size - self._window.end >= DETACH_MIN
+            and self._window.has_readers(self.written)
+        )
 
     async def _open(self, open_body: OpenBody) -> tuple[UpstreamBody, BlobWriter]:
         """The upstream's body and the writer it goes to: a claimed partial's rest, or all."""
@@ -314,37 +459,53 @@ class Fill(FillBase):
             await body.close()
             raise
 
-    async def _pump(self, chunks: AsyncIterator[bytes], writer: BlobWriter) -> None:
-        """Overlap network reads with hashing+writing in a worker thread.
+    async def _pump(
+        self, chunks: AsyncIterator[Chunk], writer: BlobWriter, *, stream: bool = True
+    ) -> None:
+        """Overlap network reads with hashing+writing in worker threads.
 
-        A drain task hands the thread whatever has arrived whenever it is free, so slow bodies
-        reach tail readers at once and fast ones go in large batches; past the fill's share of
-        the bytes waiting for the disk (`WindowBudget.pending_limit`), reading waits for the
-        drain (memory stays flat).
+        A drain task hands the threads whatever has arrived whenever they are free, so slow
+        bodies reach tail readers at once and fast ones go in large batches; past the fill's
+        share of the bytes waiting (`WindowBudget.pending_limit`), reading waits for the
+        drain, or (a `stream` with a reader ahead of the disk) leaves the disk behind and the
+        drain only hashes from then on. Memory stays flat either way. Not `stream`: the
+        file's rest after that, written without a window.
         """
-        pending: list[bytes] = []  # the body's own chunks, never copied on the event loop
+        pending: list[Chunk] = []  # the body's own chunks, never copied on the event loop
         pending_bytes = 0
 
         async def drain() -> None:
             nonlocal pending, pending_bytes
             while pending:
                 batch, pending, pending_bytes = pending, [], 0
-                await writer.write_chunks(batch)
-                self.written = writer.written
+                if stream and self._leave_disk and self._stream_hash is None:
+                    self._stream_hash = await writer.hash_copy()  # the file's bytes so far
+                    self.detached_at = writer.written
+                    log.info("blob_fill_disk_left_behind", digest=self.digest, at=writer.written)
+                if stream and self._stream_hash is not None:
+                    await asyncio.to_thread(_hash_all, self._stream_hash, batch)
+                else:
+                    await writer.write_chunks(batch)
+                    self.written = writer.written
                 self._notify()
 
         worker: asyncio.Task[None] | None = None
         try:
             async for chunk in chunks:
+                if stream:
+                    await self._window.room(len(chunk), self.written)
                 pending.append(chunk)
                 pending_bytes += len(chunk)
-                self._window.append(chunk)
-                self._notify()  # readers near the head send it from the window now
+                if stream:
+                    self._window.append(chunk)
+                    self._notify()  # readers near the head send it from the window now
                 if worker is None or worker.done():
                     if worker is not None:
                         worker.result()
                     worker = asyncio.ensure_future(drain())
                 elif pending_bytes >= self._budget.pending_limit():
+                    if stream and not self._leave_disk and self._may_leave_disk():
+                        self._leave_disk = True  # the drain's next batch is only hashed
                     await worker
             if worker is not None:
                 await worker
@@ -353,6 +514,11 @@ class Fill(FillBase):
             if worker is not None and not worker.done():
                 with contextlib.suppress(BaseException):
                     await worker
+
+
+def _hash_all(hasher: Hasher, chunks: list[Chunk]) -> None:
+    for chunk in chunks:
+        hasher.update(chunk)
 
 
 class RemoteFill(FillBase):
@@ -448,13 +614,14 @@ class TailReader:
             changed = fill._changed
             released = fill.verified or fill.state is FillState.COMMITTED
             limit = fill.written if released else fill.written - 1
+            end = fill.received if stop is None else min(stop, fill.received)
             if stop is not None:
                 limit = min(limit, stop)
             if pos < limit:
                 yield pos, limit - pos
                 pos = limit
-            elif released or (stop is not None and pos >= stop):
-                return
+            elif (released and pos >= end) or (stop is not None and pos >= stop):
+                return  # (a fill that left its disk behind is released before the file is whole)
             elif fill.state is FillState.FAILED:
                 assert fill.error is not None
                 raise fill.error
@@ -480,6 +647,9 @@ class TailReader:
                 views = fill.window_views(pos, limit)
                 if views:
                     count = sum(map(len, views))
+                    # What this reader needs next: the views stay valid if the window drops
+                    # their chunks, and the fill paces its reading by its head reader.
+                    fill.track(self, pos + count)
                     yield pos, count, views
                     pos += count
                     continue
@@ -503,6 +673,7 @@ class TailReader:
         return data
 
     def close(self) -> None:
+        self.fill.untrack(self)
         self.file.close()
 
 
@@ -518,10 +689,13 @@ class FillManager:
         store: FilesystemBlobStore,
         locks: FileLocks,
         on_commit: Callable[[Digest, int], None] | None = None,
+        *,
+        outrun_disk: bool = True,
     ) -> None:
         self.store = store
         self.locks = locks
         self.on_commit = on_commit
+        self.outrun_disk = outrun_disk  # fills may leave a lagging disk behind (see Fill)
         self._fills: dict[Digest, FillBase] = {}
         self.windows = WindowBudget()
 
@@ -549,7 +723,7 @@ class FillManager:
             remote.task = asyncio.ensure_future(remote.run())
             fill = remote
         else:
-            local = Fill(digest, self.store, source, self.windows)
+            local = Fill(digest, self.store, source, self.windows, outrun_disk=self.outrun_disk)
             local.task = asyncio.ensure_future(self._run_locked(local, open_body, lock))
             fill = local
         self._fills[digest] = fill
@@ -570,10 +744,11 @@ class FillManager:
 
     async def close(self) -> None:
         """Shutdown: fills already verified finish their commit (clients have their bytes;
-        only the fsync and rename remain); the others are cancelled and their temp files
-        discarded."""
+        only the fsync and rename remain); the others, and those still fetching the rest of
+        a file they left behind, are cancelled and their temp files discarded."""
         tasks = [f.task for f in self._fills.values() if f.task is not None]
         for fill in self._fills.values():
-            if fill.task is not None and not fill.verified:
+            storing = isinstance(fill, Fill) and fill.storing  # the rest is a long fetch
+            if fill.task is not None and (not fill.verified or storing):
                 fill.task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

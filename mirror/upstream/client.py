@@ -26,6 +26,7 @@ from multidict import CIMultiDict
 
 from mirror.config import UpstreamConfig
 from mirror.errors import DigestMismatch, RegistryError, UpstreamError
+from mirror.interfaces import Chunk
 from mirror.mediatypes import ALL_MANIFESTS, OCI_INDEX, sniff_media_type
 from mirror.metrics import Metrics, add_upstream_time
 from mirror.reference import SHA256_RE, Digest, Name, docker_hub_name
@@ -39,6 +40,7 @@ from mirror.upstream.bandwidth import Bandwidth
 from mirror.upstream.budget import Account, Budget, parse_ratelimit
 from mirror.upstream.failures import describe
 from mirror.upstream.guard import AddressGuard, GuardedResolver, UpstreamNetwork
+from mirror.upstream.socket_body import SocketBody
 
 log = structlog.get_logger(__name__)
 
@@ -615,8 +617,9 @@ class UpstreamClient:
             raise
         count = self.metrics.upstream_fetched_bytes.labels(self.metric_label).inc
         return BlobStream(
-            resp, count, self._slots, skip=skip, done=self._leave, bandwidth=self.bandwidth
-        )
+            resp, count, self._slots, skip=skip, done=self._leave, bandwidth=self.bandwidth,
+            read_timeout=self.config.read_timeout,
+        )  # fmt: skip
 
     async def head_blob(self, repo: Name, digest: Digest) -> int | None:
         """The blob's size if the upstream has it (None if it does not say)."""
@@ -817,9 +820,12 @@ class BlobStream:
         skip: int = 0,
         done: Callable[[], Awaitable[None]] | None = None,
         bandwidth: Bandwidth | None = None,
+        read_timeout: float | None = None,
     ) -> None:
         self._bandwidth = bandwidth  # the upstream's cap, paid for each chunk received
         self._resp = resp
+        self._read_timeout = read_timeout
+        self._socket_body: SocketBody | None = None
         self._count = count
         self._slots = slots  # released on close
         self._done = done  # called once on close: the upstream's request has ended
@@ -830,11 +836,16 @@ class BlobStream:
         # A strong validator only: If-Range must not match a weak one (RFC 9110 13.1.5).
         self.validator = etag if etag and not etag.startswith("W/") else None
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncIterator[Chunk]:
+        """The body's bytes; a big plain-HTTP body as views read off the loop (socket_body)."""
         received = 0
         skip = self._skip
+        body = self._socket_body = SocketBody.take(self._resp, self._read_timeout)
+        source: AsyncIterator[Chunk] = (
+            self._resp.content.iter_any() if body is None else body.chunks()
+        )
         try:
-            async for chunk in self._resp.content.iter_any():
+            async for chunk in source:
                 self._count(len(chunk))
                 if self._bandwidth is not None:
                     await self._bandwidth.take(len(chunk))
@@ -845,7 +856,7 @@ class BlobStream:
                     chunk, skip = chunk[skip:], 0
                 received += len(chunk)
                 yield chunk
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             why = describe(exc)
             log.warning("upstream_blob_broke_off", received=received, why=why)
             raise UpstreamError(
@@ -857,6 +868,8 @@ class BlobStream:
             )
 
     async def close(self) -> None:
+        if self._socket_body is not None:
+            await self._socket_body.close()  # closes the connection: it cannot be reused
         self._resp.release()
         if self._slots is not None:
             self._slots.release()

@@ -30,6 +30,7 @@ from aiohttp.abc import AbstractStreamWriter
 
 from mirror.cache.blobs import OpenBlob
 from mirror.cache.fill import TailReader
+from mirror.interfaces import Chunk
 from mirror.ranges import ByteRange, multipart
 from mirror.web.sender import ThreadSender
 
@@ -246,10 +247,10 @@ class StreamBody:
     """A forward-only byte stream (pass-through, or a cluster's shared store without a local
     tier): bytes before a range are read and dropped, reading stops at the last range."""
 
-    def __init__(self, chunks: AsyncGenerator[bytes, None]) -> None:
+    def __init__(self, chunks: AsyncGenerator[Chunk, None]) -> None:
         self.chunks = chunks
         self.pos = 0
-        self._left = b""  # read past the previous range's end
+        self._left: Chunk = b""  # read past the previous range's end
 
     async def send(
         self, request: web.Request, response: web.StreamResponse, start: int, stop: int | None

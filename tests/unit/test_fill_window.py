@@ -48,12 +48,55 @@ def test_clear_frees_every_chunk() -> None:
 
 
 def test_bytes_waiting_for_the_disk_share_one_budget() -> None:
-    from mirror.cache.fill import BATCH_SIZE, PENDING_MIN, PENDING_TOTAL
+    from mirror.cache.fill import PENDING_MAX, PENDING_MIN, PENDING_TOTAL
 
     budget = WindowBudget()
     budget.fills = 1
-    assert budget.pending_limit() == 2 * BATCH_SIZE
+    assert budget.pending_limit() == PENDING_MAX
     budget.fills = 64
     assert budget.pending_limit() * 64 <= max(PENDING_TOTAL, PENDING_MIN * 64)
     budget.fills = 10_000
     assert budget.pending_limit() == PENDING_MIN
+
+
+async def _blocked(window: Window, incoming: int, disk: int, stall: float = 1.0) -> bool:
+    """Whether `room` still waits after 50 ms."""
+    import asyncio
+
+    try:
+        await asyncio.wait_for(window.room(incoming, disk, stall), 0.05)
+    except TimeoutError:
+        return True
+    return False
+
+
+async def test_reading_waits_for_the_head_reader_ahead_of_the_disk() -> None:
+    window = Window(WindowBudget(total=8, per_fill=8))
+    for chunk in (b"0123", b"4567"):
+        window.append(chunk)
+    window.track("client", 2)  # needs byte 2 next: the next chunk would drop it
+    assert await _blocked(window, 4, disk=0)
+    window.track("client", 4)  # it took the first chunk
+    assert not await _blocked(window, 4, disk=0)
+
+
+async def test_reading_does_not_wait_for_readers_the_disk_serves_or_that_stalled() -> None:
+    window = Window(WindowBudget(total=8, per_fill=8))
+    for chunk in (b"0123", b"4567"):
+        window.append(chunk)
+    window.track("slow", 2)
+    assert not await _blocked(window, 4, disk=3)  # the file has what it needs next
+    assert not await _blocked(window, 4, disk=0, stall=0.0)  # it has not moved: not waited for
+    window.untrack("slow")
+    assert not await _blocked(window, 4, disk=0)
+
+
+async def test_a_reader_that_had_everything_is_not_stalled_by_waiting() -> None:
+    import time
+
+    window = Window(WindowBudget(total=8, per_fill=8))
+    window.append(b"0123")
+    window.track("client", 3)  # all but the held-back last byte
+    time.sleep(0.3)  # then nothing arrives for longer than `stall`
+    window.append(b"4567")  # its clock starts again: it had nothing to take
+    assert await _blocked(window, 4, disk=0, stall=0.2)

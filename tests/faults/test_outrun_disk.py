@@ -1,0 +1,167 @@
+"""A client faster than the cache's disk is not held to the disk's pace (`cache.outrun_disk`):
+the fill leaves the disk behind, releases the last byte once the stream's own hash matched,
+and then fetches the part the disk missed again, which is verified on its own before the
+commit. Wrong bytes in either fetch release or commit nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from mirror.cache import blobs
+from mirror.interfaces import Chunk
+from mirror.reference import Digest
+from mirror.web.keys import MIRROR
+from tests.fixtures.fake_upstream import FakeUpstream, Fault
+from tests.fixtures.mirror_server import (
+    fills_settled,
+    mirror_config,
+    running_app,
+    sha256_digest,
+    wait_cached,
+)
+
+MiB = 1024 * 1024
+SIZE = 40 * MiB  # the fill leaves the disk behind only with 16 MiB or more to come
+
+
+@pytest.fixture
+def slow_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every write batch takes 0.2 s: a disk far slower than the in-process upstream."""
+    write_all = blobs.FileBlobWriter._write_all
+
+    def slow(self: blobs.FileBlobWriter, chunks: list[Chunk]) -> None:
+        time.sleep(0.2)
+        write_all(self, chunks)
+
+    monkeypatch.setattr(blobs.FileBlobWriter, "_write_all", slow)
+
+
+async def _pull(base: str, digest: str, app: web.Application) -> tuple[bytes, int]:
+    """The blob as one client got it, and how many bytes the temp file held at its end."""
+    got = bytearray()
+    on_disk = SIZE
+    async with aiohttp.ClientSession() as s, s.get(f"{base}/v2/lib/app/blobs/{digest}") as resp:
+        assert resp.status == 200
+        async for chunk in resp.content.iter_any():
+            got += chunk
+        fill = app[MIRROR].fills.get(Digest(digest))
+        if fill is not None:
+            on_disk = fill.written
+    return bytes(got), on_disk
+
+
+def _cached_bytes(cache: Path, digest: str) -> bytes:
+    hexa = digest.split(":", 1)[1]
+    return (cache / "blobs" / "sha256" / hexa[:2] / hexa).read_bytes()
+
+
+async def test_a_client_faster_than_the_disk_gets_the_blob_before_the_disk_has_it(
+    fake: FakeUpstream, tmp_path: Path, slow_disk: None
+) -> None:
+    blob = os.urandom(SIZE)
+    digest = fake.add_blob(blob)
+    async with running_app(mirror_config(tmp_path, fake.url)) as (base, app):
+        body, on_disk = await _pull(base, digest, app)
+        assert sha256_digest(body) == digest
+        assert on_disk < SIZE // 2, f"the client waited for the disk ({on_disk} bytes written)"
+        await fills_settled(app, limit=30)  # (the rest is fetched on this loop)
+        wait_cached(tmp_path, digest)
+    assert hashlib.sha256(_cached_bytes(tmp_path, digest)).hexdigest() == digest[7:]
+    # The second fetch asked for exactly the part the disk missed, and nothing else.
+    rest = [asked for d, asked, _ in fake.ranges_asked if d == digest and asked]
+    assert len(rest) == 1, fake.ranges_asked
+    offset = int(rest[0].removeprefix("bytes=").rstrip("-"))
+    assert 0 < offset < SIZE - 16 * MiB
+    assert fake.bytes_sent[digest] == SIZE + (SIZE - offset)
+
+
+async def test_outrun_disk_false_keeps_the_client_at_the_disks_pace(
+    fake: FakeUpstream, tmp_path: Path, slow_disk: None
+) -> None:
+    """The setting takes effect: one fetch, and the client's last byte waits for the disk."""
+    blob = os.urandom(SIZE)
+    digest = fake.add_blob(blob)
+    config = mirror_config(tmp_path, fake.url, settings={"cache.outrun_disk": "false"})
+    async with running_app(config) as (base, app):
+        body, on_disk = await _pull(base, digest, app)
+        assert sha256_digest(body) == digest
+        assert on_disk == SIZE
+        await fills_settled(app, limit=30)
+        wait_cached(tmp_path, digest)
+    assert fake.count("GET", digest) == 1
+    assert fake.bytes_sent[digest] == SIZE
+
+
+async def test_wrong_bytes_in_the_stream_past_the_disk_release_nothing(
+    fake: FakeUpstream, tmp_path: Path, slow_disk: None
+) -> None:
+    """The stream's hash covers the bytes the disk took too: a body wrong in its first bytes
+    (written before the disk was left behind) still never completes for the client."""
+    blob = os.urandom(SIZE)
+    digest = fake.add_blob(blob)
+    fake.faults[digest] = Fault(wrong_bytes=True)
+    async with running_app(mirror_config(tmp_path, fake.url)) as (base, app):
+        got = bytearray()
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async with (
+                aiohttp.ClientSession() as s,
+                s.get(f"{base}/v2/lib/app/blobs/{digest}") as resp,
+            ):
+                async for chunk in resp.content.iter_any():
+                    got += chunk
+        assert len(got) < SIZE
+        await fills_settled(app)
+        assert await app[MIRROR].store.stat(Digest(digest)) is None
+    assert not [asked for d, asked, _ in fake.ranges_asked if d == digest and asked]
+
+
+async def test_wrong_bytes_in_the_second_fetch_are_not_committed(
+    fake: FakeUpstream, tmp_path: Path, slow_disk: None
+) -> None:
+    """The client's bytes were right and it keeps them; the file's rest came back different
+    and fails its own check: nothing is committed, and the next pull fetches again."""
+    blob = os.urandom(SIZE)
+    digest = fake.add_blob(blob)
+    fake.faults[digest] = Fault(wrong_ranges=True)
+    async with running_app(mirror_config(tmp_path, fake.url)) as (base, app):
+        body, _ = await _pull(base, digest, app)
+        assert sha256_digest(body) == digest
+        await fills_settled(app, limit=30)
+        assert await app[MIRROR].store.stat(Digest(digest)) is None
+        del fake.faults[digest]
+        body, _ = await _pull(base, digest, app)
+        assert sha256_digest(body) == digest
+        await fills_settled(app, limit=30)
+        wait_cached(tmp_path, digest)
+    assert hashlib.sha256(_cached_bytes(tmp_path, digest)).hexdigest() == digest[7:]
+    whole = [asked for d, asked, _ in fake.ranges_asked if d == digest and not asked]
+    assert len(whole) == 2  # one per pull (each also fetched its disk's rest again)
+
+
+async def test_a_reader_that_stalls_does_not_pace_the_fill(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """The fill waits for its most advanced reader only while that reader moves: a client
+    that stops reading ahead of another does not hold the other back."""
+    blob = os.urandom(SIZE)
+    digest = fake.add_blob(blob)
+    async with running_app(mirror_config(tmp_path, fake.url)) as (base, app):
+        url = f"{base}/v2/lib/app/blobs/{digest}"
+        async with aiohttp.ClientSession() as stalled, stalled.get(url) as first:
+            await first.content.readexactly(MiB)  # then never again, its socket full
+            async with aiohttp.ClientSession() as s, s.get(url) as resp:
+                started = time.monotonic()
+                body = await asyncio.wait_for(resp.read(), timeout=20)
+                took = time.monotonic() - started
+        assert sha256_digest(body) == digest
+        assert took < 5, f"{took:.1f}s"
+        await fills_settled(app, limit=30)
+        wait_cached(tmp_path, digest)
