@@ -14,9 +14,10 @@ Memory: fills share two budgets. Bytes waiting for the disk (or, past a disk lef
 the hash): a fill reads no more of its upstream once it holds its share of `PENDING_TOTAL` (at
 least `PENDING_MIN`, at most `PENDING_MAX`); windows: each keeps at most its share of
 `WINDOW_TOTAL` (at most `WINDOW_MAX`) of chunks, the newest always. So a process holds at most
-32 MiB of blob bytes plus, per fill, its upstream reader's buffers (at most 8 MiB idle for
-reuse, mirror/upstream/socket_body.py, or aiohttp's 1 MiB read buffer) and `PENDING_MIN`, and
-fills are at most `max_concurrent_fetches` per upstream, whatever the number of readers.
+32 MiB of blob bytes plus, per fill, its upstream reader's buffers (at most 16 MiB kept for
+reuse, which the fill's window and backlog use too: mirror/upstream/socket_body.py; or
+aiohttp's 1 MiB read buffer) and `PENDING_MIN`, and fills are at most
+`max_concurrent_fetches` per upstream, whatever the number of readers.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ PENDING_TOTAL = 16 * 1024 * 1024  # bytes waiting for the disk, for every fill t
 PENDING_MIN = 256 * 1024  # a fill's share never drops below this (it would crawl)
 DETACH_MIN = 16 * 1024 * 1024  # a fill leaves a lagging disk behind only with this much to come
 PACE_STALL = 1.0  # seconds without progress after which a fill no longer waits for a reader
+REST_AFTER = 2.0  # seconds after leaving the disk behind: fetch the file's rest meanwhile
 
 
 class WindowBudget:
@@ -224,6 +226,10 @@ class FillBase:
     def untrack(self, reader: object) -> None:
         """The reader is gone."""
 
+    def disk_wanted(self) -> None:
+        """A reader waits for bytes that only the temp file will have (a fill that left its
+        disk behind starts fetching the file's rest)."""
+
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
@@ -313,7 +319,10 @@ class Fill(FillBase):
         self._stream_hash: Hasher | None = None  # set once the disk was left behind
         self._leave_disk = False  # asked by the reading side, done by the drain
         self.detached_at: int | None = None  # the file's length when the disk was left behind
-        self.storing = False  # clients have every byte; the file's rest is being fetched
+        self.storing = False  # the file's rest is being fetched (see `_start_rest`)
+        self._open_body: OpenBody | None = None
+        self._rest: asyncio.Task[None] | None = None
+        self._rest_timer: asyncio.TimerHandle | None = None
 
     @property
     def received(self) -> int:
@@ -328,8 +337,12 @@ class Fill(FillBase):
     def untrack(self, reader: object) -> None:
         self._window.untrack(reader)
 
+    def disk_wanted(self) -> None:
+        self._start_rest()
+
     async def run(self, open_body: OpenBody) -> None:
         body: UpstreamBody | None = None
+        self._open_body = open_body
         self._budget.fills += 1
         try:
             if await self.store.stat(self.digest) is not None:
@@ -349,7 +362,9 @@ class Fill(FillBase):
                 self._release()
                 await body.close()
                 body = None
-                await self._store_rest(open_body, self._writer)
+                self._start_rest()
+                assert self._rest is not None
+                await self._rest
             else:
                 # Verified bytes go to readers at once; fsync + rename (slow for big blobs on
                 # slow disks) happen while the clients already have everything.
@@ -364,6 +379,7 @@ class Fill(FillBase):
                 detached_at=self.detached_at,
             )  # fmt: skip
         except BaseException as exc:
+            await self._stop_rest()
             if self._writer is not None:
                 await self._writer.abort()  # before anyone can see the failure
             self.error = exc
@@ -385,6 +401,27 @@ class Fill(FillBase):
             if body is not None:
                 await body.close()
 
+    def _start_rest(self) -> None:
+        """Once the disk was left behind: fetch the file's rest (at most once). Done when the
+        stream ends, or before if a reader waits for the file (it fell behind the window, or
+        a reader in another process: `REST_AFTER` after leaving the disk) so that it never
+        waits for the stream's pace."""
+        if self._rest is not None or self.detached_at is None:
+            return
+        assert self._writer is not None and self._open_body is not None
+        if self._rest_timer is not None:
+            self._rest_timer.cancel()
+        self.storing = True
+        self._rest = asyncio.ensure_future(self._store_rest(self._open_body, self._writer))
+
+    async def _stop_rest(self) -> None:
+        if self._rest_timer is not None:
+            self._rest_timer.cancel()
+        if self._rest is not None and not self._rest.done():
+            self._rest.cancel()
+            with contextlib.suppress(BaseException):
+                await self._rest
+
     def _release(self) -> None:
         """Every byte is in and matched the digest: readers may have the last one."""
         self.verified = True
@@ -404,8 +441,7 @@ class Fill(FillBase):
 
     async def _store_rest(self, open_body: OpenBody, writer: BlobWriter) -> None:
         """Fetch the rest of the file from where the disk was left behind, write and verify it
-        (clients already have it; readers behind the window follow the file)."""
-        self.storing = True
+        (readers behind the window follow the file)."""
         log.info("blob_fill_storing_rest", digest=self.digest, offset=writer.written)
         rest = await open_body(writer.written)
         try:
@@ -481,6 +517,8 @@ class Fill(FillBase):
                 if stream and self._leave_disk and self._stream_hash is None:
                     self._stream_hash = await writer.hash_copy()  # the file's bytes so far
                     self.detached_at = writer.written
+                    loop = asyncio.get_running_loop()
+                    self._rest_timer = loop.call_later(REST_AFTER, self._start_rest)
                     log.info("blob_fill_disk_left_behind", digest=self.digest, at=writer.written)
                 if stream and self._stream_hash is not None:
                     await asyncio.to_thread(_hash_all, self._stream_hash, batch)
@@ -626,6 +664,8 @@ class TailReader:
                 assert fill.error is not None
                 raise fill.error
             else:
+                if pos < fill.received:
+                    fill.disk_wanted()  # the bytes came, the file lacks them
                 await changed.wait()
 
     async def pieces(
@@ -658,6 +698,7 @@ class TailReader:
                     yield pos, on_disk - pos, views
                     pos = on_disk
                     continue
+                fill.disk_wanted()  # behind the window, ahead of the file
             elif released or (stop is not None and pos >= stop):
                 return
             if fill.state is FillState.FAILED:

@@ -8,8 +8,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
@@ -56,6 +59,28 @@ async def _pull(base: str, digest: str, app: web.Application) -> tuple[bytes, in
         if fill is not None:
             on_disk = fill.written
     return bytes(got), on_disk
+
+
+async def _slow_head_client(base: str, digest: str, progress: Callable[[int], None]) -> bytes:
+    """A client that reads 12 MiB fast, then 1 MiB every 0.1 s, calling `progress` after
+    each read: a plain socket with a small receive buffer, so that reading slowly slows what
+    the mirror can send it (aiohttp's client would buffer the whole blob)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", urlsplit(base).port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(f"GET /v2/lib/app/blobs/{digest} HTTP/1.1\r\nHost: mirror\r\n\r\n".encode())
+    headers = await reader.readuntil(b"\r\n\r\n")
+    assert headers.startswith(b"HTTP/1.1 200"), headers
+    got = bytearray(await reader.readexactly(12 * MiB))
+    progress(len(got))
+    while len(got) < SIZE:
+        got += await reader.readexactly(min(MiB, SIZE - len(got)))
+        progress(len(got))
+        await asyncio.sleep(0.1)
+    writer.close()
+    return bytes(got)
 
 
 def _cached_bytes(cache: Path, digest: str) -> bytes:
@@ -165,3 +190,66 @@ async def test_a_reader_that_stalls_does_not_pace_the_fill(
         assert took < 5, f"{took:.1f}s"
         await fills_settled(app, limit=30)
         wait_cached(tmp_path, digest)
+
+
+async def test_a_reader_behind_a_disk_left_behind_is_not_held_to_the_head_readers_pace(
+    fake: FakeUpstream, tmp_path: Path, slow_disk: None
+) -> None:
+    """A client that joins after the disk was left behind reads the temp file: the file's
+    rest is fetched at once, not after the head client (here a slow one, which paces the
+    stream) has everything."""
+    blob = os.urandom(SIZE)
+    digest = fake.add_blob(blob)
+    async with running_app(mirror_config(tmp_path, fake.url)) as (base, app):
+        url = f"{base}/v2/lib/app/blobs/{digest}"
+        joiner_bytes_while_head_reads = 0
+        joiner = bytearray()
+
+        async def join() -> None:
+            async with aiohttp.ClientSession() as s, s.get(url) as resp:
+                async for chunk in resp.content.iter_any():
+                    joiner.extend(chunk)
+
+        task = None
+
+        def progress(got: int) -> None:
+            nonlocal task, joiner_bytes_while_head_reads
+            if got == 12 * MiB:  # the disk is left behind by now
+                task = asyncio.ensure_future(join())
+            if got == 30 * MiB:  # the stream has 10 MiB to go at 10 MB/s: > 0.5 s
+                joiner_bytes_while_head_reads = len(joiner)
+
+        head = await _slow_head_client(base, digest, progress)
+        assert task is not None
+        await asyncio.wait_for(task, 30)
+        assert sha256_digest(bytes(head)) == digest
+        assert sha256_digest(bytes(joiner)) == digest
+        assert joiner_bytes_while_head_reads >= 8 * MiB, joiner_bytes_while_head_reads
+        await fills_settled(app, limit=30)
+        wait_cached(tmp_path, digest)
+    rest = [asked for d, asked, _ in fake.ranges_asked if d == digest and asked]
+    assert len(rest) == 1, fake.ranges_asked
+
+
+async def test_the_files_rest_is_fetched_while_a_slow_head_client_still_reads(
+    fake: FakeUpstream, tmp_path: Path, slow_disk: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Readers in other worker processes follow the temp file and cannot say they wait: a
+    while (`REST_AFTER`) after leaving the disk behind, the file's rest is fetched anyway."""
+    from mirror.cache import fill
+
+    monkeypatch.setattr(fill, "REST_AFTER", 0.5)
+    blob = os.urandom(SIZE)
+    digest = fake.add_blob(blob)
+    asked_while_head_reads: list[str | None] = []
+
+    def progress(got: int) -> None:
+        if got == 30 * MiB:  # about 1.8 s after the disk was left behind
+            asked_while_head_reads.extend(a for d, a, _ in fake.ranges_asked if d == digest)
+
+    async with running_app(mirror_config(tmp_path, fake.url)) as (base, app):
+        head = await _slow_head_client(base, digest, progress)
+        assert sha256_digest(head) == digest
+        await fills_settled(app, limit=30)
+        wait_cached(tmp_path, digest)
+    assert len([a for a in asked_while_head_reads if a]) == 1, asked_while_head_reads
