@@ -92,11 +92,11 @@ async def test_reading_does_not_wait_for_readers_the_disk_serves_or_that_stalled
 
 
 async def test_a_reader_that_had_everything_is_not_stalled_by_waiting() -> None:
-    import time
+    import asyncio
 
     window = Window(WindowBudget(total=8, per_fill=8))
     window.append(b"0123")
     window.track("client", 3)  # all but the held-back last byte
-    time.sleep(0.3)  # then nothing arrives for longer than `stall`
+    await asyncio.sleep(0.3)  # then nothing arrives for longer than `stall`
     window.append(b"4567")  # its clock starts again: it had nothing to take
     assert await _blocked(window, 4, disk=0, stall=0.2)
