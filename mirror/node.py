@@ -58,6 +58,8 @@ from mirror.upstream.bandwidth import worker_share
 from mirror.upstream.guard import UpstreamNetwork
 from mirror.upstream.routing import Router, build_router
 
+STORING_GRACE = 8.0  # seconds at shutdown for fills fetching the rest of a file left behind
+
 
 @dataclass(frozen=True)
 class Node:
@@ -174,7 +176,9 @@ async def open_node(
     finally:
         await mirror.prefetcher.close()
         hosted.records.close()
-        await mirror.fills.close()
+        # The supervisor stops waiting `shutdown_timeout` + 10 s after asking: responses took
+        # up to `shutdown_timeout` of that.
+        await mirror.fills.close(grace=min(config.shutdown_timeout, STORING_GRACE))
         await shared.close()
         await router.close()
         await index.flush()

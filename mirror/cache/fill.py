@@ -783,13 +783,22 @@ class FillManager:
         if fill.fetched and self.on_commit is not None:
             self.on_commit(fill.digest, fill.written)
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 0.0) -> None:
         """Shutdown: fills already verified finish their commit (clients have their bytes;
-        only the fsync and rename remain); the others, and those still fetching the rest of
-        a file they left behind, are cancelled and their temp files discarded."""
+        only the fsync and rename remain); those verified but still fetching the rest of a
+        file they left behind get `grace` seconds to; the others are cancelled at once. A
+        cancelled fill's temp file is discarded."""
         tasks = [f.task for f in self._fills.values() if f.task is not None]
+        storing = []
         for fill in self._fills.values():
-            storing = isinstance(fill, Fill) and fill.storing  # the rest is a long fetch
-            if fill.task is not None and (not fill.verified or storing):
+            if fill.task is None:
+                continue
+            if not fill.verified:
                 fill.task.cancel()
+            elif isinstance(fill, Fill) and fill.storing:
+                storing.append(fill.task)
+        if storing:
+            _done, late = await asyncio.wait(storing, timeout=grace)
+            for task in late:
+                task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
