@@ -33,7 +33,7 @@ import aiohttp
 BUFFER = 1024 * 1024  # one read buffer; a chunk is at most this
 MIN_BODY = 1024 * 1024  # smaller bodies keep aiohttp's path (and the pooled connection)
 AHEAD = 4  # chunks the thread may have handed over that the consumer has not taken
-POOL = 16  # buffers kept for reuse: the fill's window and disk backlog, plus AHEAD
+POOL = 8  # buffers kept for reuse (the fill's window and backlog hold some; more: allocated)
 STOP_POLL = 0.5  # seconds: how often a thread waiting for room looks for close()
 
 
