@@ -238,6 +238,7 @@ class Mirror:
         upstream = target.upstream
         key: TagKey = (upstream.name, target.repository, tag)
         broad = _takes_everything(accept)
+        looked = time.time()  # wall time, as the workers' flight compares it
         record = await self.metadata.get_tag(key)
         cached = None
         if record is not None and accepts(accept, record.media_type):
@@ -251,7 +252,7 @@ class Mirror:
         if self.offline:
             raise offline_miss("MANIFEST_UNKNOWN", "tag")
         try:
-            fetched = await self._fetch_manifest(target, tag, accept, private)
+            fetched = await self._fetch_manifest(target, tag, accept, private, since=looked)
         except Exception as exc:
             if cached is None or not upstream_trouble(exc):
                 raise
@@ -374,9 +375,16 @@ class Mirror:
         self.shared.touched(digest)
 
     async def _fetch_manifest(
-        self, target: Target, reference: str, accept: list[str], private: bool
+        self,
+        target: Target,
+        reference: str,
+        accept: list[str],
+        private: bool,
+        since: float | None = None,
     ) -> Manifest:
-        """One upstream GET however many ask at once; stored by digest before it is answered."""
+        """One upstream GET however many ask at once; stored by digest before it is answered.
+        `since`: when the caller looked for a record (wall time): another worker's answer from
+        after that serves it too."""
         upstream = target.upstream
         key = (upstream.name, target.repository, reference, *sorted(accept))
 
@@ -407,7 +415,7 @@ class Mirror:
             return await load(record.digest)
 
         fetched = await self._manifest_flight.do(
-            key, lambda: self._manifest_flight_across.do(key, fetch, load, recheck)
+            key, lambda: self._manifest_flight_across.do(key, fetch, load, recheck, since)
         )
         manifest = Manifest(fetched.data, fetched.media_type, fetched.digest)
         self._manifests[manifest.digest] = manifest

@@ -64,3 +64,26 @@ async def test_the_second_worker_reads_the_first_ones_answer_and_its_error(tmp_p
     with pytest.raises(RegistryError):
         await first
     assert fetches == ["one", "429"]
+
+
+async def test_an_answer_written_since_the_callers_look_serves_it(tmp_path: Path) -> None:
+    """A worker that looked for the record before another wrote it, and reaches the lock just
+    after the other let go, takes that answer instead of asking again."""
+    import time
+
+    one, two = (ManifestFlight(tmp_path, NoSharedTier()) for _ in range(2))
+    fetches: list[str] = []
+
+    async def fetch(who: str) -> FetchedManifest:
+        fetches.append(who)
+        return FETCHED
+
+    async def load(digest: Digest) -> FetchedManifest | None:
+        return FETCHED
+
+    looked = time.time()  # two looks for the record: none yet
+    assert await one.do(KEY, lambda: fetch("one"), load, nothing) == FETCHED  # one fetched
+    assert await two.do(KEY, lambda: fetch("two"), load, nothing, since=looked) == FETCHED
+    assert fetches == ["one"]
+    assert await two.do(KEY, lambda: fetch("two"), load, nothing) == FETCHED  # a later look
+    assert fetches == ["one", "two"]
