@@ -375,9 +375,10 @@ class CacheConfig:
     partial_max_age: float = opt(86400.0, DURATION)
     partial_max_size: int = opt(4 * 1024**3, SIZE)
     # When a client reads a cold blob faster than this disk writes it, keep sending at the
-    # client's pace and fetch the part the disk missed again afterwards (true, default), or
-    # make the client wait for the disk so every byte crosses the network once (false).
-    outrun_disk: bool = opt(True, BOOL)
+    # client's pace and fetch the part the disk missed again afterwards (true: for an upstream
+    # on a fast local network), or make the client wait for the disk so that every byte
+    # crosses the network once (false, default).
+    outrun_disk: bool = opt(False, BOOL)
 
     def budget_bytes(self, filesystem_size: int) -> int:
         """The size limit in bytes (0: none); a percentage is of the cache's file system."""

@@ -126,7 +126,7 @@ class Mirror:
         policy: Policy | None = None,
         shared: SharedTier | None = None,
         verify: tuple[VerifyRule, ...] = (),
-        outrun_disk: bool = True,
+        outrun_disk: bool = False,
     ) -> None:
         self.metrics = metrics or Metrics()
         # What this node shares with others: nothing (one node), or a cluster's store and Redis.

@@ -307,7 +307,7 @@ class Fill(FillBase):
         source: str | None = None,
         budget: WindowBudget | None = None,
         *,
-        outrun_disk: bool = True,
+        outrun_disk: bool = False,
     ) -> None:
         super().__init__(digest)
         self.store = store
@@ -731,7 +731,7 @@ class FillManager:
         locks: FileLocks,
         on_commit: Callable[[Digest, int], None] | None = None,
         *,
-        outrun_disk: bool = True,
+        outrun_disk: bool = False,
     ) -> None:
         self.store = store
         self.locks = locks

@@ -1,4 +1,4 @@
-"""A client faster than the cache's disk is not held to the disk's pace (`cache.outrun_disk`):
+"""With `cache.outrun_disk`, a client faster than the cache's disk is not held to its pace:
 the fill leaves the disk behind, releases the last byte once the stream's own hash matched,
 and then fetches the part the disk missed again, which is verified on its own before the
 commit. Wrong bytes in either fetch release or commit nothing."""
@@ -19,6 +19,7 @@ import pytest
 from aiohttp import web
 
 from mirror.cache import blobs
+from mirror.config import Config
 from mirror.interfaces import Chunk
 from mirror.reference import Digest
 from mirror.web.keys import MIRROR
@@ -83,6 +84,10 @@ async def _slow_head_client(base: str, digest: str, progress: Callable[[int], No
     return bytes(got)
 
 
+def outrun(cache: Path, fake: FakeUpstream) -> Config:
+    return mirror_config(cache, fake.url, settings={"cache.outrun_disk": "true"})
+
+
 def _cached_bytes(cache: Path, digest: str) -> bytes:
     hexa = digest.split(":", 1)[1]
     return (cache / "blobs" / "sha256" / hexa[:2] / hexa).read_bytes()
@@ -93,7 +98,7 @@ async def test_a_client_faster_than_the_disk_gets_the_blob_before_the_disk_has_i
 ) -> None:
     blob = os.urandom(SIZE)
     digest = fake.add_blob(blob)
-    async with running_app(mirror_config(tmp_path, fake.url)) as (base, app):
+    async with running_app(outrun(tmp_path, fake)) as (base, app):
         body, on_disk = await _pull(base, digest, app)
         assert sha256_digest(body) == digest
         assert on_disk < SIZE // 2, f"the client waited for the disk ({on_disk} bytes written)"
@@ -108,13 +113,14 @@ async def test_a_client_faster_than_the_disk_gets_the_blob_before_the_disk_has_i
     assert fake.bytes_sent[digest] == SIZE + (SIZE - offset)
 
 
-async def test_outrun_disk_false_keeps_the_client_at_the_disks_pace(
+async def test_by_default_the_client_keeps_the_disks_pace_and_bytes_cross_once(
     fake: FakeUpstream, tmp_path: Path, slow_disk: None
 ) -> None:
-    """The setting takes effect: one fetch, and the client's last byte waits for the disk."""
+    """The setting takes effect (off by default): one fetch, and the client's last byte
+    waits for the disk."""
     blob = os.urandom(SIZE)
     digest = fake.add_blob(blob)
-    config = mirror_config(tmp_path, fake.url, settings={"cache.outrun_disk": "false"})
+    config = mirror_config(tmp_path, fake.url)
     async with running_app(config) as (base, app):
         body, on_disk = await _pull(base, digest, app)
         assert sha256_digest(body) == digest
@@ -133,7 +139,7 @@ async def test_wrong_bytes_in_the_stream_past_the_disk_release_nothing(
     blob = os.urandom(SIZE)
     digest = fake.add_blob(blob)
     fake.faults[digest] = Fault(wrong_bytes=True)
-    async with running_app(mirror_config(tmp_path, fake.url)) as (base, app):
+    async with running_app(outrun(tmp_path, fake)) as (base, app):
         got = bytearray()
         with pytest.raises(aiohttp.ClientPayloadError):
             async with (
@@ -155,7 +161,7 @@ async def test_wrong_bytes_in_the_second_fetch_are_not_committed(
     blob = os.urandom(SIZE)
     digest = fake.add_blob(blob)
     fake.faults[digest] = Fault(wrong_ranges=True)
-    async with running_app(mirror_config(tmp_path, fake.url)) as (base, app):
+    async with running_app(outrun(tmp_path, fake)) as (base, app):
         body, _ = await _pull(base, digest, app)
         assert sha256_digest(body) == digest
         await fills_settled(app, limit=30)
@@ -177,7 +183,7 @@ async def test_a_reader_that_stalls_does_not_pace_the_fill(
     that stops reading ahead of another does not hold the other back."""
     blob = os.urandom(SIZE)
     digest = fake.add_blob(blob)
-    async with running_app(mirror_config(tmp_path, fake.url)) as (base, app):
+    async with running_app(outrun(tmp_path, fake)) as (base, app):
         url = f"{base}/v2/lib/app/blobs/{digest}"
         async with aiohttp.ClientSession() as stalled, stalled.get(url) as first:
             await first.content.readexactly(MiB)  # then never again, its socket full
@@ -199,7 +205,7 @@ async def test_a_reader_behind_a_disk_left_behind_is_not_held_to_the_head_reader
     stream) has everything."""
     blob = os.urandom(SIZE)
     digest = fake.add_blob(blob)
-    async with running_app(mirror_config(tmp_path, fake.url)) as (base, app):
+    async with running_app(outrun(tmp_path, fake)) as (base, app):
         url = f"{base}/v2/lib/app/blobs/{digest}"
         joiner_bytes_while_head_reads = 0
         joiner = bytearray()
@@ -246,7 +252,7 @@ async def test_the_files_rest_is_fetched_while_a_slow_head_client_still_reads(
         if got == 30 * MiB:  # about 1.8 s after the disk was left behind
             asked_while_head_reads.extend(a for d, a, _ in fake.ranges_asked if d == digest)
 
-    async with running_app(mirror_config(tmp_path, fake.url)) as (base, app):
+    async with running_app(outrun(tmp_path, fake)) as (base, app):
         head = await _slow_head_client(base, digest, progress)
         assert sha256_digest(head) == digest
         await fills_settled(app, limit=30)
@@ -259,7 +265,7 @@ async def test_a_graceful_stop_lets_a_fill_store_the_rest_its_clients_already_ha
 ) -> None:
     blob = os.urandom(SIZE)
     digest = fake.add_blob(blob)
-    async with running_app(mirror_config(tmp_path, fake.url)) as (base, app):
+    async with running_app(outrun(tmp_path, fake)) as (base, app):
         body, on_disk = await _pull(base, digest, app)
         assert sha256_digest(body) == digest
         assert on_disk < SIZE  # the rest is still being fetched as the mirror stops
