@@ -289,15 +289,15 @@ class Fill(FillBase):
     in a thread while the upstream is asked only for the rest, and readers see them as soon
     as the upstream answered. The digest check at the end covers the stitched whole.
 
-    The disk need not set the pace. Reading waits for the most advanced reader (`Window.room`),
-    so a client as fast as the upstream gets every byte from memory. If the disk falls behind
-    such a reader by the fill's share of `PENDING_TOTAL`, with `DETACH_MIN` or more still to
-    come, the fill leaves the disk behind: from that offset on, the stream is only hashed (on a
-    copy of the file's running hash) and sent, and the clients' last byte is released when that
-    hash matches. Then the rest of the file is fetched again, from that offset, and written and
-    verified on its own before the commit. A reader behind the window waits for the file
-    meanwhile. What this costs: the lagging part crosses the network twice (the reference
-    registry fetches every cold blob twice), and it is hashed twice.
+    Reading waits for the most advanced reader still ahead of the disk (`Window.room`), so such
+    a client gets every byte from memory. With `outrun_disk` (`cache.outrun_disk`), the disk
+    need not set the pace either: if it falls behind such a reader by the fill's share of
+    `PENDING_TOTAL`, with `DETACH_MIN` or more still to come, the fill leaves it behind: from
+    that offset on, the stream is only hashed (on a copy of the file's running hash) and sent,
+    and the clients' last byte is released when that hash matches. The rest of the file is
+    fetched again from that offset, written and verified on its own before the commit (see
+    `_start_rest` for when). What this costs: the lagging part crosses the network twice (the
+    reference registry fetches every cold blob twice), and it is hashed twice.
     """
 
     def __init__(
@@ -415,10 +415,13 @@ class Fill(FillBase):
         self._rest = asyncio.ensure_future(self._store_rest(self._open_body, self._writer))
 
     async def _stop_rest(self) -> None:
+        """The fill failed: the rest's fetch stops (its own failure, if it came first, is
+        already logged with the fill's)."""
         if self._rest_timer is not None:
             self._rest_timer.cancel()
-        if self._rest is not None and not self._rest.done():
-            self._rest.cancel()
+        if self._rest is not None:
+            if not self._rest.done():
+                self._rest.cancel()
             with contextlib.suppress(BaseException):
                 await self._rest
 
