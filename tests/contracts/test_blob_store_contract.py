@@ -5,14 +5,15 @@ from __future__ import annotations
 import inspect
 import os
 import time
+from pathlib import Path
 
 import pytest
 
-from mirror.cache.blobs import FilesystemBlobStore
+from mirror.cache.blobs import FileBlobWriter, FilesystemBlobStore
 from mirror.cache.s3 import S3BlobStore, S3Unavailable
 from mirror.config import S3Config
 from mirror.errors import DigestMismatch
-from mirror.interfaces import BlobStore, FillTarget, Unavailable
+from mirror.interfaces import BlobStore, BlobWriter, FillTarget, Unavailable
 from mirror.reference import Digest
 from tests.contracts.conftest import digest_of, protocol_members, write_natively
 from tests.fixtures.mirror_server import free_port
@@ -23,6 +24,7 @@ CONTRACTS = [
     (BlobStore, FilesystemBlobStore),
     (BlobStore, S3BlobStore),
     (FillTarget, FilesystemBlobStore),
+    (BlobWriter, FileBlobWriter),
 ]
 
 
@@ -133,3 +135,21 @@ async def test_s3_down_raises_s3_unavailable() -> None:
         await store.close()
     assert time.monotonic() - started < 30  # bounded, never a hang
     assert issubclass(S3Unavailable, Unavailable)
+
+
+async def test_a_writers_hash_copy_covers_what_it_wrote_and_stands_alone(tmp_path: Path) -> None:
+    """What a fill that leaves its disk behind hashes the rest of its stream on."""
+    import hashlib
+
+    store = FilesystemBlobStore(tmp_path / "cache")
+    store.setup()
+    data = os.urandom(3000)
+    writer: BlobWriter = await store.begin_write(digest_of(data), len(data))
+    await writer.write_chunks([data[:1000], memoryview(data)[1000:2000]])
+    copy = await writer.hash_copy()
+    await writer.write_chunks([data[2000:]])
+    assert copy.hexdigest() == hashlib.sha256(data[:2000]).hexdigest()
+    copy.update(data[2000:])
+    assert "sha256:" + copy.hexdigest() == digest_of(data)
+    await writer.commit()  # the writer's own hash was not disturbed
+    assert await store.stat(digest_of(data)) == len(data)
