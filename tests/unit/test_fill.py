@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import os
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -51,14 +50,6 @@ async def collect(reader: TailReader, into: bytearray) -> bytes:
     finally:
         reader.close()
     return bytes(into)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> FilesystemBlobStore:
-    s = FilesystemBlobStore(tmp_path)
-    s.setup()
-    FileLocks(tmp_path / "locks").setup()
-    return s
 
 
 async def wait_for(predicate, limit: float = 5.0) -> None:  # type: ignore[no-untyped-def]

@@ -26,14 +26,6 @@ SOURCE = "default/lib/app http://127.0.0.1:5000"
 HALF = len(DATA) // 2
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> FilesystemBlobStore:
-    s = FilesystemBlobStore(tmp_path)
-    s.setup()
-    FileLocks(tmp_path / "locks").setup()
-    return s
-
-
 async def abandoned(
     store: FilesystemBlobStore, data: bytes, source: str = SOURCE, size: int = len(DATA)
 ) -> Path:
