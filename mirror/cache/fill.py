@@ -319,7 +319,6 @@ class Fill(FillBase):
         self._stream_hash: Hasher | None = None  # set once the disk was left behind
         self._leave_disk = False  # asked by the reading side, done by the drain
         self.detached_at: int | None = None  # the file's length when the disk was left behind
-        self.storing = False  # the file's rest is being fetched (see `_start_rest`)
         self._open_body: OpenBody | None = None
         self._rest: asyncio.Task[None] | None = None
         self._rest_timer: asyncio.TimerHandle | None = None
@@ -327,6 +326,11 @@ class Fill(FillBase):
     @property
     def received(self) -> int:
         return max(self.written, self._window.end)
+
+    @property
+    def storing(self) -> bool:
+        """The file's rest is being fetched (see `_start_rest`)."""
+        return self._rest is not None
 
     def window_views(self, pos: int, stop: int) -> list[memoryview]:
         return self._window.views(pos, stop)
@@ -411,7 +415,6 @@ class Fill(FillBase):
         assert self._writer is not None and self._open_body is not None
         if self._rest_timer is not None:
             self._rest_timer.cancel()
-        self.storing = True
         self._rest = asyncio.ensure_future(self._store_rest(self._open_body, self._writer))
 
     async def _stop_rest(self) -> None:

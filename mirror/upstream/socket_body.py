@@ -164,8 +164,8 @@ class SocketBody:
                 while not self._room.acquire(timeout=STOP_POLL):
                     if self._stop.is_set():
                         return
-                buf = pool.take()
-                view = memoryview(buf)[: min(len(buf), remaining)]
+                # Only views hold the buffer (a name for it here would keep it from reuse).
+                view = memoryview(pool.take())[:remaining]
                 got = self._read(view, poller, timeout_ms)
                 if self._stop.is_set():
                     return
