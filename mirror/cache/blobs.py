@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import structlog
+from cachetools import TTLCache
 
 from mirror.errors import DigestMismatch, UpstreamError
 from mirror.interfaces import BlobStore as BlobStore  # re-exported
@@ -120,6 +121,10 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+WARM_SECONDS = 10.0  # a blob opened this recently is opened on the event loop
+WARM_MAX = 4096  # digests remembered as recently opened
+
+
 class FilesystemBlobStore:
     """Blobs as files on a local file system (see the module docstring for the guarantees)."""
 
@@ -127,6 +132,8 @@ class FilesystemBlobStore:
         self.root = root
         self.blob_dir = root / "blobs" / "sha256"
         self.tmp_dir = root / "tmp"
+        self._blob_prefix = f"{self.blob_dir}/"
+        self._warm: TTLCache[str, None] = TTLCache(maxsize=WARM_MAX, ttl=WARM_SECONDS)
 
     def setup(self, max_age: float = 0.0, max_bytes: int = 0) -> None:
         """Create the layout and sweep temp files of writers that died (blocking; at start)."""
@@ -182,14 +189,25 @@ class FilesystemBlobStore:
         return st.st_size
 
     async def open_for_serving(self, digest: Digest) -> OpenBlob | None:
-        return await asyncio.to_thread(self._open, digest)
+        """Opened in a thread, since a path the kernel has not looked up lately may wait for
+        the disk; a blob opened within `WARM_SECONDS` is opened on the loop (its directory
+        entries and inode are cached, so the open takes microseconds, where the thread's
+        hop took a tenth of a small cached blob's request: measured)."""
+        if digest in self._warm:
+            return self._open(digest)
+        blob = await asyncio.to_thread(self._open, digest)
+        if blob is not None:
+            self._warm[digest] = None
+        return blob
 
     def _open(self, digest: Digest) -> OpenBlob | None:
-        try:
-            f = open(self.path_for(digest), "rb")  # noqa: SIM115 - handed to the response
+        hexpart = digest.split(":", 1)[1]
+        try:  # a string path and an unbuffered file: no pathlib, no isatty or seek probes
+            fd = os.open(f"{self._blob_prefix}{hexpart[:2]}/{hexpart}", os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
-        return OpenBlob(f, os.fstat(f.fileno()).st_size)
+        f = open(fd, "rb", buffering=0)  # noqa: SIM115 - handed to the response
+        return OpenBlob(f, os.fstat(fd).st_size)
 
     async def open_stream(self, digest: Digest, offset: int = 0) -> BlobStream | None:
         """Its bytes from `offset` in ~1 MiB reads from a worker thread; None if absent. The

@@ -171,6 +171,10 @@ class FileBody:
         end = self.blob.size if stop is None else stop
         transport = request.transport
         if transport is not None and not response.chunked:
+            if end - start < THREAD_SEND_MIN:
+                start += _sendfile_now(transport, self.blob.file.fileno(), start, end - start)
+                if start == end:
+                    return
             # Big bodies are copied by a thread: a multi-megabyte sendfile call on the event
             # loop would hold up every small request (manifests) behind it.
             sender = ThreadSender.open(transport) if end - start >= THREAD_SEND_MIN else None
@@ -194,6 +198,26 @@ class FileBody:
 
     async def close(self) -> None:
         self.blob.close()
+
+
+def _sendfile_now(transport: asyncio.BaseTransport, file_fd: int, offset: int, count: int) -> int:
+    """Bytes one non-blocking sendfile on the loop puts in the socket now. A small body whose
+    socket has room goes in this one call, without asyncio's sendfile set-up (pausing reads,
+    a writer registered and removed: four epoll changes and two loop turns per response,
+    measured as a third of the loop's time on small cached blobs). 0 when aiohttp still
+    holds bytes that must go first, or the transport is TLS."""
+    if not isinstance(transport, asyncio.Transport) or transport.get_write_buffer_size():
+        return 0
+    sock = transport.get_extra_info("socket")
+    if sock is None or transport.get_extra_info("sslcontext") is not None:
+        return 0
+    try:
+        sent = os.sendfile(sock.fileno(), file_fd, offset, count)
+    except (BlockingIOError, InterruptedError):
+        return 0
+    if sent == 0:
+        raise OSError("cached blob shorter than its size")
+    return sent
 
 
 class FillBody:
