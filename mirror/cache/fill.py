@@ -14,10 +14,11 @@ Memory: fills share two budgets. Bytes waiting for the disk (or, past a disk lef
 the hash): a fill reads no more of its upstream once it holds its share of `PENDING_TOTAL` (at
 least `PENDING_MIN`, at most `PENDING_MAX`); windows: each keeps at most its share of
 `WINDOW_TOTAL` (at most `WINDOW_MAX`) of chunks, the newest always. So a process holds at most
-32 MiB of blob bytes plus, per fill, its upstream reader's buffers (at most 8 MiB kept for
-reuse, which the fill's window and backlog use too: mirror/upstream/socket_body.py; or
-aiohttp's 1 MiB read buffer) and `PENDING_MIN`, and fills are at most
-`max_concurrent_fetches` per upstream, whatever the number of readers.
+32 MiB of blob bytes plus, per fill, `PENDING_MIN` and the buffer its upstream is being read
+into (aiohttp's 1 MiB, or one of the reused 1 MiB buffers of mirror/upstream/socket_body.py,
+which fill each buffer before the next, so the windows' and backlogs' chunks are views that
+pin about as many buffers as their bytes need); fills are at most `max_concurrent_fetches` per
+upstream, whatever the number of readers.
 """
 
 from __future__ import annotations

@@ -115,14 +115,85 @@ async def test_close_mid_body_stops_the_thread_at_once(server: str) -> None:
 def test_a_buffer_is_refilled_only_once_no_view_of_it_is_alive() -> None:
     pool = BufferPool(size=2, length=16)
     first = pool.take()
-    view = memoryview(first)[:4].toreadonly()
+    view = first[:4].toreadonly()
     part = view[1:]  # a view of a view holds the buffer too
     del view, first
     second = pool.take()
-    assert second is not pool._buffers[0]
+    assert second.obj is not pool._buffers[0]
     del second
-    assert pool.take() is pool._buffers[1]  # idle again
+    assert pool.take().obj is pool._buffers[1]  # idle again
     del part
-    assert pool.take() is pool._buffers[0]  # no view left
+    assert pool.take().obj is pool._buffers[0]  # no view left
     extra = [pool.take() for _ in range(3)]  # all busy: new buffers, the pool stays at 2
-    assert len(pool._buffers) == 2 and len({id(b) for b in extra}) == 3
+    assert len(pool._buffers) == 2 and len({id(b.obj) for b in extra}) == 3
+
+
+def test_the_pool_keeps_nothing_once_no_body_is_read() -> None:
+    pool = BufferPool(size=4, length=16)
+    pool.open()
+    pool.open()
+    held = [pool.take() for _ in range(3)]
+    pool.close()
+    assert len(pool._buffers) == 3, "another body is still read: the buffers stay for it"
+    pool.close()
+    assert pool._buffers == []
+    assert all(len(v) == 16 for v in held), "views still alive keep their own buffers"
+
+
+def test_threads_sharing_the_pool_never_get_a_buffer_in_use() -> None:
+    """Every body thread of the process takes from one pool: a buffer handed to one thread is
+    never handed to another while the first still holds a view of it."""
+    pool = BufferPool(size=4, length=64)
+    clashes: list[int] = []
+
+    def worker(mark: int) -> None:
+        for _ in range(3000):
+            view = pool.take()
+            view[:8] = mark.to_bytes(8, "little")
+            time.sleep(0)  # let the other threads take meanwhile
+            if bytes(view[:8]) != mark.to_bytes(8, "little"):
+                clashes.append(mark)
+            del view
+
+    threads = [threading.Thread(target=worker, args=(m,)) for m in range(1, 5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not clashes
+    assert len(pool._buffers) == 4
+
+
+async def test_a_slow_upstreams_small_reads_share_buffers() -> None:
+    """A body that trickles in small pieces is handed over as views that fill each buffer in
+    turn: what a fill's window holds pins about as many buffers as its bytes need, not one
+    whole buffer per read."""
+    body = os.urandom(3 * MiB)
+
+    async def trickle(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.content_length = len(body)
+        await resp.prepare(request)
+        for at in range(0, len(body), 32 * 1024):
+            await resp.write(body[at : at + 32 * 1024])
+            await asyncio.sleep(0.001)
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/trickle", trickle)
+    srv = TestServer(app, host="127.0.0.1")
+    await srv.start_server()
+    try:
+        async with aiohttp.ClientSession() as s:
+            resp = await s.get(f"http://127.0.0.1:{srv.port}/trickle")
+            reader = SocketBody.take(resp, read_timeout=10)
+            assert reader is not None
+            chunks = [chunk async for chunk in reader.chunks()]  # every view kept alive
+            await reader.close()
+    finally:
+        await srv.close()
+    assert b"".join(chunks) == body
+    views = [c for c in chunks if isinstance(c, memoryview)]
+    buffers = {id(v.obj) for v in views}
+    assert len(views) > 20, "the body came in many small reads"
+    assert len(buffers) <= 4, f"{len(views)} reads held {len(buffers)} 1 MiB buffers"
