@@ -48,7 +48,6 @@ WINDOW_MAX = 4 * 1024 * 1024  # newest bytes of one fill kept in memory for read
 WINDOW_TOTAL = 16 * 1024 * 1024  # the same, for every fill of the process together
 PENDING_TOTAL = 16 * 1024 * 1024  # bytes waiting for the disk, for every fill together
 PENDING_MIN = 256 * 1024  # a fill's share never drops below this (it would crawl)
-BATCH_MAX = 2 * 1024 * 1024  # bytes one thread hop writes or hashes: reading resumes after each
 DETACH_MIN = 16 * 1024 * 1024  # a fill leaves a lagging disk behind only with this much to come
 PACE_STALL = 1.0  # seconds without progress after which a fill no longer waits for a reader
 REST_AFTER = 2.0  # seconds after leaving the disk behind: fetch the file's rest meanwhile
@@ -508,44 +507,32 @@ class Fill(FillBase):
     ) -> None:
         """Overlap network reads with hashing+writing in worker threads.
 
-        A drain task hands the threads what has arrived, at most `BATCH_MAX` at a time, so
-        slow bodies reach tail readers at once and fast ones go in large batches; once the
-        fill holds its share of unwritten bytes (`WindowBudget.pending_limit`), reading waits
-        until a batch is done, or (a `stream` with a reader ahead of the disk) leaves the disk
-        behind and the drain only hashes from then on. Memory stays flat either way. Not
-        `stream`: the file's rest after that, written without a window.
+        A drain task hands the threads whatever has arrived whenever they are free, so slow
+        bodies reach tail readers at once and fast ones go in large batches; past the fill's
+        share of the bytes waiting (`WindowBudget.pending_limit`), reading waits for the
+        drain, or (a `stream` with a reader ahead of the disk) leaves the disk behind and the
+        drain only hashes from then on. Memory stays flat either way. Not `stream`: the
+        file's rest after that, written without a window.
         """
-        pending: deque[Chunk] = deque()  # the body's own chunks, never copied on the event loop
-        unwritten = 0  # bytes received and not yet written (or hashed): pending and in hand
-        done_one = asyncio.Event()  # a batch was written (or the drain ended)
+        pending: list[Chunk] = []  # the body's own chunks, never copied on the event loop
+        pending_bytes = 0
 
         async def drain() -> None:
-            nonlocal unwritten
-            try:
-                while pending:
-                    first = pending.popleft()
-                    batch, size = [first], len(first)
-                    while pending and size + len(pending[0]) <= BATCH_MAX:
-                        batch.append(pending.popleft())
-                        size += len(batch[-1])
-                    if stream and self._leave_disk and self._stream_hash is None:
-                        self._stream_hash = await writer.hash_copy()  # the file's bytes so far
-                        self.detached_at = writer.written
-                        loop = asyncio.get_running_loop()
-                        self._rest_timer = loop.call_later(REST_AFTER, self._start_rest)
-                        log.info(
-                            "blob_fill_disk_left_behind", digest=self.digest, at=writer.written
-                        )
-                    if stream and self._stream_hash is not None:
-                        await asyncio.to_thread(_hash_all, self._stream_hash, batch)
-                    else:
-                        await writer.write_chunks(batch)
-                        self.written = writer.written
-                    unwritten -= size
-                    done_one.set()
-                    self._notify()
-            finally:
-                done_one.set()
+            nonlocal pending, pending_bytes
+            while pending:
+                batch, pending, pending_bytes = pending, [], 0
+                if stream and self._leave_disk and self._stream_hash is None:
+                    self._stream_hash = await writer.hash_copy()  # the file's bytes so far
+                    self.detached_at = writer.written
+                    loop = asyncio.get_running_loop()
+                    self._rest_timer = loop.call_later(REST_AFTER, self._start_rest)
+                    log.info("blob_fill_disk_left_behind", digest=self.digest, at=writer.written)
+                if stream and self._stream_hash is not None:
+                    await asyncio.to_thread(_hash_all, self._stream_hash, batch)
+                else:
+                    await writer.write_chunks(batch)
+                    self.written = writer.written
+                self._notify()
 
         worker: asyncio.Task[None] | None = None
         try:
@@ -553,7 +540,7 @@ class Fill(FillBase):
                 if stream:
                     await self._window.room(len(chunk), self.written)
                 pending.append(chunk)
-                unwritten += len(chunk)
+                pending_bytes += len(chunk)
                 if stream:
                     self._window.append(chunk)
                     self._notify()  # readers near the head send it from the window now
@@ -561,15 +548,10 @@ class Fill(FillBase):
                     if worker is not None:
                         worker.result()
                     worker = asyncio.ensure_future(drain())
-                    continue
-                if unwritten < self._budget.pending_limit():
-                    continue
-                if stream and not self._leave_disk and self._may_leave_disk():
-                    self._leave_disk = True  # the drain's next batch is only hashed
-                # Read on as soon as a batch is done, so the threads never run dry.
-                while unwritten >= self._budget.pending_limit() and not worker.done():
-                    done_one.clear()
-                    await done_one.wait()
+                elif pending_bytes >= self._budget.pending_limit():
+                    if stream and not self._leave_disk and self._may_leave_disk():
+                        self._leave_disk = True  # the drain's next batch is only hashed
+                    await worker
             if worker is not None:
                 await worker
             await drain()
