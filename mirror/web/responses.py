@@ -172,7 +172,8 @@ class FileBody:
         transport = request.transport
         if transport is not None and not response.chunked:
             if end - start < THREAD_SEND_MIN:
-                start += _sendfile_now(transport, self.blob.file.fileno(), start, end - start)
+                if start < end:
+                    start += _sendfile_now(transport, self.blob.file.fileno(), start, end - start)
                 if start == end:
                     return
             # Big bodies are copied by a thread: a multi-megabyte sendfile call on the event
@@ -206,7 +207,9 @@ def _sendfile_now(transport: asyncio.BaseTransport, file_fd: int, offset: int, c
     a writer registered and removed: four epoll changes and two loop turns per response,
     measured as a third of the loop's time on small cached blobs). 0 when aiohttp still
     holds bytes that must go first, or the transport is TLS."""
-    if not isinstance(transport, asyncio.Transport) or transport.get_write_buffer_size():
+    if not isinstance(transport, asyncio.Transport) or transport.is_closing():
+        return 0
+    if transport.get_write_buffer_size():
         return 0
     sock = transport.get_extra_info("socket")
     if sock is None or transport.get_extra_info("sslcontext") is not None:

@@ -75,3 +75,16 @@ async def test_a_small_cached_blob_arrives_whole(
     else:
         assert calls[0][0] == len(BLOB), "a socket with room takes the blob in one call"
     assert fake.count("GET", digest) == 1
+
+
+async def test_an_empty_cached_blob_is_sent_empty(fake: FakeUpstream, tmp_path: Path) -> None:
+    """Zero bytes: nothing for sendfile to send, which is not a file shorter than its size."""
+    digest = fake.add_blob(b"")
+    async with running_app(mirror_config(tmp_path, fake.url)) as (base, _app):
+        port = int(base.rsplit(":", 1)[1])
+        path = f"/v2/lib/app/blobs/{digest}"
+        assert await asyncio.to_thread(_get, port, path) == [b""]  # the miss
+        wait_cached(tmp_path, digest)
+        # Two hits on one connection: the first must not cut it off as a failed send would.
+        assert await asyncio.to_thread(_get, port, path, 2) == [b"", b""]
+    assert fake.count("GET", digest) == 1
