@@ -178,8 +178,13 @@ class FilesystemBlobStore:
         return freed
 
     def path_for(self, digest: Digest) -> Path:
+        return Path(self._path_str(digest))
+
+    def _path_str(self, digest: Digest) -> str:
+        """The blob's path as a string: the one place for the layout, and no pathlib on the
+        serving path (it was 4 % of a small hit's event-loop time)."""
         hexpart = digest.split(":", 1)[1]
-        return self.blob_dir / hexpart[:2] / hexpart
+        return f"{self._blob_prefix}{hexpart[:2]}/{hexpart}"
 
     async def stat(self, digest: Digest) -> int | None:
         try:
@@ -201,9 +206,8 @@ class FilesystemBlobStore:
         return blob
 
     def _open(self, digest: Digest) -> OpenBlob | None:
-        hexpart = digest.split(":", 1)[1]
-        try:  # a string path and an unbuffered file: no pathlib, no isatty or seek probes
-            fd = os.open(f"{self._blob_prefix}{hexpart[:2]}/{hexpart}", os.O_RDONLY | os.O_CLOEXEC)
+        try:  # an unbuffered file: no isatty or seek probes
+            fd = os.open(self._path_str(digest), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
         f = open(fd, "rb", buffering=0)  # noqa: SIM115 - handed to the response

@@ -16,10 +16,24 @@ import asyncio
 import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 _POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mirror-send")
 IOV_MAX = 1024
 DRAIN_POLL = 0.001  # seconds between looks at aiohttp's own buffer (only after headers/frames)
+
+
+def plain_socket(transport: asyncio.BaseTransport | None) -> Any | None:
+    """The stream socket under an open, plain (not TLS) transport, which bytes may be written
+    to directly (asyncio's TransportSocket wrapper); None otherwise (tests, TLS, closing)."""
+    if not isinstance(transport, asyncio.Transport) or transport.is_closing():
+        return None
+    if transport.get_extra_info("sslcontext") is not None:
+        return None
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.type != socket.SOCK_STREAM:
+        return None
+    return sock
 
 
 class ThreadSender:
@@ -33,13 +47,10 @@ class ThreadSender:
 
     @classmethod
     def open(cls, transport: asyncio.BaseTransport | None) -> ThreadSender | None:
-        if not isinstance(transport, asyncio.Transport) or transport.is_closing():
+        sock = plain_socket(transport)
+        if sock is None:
             return None
-        if transport.get_extra_info("sslcontext") is not None:
-            return None
-        sock = transport.get_extra_info("socket")  # asyncio's TransportSocket wrapper
-        if sock is None or sock.type != socket.SOCK_STREAM:
-            return None
+        assert isinstance(transport, asyncio.Transport)
         return cls(transport, os.dup(sock.fileno()))
 
     async def _flushed(self) -> None:

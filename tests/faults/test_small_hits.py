@@ -53,7 +53,7 @@ async def test_a_small_cached_blob_arrives_whole(
     calls: list[tuple[int, int]] = []  # (bytes sent at once, bytes asked)
     direct = responses._sendfile_now
 
-    def recorded(transport: asyncio.BaseTransport, fd: int, offset: int, count: int) -> int:
+    def recorded(transport: asyncio.Transport, fd: int, offset: int, count: int) -> int:
         sent = direct(transport, fd, offset, count)
         calls.append((sent, count))
         return sent
