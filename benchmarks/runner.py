@@ -16,7 +16,11 @@ each cache, cold at the start, for --soak-seconds; --profile-soak records a mirr
 py-spy meanwhile.
 
 Scenario 3 puts a throttle between each cache and the upstream that shares one link rate
-across all connections (a branch office's WAN), so that single flight shows as users feel it.
+across all connections (a branch office's WAN), so that single flight shows as users feel it;
+its clients are let go together (`curls_together`).
+
+benchmarks/followers.py (run on its own) measures a second client on a cold blob served by the
+worker that fills it or by the other one.
 """
 
 from __future__ import annotations
@@ -224,6 +228,37 @@ async def curl_get(url: str) -> None:
     proc = await asyncio.create_subprocess_exec("curl", "-sf", "-o", "/dev/null", url)
     if await proc.wait() != 0:
         raise RuntimeError(f"curl {url} failed")
+
+
+async def curls_together(urls: list[str], settle: float = 0.3) -> float:
+    """Seconds from letting go of one curl process per URL, started beforehand and each
+    waiting for its URL on stdin (`-K -`), until the last one finished. Started one after
+    another from this loop, 20 of them took 0.11-0.12 s just to exist (measured with a
+    refused port), which a fan-out's time then counted as the cache's; let go together, the
+    20 were done in 0.02 s."""
+    procs: list[asyncio.subprocess.Process] = []
+    try:
+        for _ in urls:
+            procs.append(
+                await asyncio.create_subprocess_exec(
+                    "curl", "-sf", "-o", "/dev/null", "-K", "-", stdin=asyncio.subprocess.PIPE
+                )
+            )  # fmt: skip
+        await asyncio.sleep(settle)  # each is up and blocked reading its stdin
+        start = time.perf_counter()
+        for proc, url in zip(procs, urls, strict=True):
+            assert proc.stdin is not None
+            proc.stdin.write(f'url = "{url}"\n'.encode())
+            proc.stdin.close()
+    finally:  # (on a failure, an empty config ends the ones left waiting)
+        for proc in procs:
+            if proc.stdin is not None and not proc.stdin.is_closing():
+                proc.stdin.close()
+    codes = await asyncio.gather(*(proc.wait() for proc in procs))
+    elapsed = time.perf_counter() - start
+    if any(codes):
+        raise RuntimeError(f"curl failed: exit codes {codes}")
+    return elapsed
 
 
 async def curl_once(url: str) -> tuple[float, float]:
@@ -656,9 +691,7 @@ async def run(sizes: Sizes, out: Path, work: Path, soaking: soak.Settings) -> li
                 try:
                     await wait_http(f"{url}/v2/")
                     before = upstream.blob_gets(fan_blob.digest)
-                    start = time.perf_counter()
-                    await asyncio.gather(*(curl_get(url + fan_path) for _ in range(clients)))
-                    times.append(time.perf_counter() - start)
+                    times.append(await curls_together([url + fan_path] * clients))
                     await asyncio.sleep(1.0)
                     if clients == 20:
                         fetches = upstream.blob_gets(fan_blob.digest) - before
@@ -692,8 +725,8 @@ async def run(sizes: Sizes, out: Path, work: Path, soaking: soak.Settings) -> li
                 ref20 / ref1,
                 mir20 / mir1,
                 None,
-                "<= 1.5 x one client",
-                mir20 <= 1.5 * mir1,
+                "<= 1.2 x one client (issue 20)",
+                mir20 <= 1.2 * mir1,
             )
         )
 

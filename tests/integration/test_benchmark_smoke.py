@@ -95,3 +95,17 @@ def test_cluster_benchmark_smoke(tmp_path: Path) -> None:
     assert "warm_ratio_3_vs_1" in run.stdout
     run.shown_as_it_went()
     assert any(text.startswith("warm hits on 3 nodes") for _, text in run.progress)
+
+
+def test_followers_benchmark_smoke(tmp_path: Path) -> None:
+    run = Run(RUNNER.parent / "followers.py", "--out", str(tmp_path))
+    (result,) = json.loads((tmp_path / "followers.json").read_text())
+    assert result["trials"], "at least one pair of clients on one cold blob"
+    for trial in result["trials"]:
+        assert trial["where"] in ("same worker", "other worker")
+        assert trial["fill_MBps"] > 0 and trial["join_MBps"] > 0
+    seen = {t["where"] for t in result["trials"]}
+    for where, ratio in result["joiner_vs_filler"].items():
+        assert (ratio is not None) == (where in seen), result
+    assert "joiner vs filler (median)" in run.stdout
+    run.shown_as_it_went()
