@@ -251,19 +251,22 @@ class Mirror:
                 return answer
         if self.offline:
             raise offline_miss("MANIFEST_UNKNOWN", "tag")
+
+        async def remember(fetched: FetchedManifest) -> None:
+            await self.metadata.put_tag(
+                key, TagRecord(fetched.digest, fetched.media_type, self.clock())
+            )
+
         try:
-            fetched = await self._fetch_manifest(target, tag, accept, private, since=looked)
+            # A narrow client may get another manifest (e.g. one platform): not recorded.
+            fetched = await self._fetch_manifest(
+                target, tag, accept, private, since=looked, remember=remember if broad else None
+            )
         except Exception as exc:
             if cached is None or not upstream_trouble(exc):
                 raise
             return self._stale(cached, key, exc)
-        if not broad:
-            # A narrow client may get another manifest (e.g. one platform): don't record it.
-            return ManifestAnswer(fetched, "bypass")
-        await self.metadata.put_tag(
-            key, TagRecord(fetched.digest, fetched.media_type, self.clock())
-        )
-        return ManifestAnswer(fetched, "miss")
+        return ManifestAnswer(fetched, "miss" if broad else "bypass")
 
     def _stale(self, cached: Manifest, key: TagKey, exc: BaseException) -> ManifestAnswer:
         """Stale-if-error: the upstream is in trouble, the cache still has the tag."""
@@ -381,10 +384,13 @@ class Mirror:
         accept: list[str],
         private: bool,
         since: float | None = None,
+        remember: Callable[[FetchedManifest], Awaitable[None]] | None = None,
     ) -> Manifest:
         """One upstream GET however many ask at once; stored by digest before it is answered.
         `since`: when the caller looked for a record (wall time): another worker's answer from
-        after that serves it too."""
+        after that serves it too. `remember` (the tag's record) runs before the other workers
+        are answered: a worker that looks for the record after that answer finds it (written
+        after, a look in between found neither and fetched again: 4 GETs for 3 tags)."""
         upstream = target.upstream
         key = (upstream.name, target.repository, reference, *sorted(accept))
 
@@ -395,6 +401,8 @@ class Mirror:
             await self.metadata.put_media_type(fetched.digest, fetched.media_type)
             await self._keep_manifest(fetched.digest, fetched.data)
             await self.shared.put_manifest(fetched.digest, fetched.data)
+            if remember is not None:
+                await remember(fetched)
             return fetched
 
         async def load(digest: Digest) -> FetchedManifest | None:

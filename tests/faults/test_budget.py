@@ -8,6 +8,7 @@ import asyncio
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -81,6 +82,32 @@ async def test_twenty_clients_two_workers_two_ttl_periods_spend_one_get_per_tag(
     assert sum(fake.manifest_gets.values()) == 3, fake.manifest_gets
     assert fake.count("GET", "/manifests/") == 3
     assert fake.count("HEAD", "/manifests/") >= 3  # revalidated, by HEAD only
+
+
+async def test_a_tags_record_is_written_before_the_other_workers_are_answered(
+    fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """The race behind the test above's rare 4th GET: the fetching worker answered the other
+    workers (the flight's answer file), let go of the lock, and only then wrote the tag's
+    record; a worker that looked for the record in between found neither a record nor an
+    answer newer than its look, and fetched the tag again. The record now comes first."""
+    ((repo, mdigest, blobs),) = images(fake, 1)
+    config = mirror_config(tmp_path, fake.url, tag_ttl="1m", prefetch=False)
+    async with running_app(config, Clock()) as (base, app), aiohttp.ClientSession() as s:
+        mirror = app[MIRROR]
+        flight = mirror._manifest_flight_across
+        answer = flight._write
+        at_answer = []
+
+        async def write(name: Any, found: dict[str, Any]) -> None:
+            at_answer.append(await mirror.metadata.get_tag(("default", repo, "v1")))
+            await answer(name, found)
+
+        flight._write = write  # type: ignore[method-assign]
+        assert await pull(s, base, repo, blobs) == mdigest
+    assert len(at_answer) == 1 and at_answer[0] is not None, at_answer
+    assert at_answer[0].digest == mdigest
+    assert fake.count("GET", "/manifests/") == 1
 
 
 async def test_budget_spent_cached_tags_served_stale_cold_tag_429_blobs_go_on(
