@@ -115,7 +115,7 @@ async def run(smoke: bool, work: Path) -> dict[str, object]:
         warm = builder.image("bench/warm", "1", [blob_size], oci=True)
         cold = builder.image("bench/cold", "1", [blob_size], oci=True)
         cold1 = builder.image("bench/cold1", "1", [blob_size + 1], oci=True)
-        pusher = Pusher(upstream.url, NoTokens())  # type: ignore[arg-type]
+        pusher = Pusher(upstream.url, NoTokens())  # type: ignore[arg-type]  # no token server: the upstream checks none
         for image in (warm, cold, cold1):
             pusher.push(image)
         pusher.close()

@@ -37,9 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.output import add_arguments, progress, publish  # noqa: E402
-from benchmarks.runner import MiB, NoTokens, Proc, wait_http  # noqa: E402
+from benchmarks.runner import MiB, NoTokens, curl_once, wait_http  # noqa: E402
+from benchmarks.runner import mirror as runner_mirror  # noqa: E402
 from tests.fixtures.distribution import Registry  # noqa: E402
-from tests.fixtures.mirror_server import free_port  # noqa: E402
 from tests.fixtures.synthetic_images import Builder, Pusher  # noqa: E402
 from tests.fixtures.throttle import Throttle  # noqa: E402
 
@@ -58,18 +58,6 @@ FULL = [
     Setting("100 MB/s link, defaults", 32 * MiB, 100e6, False),
 ]
 SMOKE = [Setting("loopback, defaults", 4 * MiB, None, False)]
-
-
-async def curl(url: str) -> int:
-    """Bytes one curl process downloaded (speeds come from the mirror's access lines)."""
-    proc = await asyncio.create_subprocess_exec(
-        "curl", "-sf", "-o", "/dev/null", "-w", "%{size_download}", url,
-        stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, _ = await proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError(f"curl {url} failed")
-    return int(out)
 
 
 @dataclass
@@ -98,21 +86,17 @@ async def measure(setting: Setting, work: Path, upstream: Registry, each: int) -
         throttle = Throttle(upstream.port, setting.link)
         await throttle.start()
         base = f"http://127.0.0.1:{throttle.port}"
-    port = free_port()
-    await asyncio.to_thread(work.mkdir, parents=True)
-    log = work / "mirror.log"
-    cmd = [
-        sys.executable, "-m", "mirror", "serve", "--listen", f"127.0.0.1:{port}",
-        "--cache-dir", str(work / "cache"), "--upstream", base, "--log-level", "info",
-        "--workers", "2",
-    ]  # fmt: skip
-    env = {"REGISTRY_MIRROR_CACHE_OUTRUN_DISK": str(setting.outrun_disk).lower()}
-    mirror = Proc("mirror", cmd, log, env)
-    builder, pusher = Builder(work / "images"), Pusher(upstream.url, NoTokens())  # type: ignore[arg-type]
+    # Which worker served a request, and which one filled, are in its access line (info).
+    mirror, url = runner_mirror(
+        work, base, outrun_disk=setting.outrun_disk, args=("--log-level", "info", "--workers", "2")
+    )
+    log = mirror.log
+    builder = Builder(work / "images")
+    pusher = Pusher(upstream.url, NoTokens())  # type: ignore[arg-type]  # no token server: the upstream checks none
     ratios: dict[str, list[float]] = {"same worker": [], "other worker": []}
     trials = []
     try:
-        await wait_http(f"http://127.0.0.1:{port}/v2/")
+        await wait_http(f"{url}/v2/")
         progress(f"{setting.name}: the mirror is up, 2 workers")
         for trial in range(4 * each):
             if min(map(len, ratios.values())) >= each:
@@ -121,10 +105,10 @@ async def measure(setting: Setting, work: Path, upstream: Registry, each: int) -
             pusher.push(image)
             blob = image.layers()[0]
             blob.path.unlink()  # the upstream has it
-            url = f"http://127.0.0.1:{port}/v2/{image.repo}/blobs/{blob.digest}"
-            sizes = await asyncio.gather(curl(url), curl(url))
-            if list(sizes) != [blob.size, blob.size]:
-                raise RuntimeError(f"short downloads: {sizes}")
+            path = f"{url}/v2/{image.repo}/blobs/{blob.digest}"
+            got = await asyncio.gather(curl_once(path), curl_once(path))
+            if [size for _, size in got] != [blob.size, blob.size]:
+                raise RuntimeError(f"short downloads: {got}")
             await asyncio.sleep(0.5)  # the access lines are written as the requests end
             seen = sorted(served_by(log, blob.digest), key=lambda s: s.cache != "miss")
             if [s.cache for s in seen] != ["miss", "joined"]:

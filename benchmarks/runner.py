@@ -156,18 +156,21 @@ def reference_proxy(work: Path, upstream: str) -> tuple[Proc, str]:
     return proc, f"http://127.0.0.1:{port}"
 
 
-def mirror(work: Path, upstream: str) -> tuple[Proc, str]:
+def mirror(
+    work: Path, upstream: str, *, outrun_disk: bool = True, args: tuple[str, ...] = ()
+) -> tuple[Proc, str]:
     """registry-mirror with its defaults but one: `cache.outrun_disk`, the setting for an
     upstream on a fast local network (as this loopback one is), so a client faster than the
-    disk is not held to it (it changes nothing where the disk keeps up: 2b, 3 and the soak)."""
+    disk is not held to it (it changes nothing where the disk keeps up: 2b, 3 and the soak).
+    `args` go after the runner's (a later `--log-level` wins); its log is `work / "log"`."""
     port = free_port()
     cmd = [
         sys.executable, "-m", "mirror", "serve",
         "--listen", f"127.0.0.1:{port}", "--cache-dir", str(work / "cache"),
-        "--upstream", upstream, "--log-level", "warning",
+        "--upstream", upstream, "--log-level", "warning", *args,
     ]  # fmt: skip
     work.mkdir(parents=True, exist_ok=True)
-    env = {"REGISTRY_MIRROR_CACHE_OUTRUN_DISK": "true"}
+    env = {"REGISTRY_MIRROR_CACHE_OUTRUN_DISK": str(outrun_disk).lower()}
     return Proc("mirror", cmd, work / "log", env), f"http://127.0.0.1:{port}"
 
 
@@ -427,7 +430,7 @@ async def run(sizes: Sizes, out: Path, work: Path, soaking: soak.Settings) -> li
         big = bigs[0]
         fan = builder.image("bench/fanout", "1", [sizes.fanout], oci=True)
         app = builder.image("bench/app", "1", sizes.layers, oci=True)
-        pusher = Pusher(upstream.url, NoTokens())  # type: ignore[arg-type]
+        pusher = Pusher(upstream.url, NoTokens())  # type: ignore[arg-type]  # no token server: the upstream checks none
         for image in (*bigs, fan, app):
             pusher.push(image)
         pusher.close()

@@ -103,7 +103,7 @@ async def test_a_tags_record_is_written_before_the_other_workers_are_answered(
             at_answer.append(await mirror.metadata.get_tag(("default", repo, "v1")))
             await answer(name, found)
 
-        flight._write = write  # type: ignore[method-assign]
+        flight._write = write  # type: ignore[method-assign]  # the test watches the answer go out
         assert await pull(s, base, repo, blobs) == mdigest
     assert len(at_answer) == 1 and at_answer[0] is not None, at_answer
     assert at_answer[0].digest == mdigest

@@ -26,7 +26,7 @@ async def server() -> AsyncIterator[tuple[TestServer, list[str]]]:
     peers: list[str] = []
 
     async def body(request: web.Request) -> web.StreamResponse:
-        peers.append(str(request.transport.get_extra_info("peername")))  # type: ignore[union-attr]
+        peers.append(str(request.transport.get_extra_info("peername")))  # type: ignore[union-attr]  # a live request has its transport
         return web.Response(body=BODY, headers={"X-Seen": request.headers.get("Accept", "")})
 
     async def short(request: web.Request) -> web.StreamResponse:
