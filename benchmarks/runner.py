@@ -55,6 +55,8 @@ from tests.fixtures.synthetic_images import Builder, Image, Pusher  # noqa: E402
 from tests.fixtures.throttle import Throttle  # noqa: E402
 
 MiB = 1024 * 1024
+VERIFYING_RELAY = "relay, digest checked"
+PLAIN_RELAY = "relay, unchecked"
 ACCEPT = ", ".join(
     [
         "application/vnd.oci.image.index.v1+json",
@@ -172,6 +174,19 @@ def mirror(
     work.mkdir(parents=True, exist_ok=True)
     env = {"REGISTRY_MIRROR_CACHE_OUTRUN_DISK": str(outrun_disk).lower()}
     return Proc("mirror", cmd, work / "log", env), f"http://127.0.0.1:{port}"
+
+
+def relay(work: Path, upstream: str, *, verify: bool) -> tuple[Proc, str]:
+    """benchmarks/relay.py: the least a storing cache does on a cold blob, with or without the
+    mirror's digest check, so the run shows what the check itself costs here."""
+    port = free_port()
+    cmd = [
+        sys.executable, str(ROOT / "benchmarks" / "relay.py"), "--port", str(port),
+        "--upstream", upstream, "--dir", str(work / "blobs"),
+        *(() if verify else ("--no-verify",)),
+    ]  # fmt: skip
+    work.mkdir(parents=True, exist_ok=True)
+    return Proc("relay", cmd, work / "log"), f"http://127.0.0.1:{port}"
 
 
 def _nginx(work: Path, server: str, http_extra: str = "") -> tuple[Proc, str]:
@@ -446,15 +461,20 @@ async def run(sizes: Sizes, out: Path, work: Path, soaking: soak.Settings) -> li
         # 2. cold GET of a big blob (the first fetch through each cache), best of the big
         # blobs, each cold once for each cache; nginx's plain and caching proxies beside them
         # show what a cold pass costs on this machine, and `cold_ceiling` what is reachable.
+        # The relays (benchmarks/relay.py) show the same for the least a storing cache does,
+        # with and without the digest check.
         ngx_plain, plain_url = started(nginx_proxy(work / "nginx-proxy", upstream.url, cache=False))
         ngx_cache, cache_url = started(nginx_proxy(work / "nginx-cache", upstream.url, cache=True))
-        for url in (plain_url, cache_url):
+        checked, checked_url = started(relay(work / "relay", upstream.url, verify=True))
+        unchecked, unchecked_url = started(relay(work / "relay-nv", upstream.url, verify=False))
+        for url in (plain_url, cache_url, checked_url, unchecked_url):
             await wait_http(f"{url}/v2/")
         cold: dict[str, float] = {}
         direct_cpu = 0.0
         caches = [
             ("reference", ref_url), ("mirror", mir_url),
             ("nginx proxy_cache", cache_url), ("nginx proxy", plain_url),
+            (VERIFYING_RELAY, checked_url), (PLAIN_RELAY, unchecked_url),
         ]  # fmt: skip
         copies: dict[str, float] = {}  # upstream bytes of a cold blob / its size, per cache
         await settled()
@@ -510,7 +530,7 @@ async def run(sizes: Sizes, out: Path, work: Path, soaking: soak.Settings) -> li
                 mir_cold >= ref_cold,
             )
         )
-        for name in ("nginx proxy_cache", "nginx proxy"):
+        for name in ("nginx proxy_cache", "nginx proxy", VERIFYING_RELAY, PLAIN_RELAY):
             add(
                 Row(
                     f"2. cold GET beside {name}",
@@ -520,7 +540,8 @@ async def run(sizes: Sizes, out: Path, work: Path, soaking: soak.Settings) -> li
                     ref_cold / 1e6,
                     mir_cold / 1e6,
                     mir_cold / cold[name],
-                    f"context: {cold[name] / direct:.2f} x direct",
+                    f"context: {cold[name] / direct:.2f} x direct, "
+                    f"{cold[name] / ref_cold:.2f} x reference",
                     None,
                 )
             )
@@ -563,8 +584,8 @@ async def run(sizes: Sizes, out: Path, work: Path, soaking: soak.Settings) -> li
                 None,
             )
         )
-        ngx_plain.stop()
-        ngx_cache.stop()
+        for proc in (ngx_plain, ngx_cache, checked, unchecked):
+            proc.stop()
         path = f"/v2/{big.repo}/blobs/{big_blob.digest}"
         await settled()
         nginx_speed = await curl_speed(ngx_url)

@@ -3,12 +3,19 @@ behaves: progress as it goes, its files in an output directory, the repository l
 
 from __future__ import annotations
 
+import hashlib
+import http.client
+import http.server
 import json
+import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+
+from tests.fixtures.mirror_server import free_port
 
 ROOT = Path(__file__).parents[2]
 RUNNER = ROOT / "benchmarks" / "runner.py"
@@ -64,7 +71,10 @@ def test_benchmark_runner_smoke(tmp_path: Path) -> None:
     assert copies["mirror"] == 1, "single flight: one upstream copy for 20 clients"
     cold = {r["scenario"]: r for r in rows if r["scenario"].startswith("2. cold GET")}
     assert cold["2. cold GET: upstream copies"]["mirror"] == 1, "a cold blob crosses once"
-    for name in ("nginx proxy", "nginx proxy_cache", "CPU ceiling here", "page-cache writes here"):
+    for name in (
+        *("nginx proxy", "nginx proxy_cache", "relay, digest checked", "relay, unchecked"),
+        *("CPU ceiling here", "page-cache writes here"),
+    ):
         row = next(r for scenario, r in cold.items() if scenario.endswith(name))
         assert row["baseline"] > 0 and row["met"] is None, row  # shown for context, not judged
     # The soak (scenario 8): its rows for both caches, every pull verified, none failed.
@@ -109,3 +119,73 @@ def test_followers_benchmark_smoke(tmp_path: Path) -> None:
         assert (ratio is not None) == (where in seen), result
     assert "joiner vs filler (median)" in run.stdout
     run.shown_as_it_went()
+
+
+class _Blobs(http.server.BaseHTTPRequestHandler):
+    """An upstream that answers every blob GET with `body`, whatever its digest."""
+
+    body = b""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_the_relays_yardstick_checks_the_digest_as_the_mirror_does(tmp_path: Path) -> None:
+    """Scenario 2's verifying relay is a fair yardstick only if it really verifies: a blob whose
+    bytes match its digest arrives whole, one that does not never gets its last byte; the
+    unchecked relay sends both whole."""
+    body = os.urandom(3 * 1024 * 1024 + 7)  # several of the relay's 1 MiB reads
+    right = "sha256:" + hashlib.sha256(body).hexdigest()
+    wrong = "sha256:" + hashlib.sha256(b"other").hexdigest()
+    _Blobs.body = body
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Blobs)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    relays: dict[bool, tuple[subprocess.Popen[bytes], int]] = {}
+    try:
+        for verify in (True, False):
+            port = free_port()
+            cmd = [
+                sys.executable, str(RUNNER.parent / "relay.py"), "--port", str(port),
+                "--upstream", f"http://127.0.0.1:{upstream.server_port}",
+                "--dir", str(tmp_path / str(verify)), *(() if verify else ("--no-verify",)),
+            ]  # fmt: skip
+            relays[verify] = (subprocess.Popen(cmd), port)
+
+        def get(port: int, digest: str) -> bytes:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                    conn.request("GET", f"/v2/library/x/blobs/{digest}")
+                    break
+                except ConnectionRefusedError:
+                    assert time.monotonic() < deadline, "the relay did not start"
+                    time.sleep(0.05)
+            response = conn.getresponse()
+            assert response.status == 200
+            try:
+                return response.read()
+            except http.client.IncompleteRead as short:
+                return short.partial
+            finally:
+                conn.close()
+
+        checked, unchecked = relays[True][1], relays[False][1]
+        got = get(checked, right)
+        assert hashlib.sha256(got).hexdigest() == right.split(":")[1]
+        cut = get(checked, wrong)
+        assert len(cut) < len(body) and body.startswith(cut), "the last byte is held back"
+        for digest in (right, wrong):
+            assert get(unchecked, digest) == body, "sent as it came, checked by no one"
+    finally:
+        for proc, _ in relays.values():
+            proc.terminate()
+            proc.wait(30)
+        upstream.shutdown()
+        upstream.server_close()
