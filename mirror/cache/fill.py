@@ -37,6 +37,7 @@ import structlog
 
 from mirror.cache.blobs import FilesystemBlobStore, verified_marker
 from mirror.cache.locks import FileLocks
+from mirror.cache.stream_hash import StreamHasher
 from mirror.errors import DigestMismatch, UpstreamError
 from mirror.interfaces import BlobWriter, Chunk, FillTarget, Hasher
 from mirror.reference import Digest
@@ -510,9 +511,10 @@ class Fill(FillBase):
         A drain task hands the threads whatever has arrived whenever they are free, so slow
         bodies reach tail readers at once and fast ones go in large batches; past the fill's
         share of the bytes waiting (`WindowBudget.pending_limit`), reading waits for the
-        drain, or (a `stream` with a reader ahead of the disk) leaves the disk behind and the
-        drain only hashes from then on. Memory stays flat either way. Not `stream`: the
-        file's rest after that, written without a window.
+        drain, or (a `stream` with a reader ahead of the disk) leaves the disk behind: once
+        the drain has hashed what it held, the stream's own hash thread (`StreamHasher`) takes
+        each chunk as it comes. Memory stays flat either way. Not `stream`: the file's rest
+        after that, written without a window.
         """
         pending: list[Chunk] = []  # the body's own chunks, never copied on the event loop
         pending_bytes = 0
@@ -535,10 +537,20 @@ class Fill(FillBase):
                 self._notify()
 
         worker: asyncio.Task[None] | None = None
+        hashing: StreamHasher | None = None  # the stream's own hash thread, past the disk
         try:
             async for chunk in chunks:
                 if stream:
                     await self._window.room(len(chunk), self.written)
+                    if hashing is None and self._stream_hash is not None and not pending:
+                        if worker is not None:
+                            await worker  # the drain's last batch goes into the hash first
+                        hashing = StreamHasher(self._stream_hash)
+                if hashing is not None:
+                    self._window.append(chunk)
+                    self._notify()
+                    await hashing.feed(chunk, self._budget.pending_limit())
+                    continue
                 pending.append(chunk)
                 pending_bytes += len(chunk)
                 if stream:
@@ -555,7 +567,11 @@ class Fill(FillBase):
             if worker is not None:
                 await worker
             await drain()
+            if hashing is not None:
+                await hashing.finish()
         finally:
+            if hashing is not None:
+                hashing.close()
             if worker is not None and not worker.done():
                 with contextlib.suppress(BaseException):
                     await worker
