@@ -123,8 +123,9 @@ def instance_pids(supervisor: int) -> list[int]:
     return pids
 
 
-def open_fds(supervisor: int) -> dict[int, tuple[int, int]]:
-    """Per process of the instance: (open descriptors, of which the stores' SQLite files)."""
+def open_fds(supervisor: int) -> dict[int, tuple[int, int, int]]:
+    """Per process of the instance: (open descriptors, of which the stores' SQLite files, of
+    which sockets)."""
     out = {}
     for pid in instance_pids(supervisor):
         targets = []
@@ -134,12 +135,17 @@ def open_fds(supervisor: int) -> dict[int, tuple[int, int]]:
             except OSError:
                 continue
         db = sum(1 for t in targets if "/metrics/" not in t and t.endswith(SQLITE_SUFFIXES))
-        out[pid] = (len(targets), db)
+        sockets = sum(1 for t in targets if t.startswith("socket:"))
+        out[pid] = (len(targets), db, sockets)
     return out
 
 
-def total(fds: dict[int, tuple[int, int]]) -> int:
-    return sum(n for n, _ in fds.values())
+def total(fds: dict[int, tuple[int, int, int]]) -> int:
+    return sum(n for n, _, _ in fds.values())
+
+
+def not_sockets(fds: dict[int, tuple[int, int, int]]) -> int:
+    return sum(n - sockets for n, _, sockets in fds.values())
 
 
 def serving_pids(mirror: MirrorProcess, prefix: str) -> set[int]:
@@ -183,10 +189,15 @@ async def test_open_descriptors_plateau_under_a_long_load(
     print(figures, f"pulled {first} + {second} images")
     assert first >= IMAGES_PER_ROUND and second >= IMAGES_PER_ROUND, "the load pulled little"
     assert len(after_two) == 3, "the supervisor and its two workers"
-    assert total(after_two) <= total(after_one) + 10, figures
+    # Files, pipes and the rest stop growing. Sockets are mostly the pooled upstream
+    # connections, as many as a worker's busiest moment needed (which differs between rounds:
+    # 36 -> 43 in one run) and closed after 15 s idle: bounded by the clients' concurrency
+    # (upstream and token server), not by how many images were pulled.
+    assert not_sockets(after_two) <= not_sockets(after_one) + 4, figures
     assert total(after_two) <= bound, figures
-    for pid, (_, db) in after_two.items():
+    for pid, (_, db, sockets) in after_two.items():
         assert db <= SQLITE_FDS, (pid, figures)
+        assert sockets <= 2 * CLIENTS, (pid, figures)
 
 
 def cache_size(cache_dir: Path) -> int:
