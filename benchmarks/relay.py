@@ -57,6 +57,7 @@ class FileHasher(threading.Thread):
         self.fd, self.length = fd, length
         self.digest = hashlib.sha256()
         self._written = 0
+        self._stopped = False
         self._cond = threading.Condition()
 
     def written(self, upto: int) -> None:
@@ -64,12 +65,20 @@ class FileHasher(threading.Thread):
             self._written = upto
             self._cond.notify()
 
+    def stop(self) -> None:
+        """The body ended early: what was not written will never be."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+
     def run(self) -> None:
         view, pos = memoryview(bytearray(CHUNK)), 0
         while pos < self.length:
             with self._cond:
-                while self._written <= pos:
+                while self._written <= pos and not self._stopped:
                     self._cond.wait()
+                if self._stopped:
+                    return
                 upto = self._written
             while pos < upto:
                 got = os.preadv(self.fd, [view[: min(CHUNK, upto - pos)]], pos)
@@ -136,6 +145,9 @@ class Handler(socketserver.BaseRequestHandler):
                     client.sendall(buf[send:have])
                 done, have = done + have, 0
         finally:
+            if hasher is not None:
+                hasher.stop()
+                hasher.join()
             os.close(fd)
 
 

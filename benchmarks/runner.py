@@ -484,7 +484,7 @@ async def run(sizes: Sizes, out: Path, work: Path, soaking: soak.Settings) -> li
             speed, cpu = await measured_get(upstream, upstream.url + path)
             if speed > cold.get("direct", 0.0):
                 cold["direct"], direct_cpu = speed, cpu
-            for name, base in caches[turn:] + caches[:turn]:  # each goes first once
+            for name, base in caches[turn:] + caches[:turn]:  # a new first each blob
                 cold[name] = max(cold.get(name, 0.0), await curl_speed(base + path, runs=1))
                 # No fill's storing (the reference's second copy, the mirror's rest of a file
                 # its client outran) or writeback in the next one's time.
