@@ -546,16 +546,13 @@ class Fill(FillBase):
                         if worker is not None:
                             await worker  # the drain's last batch goes into the hash first
                         hashing = StreamHasher(self._stream_hash)
-                if hashing is not None:
                     self._window.append(chunk)
-                    self._notify()
+                    self._notify()  # readers near the head send it from the window now
+                if hashing is not None:
                     await hashing.feed(chunk, self._budget.pending_limit())
                     continue
                 pending.append(chunk)
                 pending_bytes += len(chunk)
-                if stream:
-                    self._window.append(chunk)
-                    self._notify()  # readers near the head send it from the window now
                 if worker is None or worker.done():
                     if worker is not None:
                         worker.result()
