@@ -14,8 +14,9 @@ import sys
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from tests.fixtures.mirror_server import free_port
+from benchmarks import runner
 
 ROOT = Path(__file__).parents[2]
 RUNNER = ROOT / "benchmarks" / "runner.py"
@@ -146,16 +147,14 @@ def test_the_relays_yardstick_checks_the_digest_as_the_mirror_does(tmp_path: Pat
     _Blobs.body = body
     upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Blobs)
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
-    relays: dict[bool, tuple[subprocess.Popen[bytes], int]] = {}
+    relays: dict[bool, tuple[runner.Proc, int]] = {}
     try:
         for verify in (True, False):
-            port = free_port()
-            cmd = [
-                sys.executable, str(RUNNER.parent / "relay.py"), "--port", str(port),
-                "--upstream", f"http://127.0.0.1:{upstream.server_port}",
-                "--dir", str(tmp_path / str(verify)), *(() if verify else ("--no-verify",)),
-            ]  # fmt: skip
-            relays[verify] = (subprocess.Popen(cmd), port)
+            upstream_url = f"http://127.0.0.1:{upstream.server_port}"
+            proc, url = runner.relay(tmp_path / str(verify), upstream_url, verify=verify)
+            port = urlsplit(url).port
+            assert port is not None, url
+            relays[verify] = (proc, port)
 
         def get(port: int, digest: str) -> bytes:
             deadline = time.monotonic() + 30
@@ -185,7 +184,6 @@ def test_the_relays_yardstick_checks_the_digest_as_the_mirror_does(tmp_path: Pat
             assert get(unchecked, digest) == body, "sent as it came, checked by no one"
     finally:
         for proc, _ in relays.values():
-            proc.terminate()
-            proc.wait(30)
+            proc.stop()
         upstream.shutdown()
         upstream.server_close()
